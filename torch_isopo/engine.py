@@ -1,0 +1,137 @@
+"""One layer, one microbatch: the uses its backward collected → the ISOPO gradient (SPEC §1, §4).
+
+``finish`` is what the layer's gate runs once every use of the layer has been back-propagated.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import kernels
+from .kernels import FactorUse
+from .transforms import Coefficients, fisher_coefficients, fisher_nu2, ntk_coefficients
+
+
+@dataclass
+class ExplicitUse:
+    """One use of a layer whose gradients are formed explicitly (norms, generic modules)."""
+
+    G: Tensor            # (n, D) per-sample gradients of the layer's flattened parameters
+    pieces: Tensor       # (k, D) Fisher pieces: per token (norms) or per sample (generic)
+    candidates: Tensor   # indices of the non-zero pieces
+
+
+@dataclass
+class Config:
+    mode: str
+    damping: float
+    fisher_probes: int | None
+    route: str
+    budget_bytes: int
+    generator: torch.Generator
+
+
+def _draw(counts: list[int], k: int | None, gen: torch.Generator) -> list[Tensor]:
+    """Pick ``k`` of the candidate pieces (all when ``k`` is None or not smaller), uniformly."""
+    total = sum(counts)
+    if k is None or total <= k:
+        return [torch.arange(c) for c in counts]
+    chosen = torch.randperm(total, generator=gen)[:k].sort().values
+    out, start = [], 0
+    for c in counts:
+        sel = chosen[(chosen >= start) & (chosen < start + c)]
+        out.append(sel - start)
+        start += c
+    return out
+
+
+def _coefficients(cfg: Config, A: Tensor, m_used: float | None, kernel, fisher) -> Coefficients:
+    if cfg.mode == "ntk":
+        return ntk_coefficients(kernel().to("cpu", torch.float64), A, cfg.damping, m_used)
+    dots, norms = fisher()
+    nu2 = fisher_nu2(dots.to("cpu", torch.float64), norms.to("cpu", torch.float64))
+    return fisher_coefficients(nu2, A, cfg.damping, m_used)
+
+
+def finish_factor(uses: list[FactorUse], shape: torch.Size | None, A: Tensor, cfg: Config,
+                  m_used: float | None):
+    """Weight and bias gradients of a linear-like layer; ``shape`` is the weight's (P, Q)."""
+    n = A.numel()
+    ref = uses[0].V
+    dt = kernels.work_dtype(ref)
+    budget = max(1, cfg.budget_bytes * 8 // torch.finfo(dt).bits)
+    P, Q = shape if shape is not None else (0, 0)
+    kept = None
+    if cfg.mode == "reinforce":
+        coef = Coefficients(A, 0.0, 0.0, 1.0)
+    else:
+        def kernel():
+            nonlocal kept
+            K = torch.zeros(n, n, dtype=dt, device=ref.device)
+            if shape is not None and any(u.weight for u in uses):
+                KW, kept = _weight_kernel(uses, n, P, Q, dt, budget, cfg.route)
+                K += KW
+            Gb = kernels.bias_gradients(uses, n, dt)
+            if Gb is not None:
+                K += Gb @ Gb.T
+            return K
+
+        def fisher():
+            cands = kernels.fisher_candidates(uses)
+            probes = _draw([c.numel() for c in cands], cfg.fisher_probes, cfg.generator)
+            probes = [c[p.to(c.device)] for c, p in zip(cands, probes)]
+            return kernels.fisher_products(uses, probes, n, dt, budget)
+
+        coef = _coefficients(cfg, A, m_used, kernel, fisher)
+    c = coef.c.to(ref.device)
+    if kept is not None:
+        rows, G = kept
+        flat = (c.to(G.dtype) @ G.reshape(n, -1)).view(-1, Q)
+        W = flat if rows is None else flat.new_zeros(P, Q).index_copy_(0, rows, flat)
+        _, B = kernels.contract([_bias_only(u) for u in uses], c, P, Q)
+    else:
+        W, B = kernels.contract(uses, c, P, Q)
+    return W, B, coef
+
+
+def _bias_only(u: FactorUse) -> FactorUse:
+    return FactorUse(u.U, u.V, u.smap, u.delta, False, u.bias)
+
+
+def _weight_kernel(uses, n, P, Q, dt, budget, route):
+    """``K`` of the weight by the cheaper exact route (SPEC §4), keeping ``G`` when it fits."""
+    rows = kernels.weight_rows(uses, P)
+    R = P if rows is None else rows.numel()
+    wuses = [u for u in uses if u.weight]
+    gram_cost = sum(u.smap.rows * w.smap.rows * ((P if not (u.indexed or w.indexed) else 1) + Q)
+                    for u in wuses for w in wuses)
+    mat_cost = sum(u.smap.rows * (1 if u.indexed else P) * Q for u in wuses) + n * n * R * Q
+    if route == "gram" or (route == "auto" and gram_cost < mat_cost):
+        return kernels.gram_kernel(wuses, n, dt, budget), None
+    chunk = max(1, budget // max(1, n * Q))
+    K = torch.zeros(n, n, dtype=dt, device=uses[0].V.device)
+    kept = None
+    for sl, G in kernels.materialised_gradients(wuses, n, P, Q, rows, chunk):
+        Gf = G.reshape(n, -1).to(dt)
+        K += Gf @ Gf.T
+        if sl.start == 0 and sl.stop == R:
+            kept = (rows, G)
+    return K, kept
+
+
+def finish_explicit(uses: list[ExplicitUse], A: Tensor, cfg: Config, m_used: float | None):
+    """Flattened gradient ``Σ c_i G_i`` of a layer with explicit per-sample gradients."""
+    G = sum(u.G for u in uses)
+    if cfg.mode == "reinforce":
+        coef = Coefficients(A, 0.0, 0.0, 1.0)
+    else:
+        def fisher():
+            probes = _draw([u.candidates.numel() for u in uses], cfg.fisher_probes, cfg.generator)
+            pieces = torch.cat([u.pieces[u.candidates[p.to(u.candidates.device)]]
+                                for u, p in zip(uses, probes)])
+            return pieces @ G.T, (pieces ** 2).sum(1)
+
+        coef = _coefficients(cfg, A, m_used, lambda: G @ G.T, fisher)
+    return coef.c.to(G) @ G, coef

@@ -1,0 +1,205 @@
+"""Per-sample gradient algebra for layers whose per-token gradient pieces are outer products.
+
+A linear layer's gradient is a sum over rows r of pieces ``U_r ⊗ V_r`` in the weight's own
+layout (rows × cols), plus a bias piece ``δ_r``. For ``nn.Linear`` ``U = Δ`` (output gradients)
+and ``V = a`` (inputs); for Hugging Face ``Conv1D`` ``U = a`` and ``V = Δ``; for ``nn.Embedding``
+``U`` is the one-hot token id (stored as an index) and ``V = Δ``. Everything ISOPO needs is
+expressed with these factors (SPEC §4):
+
+* ``K = Sᵀ((UUᵀ) ⊙ (VVᵀ))S`` (token Gram route), or ``K = G Gᵀ`` with the per-sample gradients
+  ``G_i = Σ_{r∈i} U_r V_rᵀ`` materialised in chunks over weight rows (materialise route);
+* the Fisher probe products ``⟨g_t, G_i⟩`` and norms ``‖g_t‖²``;
+* the final gradient ``Σ_i c_i G_i = (U ⊙ Sc)ᵀ V``: one GEMM, the one autograd would have done.
+
+Several uses of one weight (a tied embedding / ``lm_head``) add their pieces.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .samples import SampleMap
+
+
+@dataclass
+class FactorUse:
+    """One use (one forward call) of a linear-like layer, as seen by its backward."""
+
+    U: Tensor            # (rows, P) dense, or (rows,) long index into the P weight rows
+    V: Tensor            # (rows, Q) dense
+    smap: SampleMap
+    delta: str           # "U" or "V": the side holding the output gradient
+    weight: bool         # the weight is trainable
+    bias: bool           # this use has a trainable bias (its per-row piece is the Δ row)
+
+    @property
+    def indexed(self) -> bool:
+        return self.U.dim() == 1
+
+    @property
+    def Delta(self) -> Tensor:
+        return self.U if self.delta == "U" else self.V
+
+
+def work_dtype(t: Tensor) -> torch.dtype:
+    """Grams and solves run in float64 for float64 inputs, else in float32 (SPEC §4)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def side_dots(X: Tensor, Y: Tensor, dtype: torch.dtype) -> Tensor:
+    """Inner products between rows of two factors of one side; a 1-D factor is one-hot."""
+    if X.dim() == 1 and Y.dim() == 1:
+        return (X[:, None] == Y[None, :]).to(dtype)
+    if X.dim() == 1:
+        return Y.index_select(1, X).T.to(dtype)
+    if Y.dim() == 1:
+        return X.index_select(1, Y).to(dtype)
+    return X.to(dtype) @ Y.to(dtype).T
+
+
+def piece_dots(u: FactorUse, rows: slice | Tensor, w: FactorUse, dtype: torch.dtype,
+               bias: bool = True) -> Tensor:
+    """``⟨piece_r of u, piece_s of w⟩`` for the selected rows r of u and all rows s of w
+    (weight and, with ``bias``, bias parts)."""
+    out = 0
+    if u.weight and w.weight:
+        out = side_dots(u.U[rows], w.U, dtype) * side_dots(u.V[rows], w.V, dtype)
+    if bias and u.bias and w is u:
+        out = out + side_dots(u.Delta[rows], w.Delta, dtype)
+    return out
+
+
+def _row_blocks(rows: int, other: int, budget_elems: int):
+    step = max(1, budget_elems // max(other, 1))
+    for start in range(0, rows, step):
+        yield slice(start, min(start + step, rows))
+
+
+def gram_kernel(uses: list[FactorUse], n: int, dtype: torch.dtype, budget_elems: int) -> Tensor:
+    """``K`` of the weight by the token Gram route, in row blocks (no N×N matrix is whole)."""
+    K = torch.zeros(n, n, dtype=dtype, device=uses[0].V.device)
+    for u in uses:
+        for w in uses:
+            for blk in _row_blocks(u.smap.rows, w.smap.rows, budget_elems):
+                M = piece_dots(u, blk, w, dtype, bias=False)
+                if isinstance(M, Tensor):
+                    M = w.smap.reduce(M, 1)
+                    K.index_add_(0, u.smap.ids[blk], M)
+    return K
+
+
+def weight_rows(uses: list[FactorUse], P: int) -> Tensor | None:
+    """Rows of the weight that any use touches: all of them (``None``) unless every use is an
+    embedding lookup, whose gradient lives on the looked-up rows only."""
+    if any(not u.indexed for u in uses if u.weight):
+        return None
+    return torch.unique(torch.cat([u.U for u in uses if u.weight]))
+
+
+def materialised_gradients(uses: list[FactorUse], n: int, P: int, Q: int, rows: Tensor | None,
+                           chunk: int):
+    """Yield ``(row_slice, G)`` with the per-sample weight gradients ``G (n, rc, Q)`` of each chunk
+    of ``chunk`` active weight rows, summed over uses (in the activations' dtype)."""
+    R = P if rows is None else rows.numel()
+    dense = [(u, u.smap.padded(u.U), u.smap.padded(u.V)) for u in uses if u.weight and not u.indexed]
+    indexed = [u for u in uses if u.weight and u.indexed]
+    local = [(u, torch.arange(P, device=u.U.device) if rows is None else
+              torch.searchsorted(rows, u.U)) for u in indexed]
+    ref = uses[0].V
+    for start in range(0, R, chunk):
+        stop = min(start + chunk, R)
+        G = None
+        for u, Up, Vp in dense:
+            part = torch.bmm(Up[:, :, start:stop].transpose(1, 2), Vp)
+            G = part if G is None else G.add_(part)
+        if G is None:
+            G = ref.new_zeros(n, stop - start, Q)
+        for u, pos in local:
+            r = pos if rows is not None else u.U
+            sel = (r >= start) & (r < stop)
+            flat = u.smap.ids[sel] * (stop - start) + (r[sel] - start)
+            G.view(-1, Q).index_add_(0, flat, u.V[sel].to(G.dtype))
+        yield slice(start, stop), G
+
+
+def bias_gradients(uses: list[FactorUse], n: int, dtype: torch.dtype) -> Tensor | None:
+    """Per-sample bias gradients ``(n, p)``: the Δ rows summed per sample."""
+    parts = [u.smap.reduce(u.Delta.to(dtype), 0) for u in uses if u.bias]
+    return sum(parts) if parts else None
+
+
+def contract(uses: list[FactorUse], c: Tensor, P: int, Q: int):
+    """``Σ_i c_i G_i`` for the weight and the bias: per use one GEMM with Δ scaled by ``c``."""
+    W = B = None
+    for u in uses:
+        scale = c.to(u.V.dtype)[u.smap.ids][:, None]
+        if u.weight:
+            if u.indexed:
+                part = u.V.new_zeros(P, Q).index_add_(0, u.U, u.V * scale)
+            elif u.delta == "U":
+                part = (u.U * scale).T @ u.V
+            else:
+                part = u.U.T @ (u.V * scale)
+            W = part if W is None else W + part
+        if u.bias:
+            part = (u.Delta * scale).sum(0)
+            B = part if B is None else B + part
+    return W, B
+
+
+def fisher_candidates(uses: list[FactorUse]) -> list[Tensor]:
+    """Per use, the tokens with a non-zero output gradient (SPEC §1, probe positions)."""
+    out = []
+    for u in uses:
+        D = u.Delta.reshape(u.smap.tokens, -1)
+        out.append(torch.nonzero(D.abs().sum(1) > 0).flatten())
+    return out
+
+
+def fisher_products(uses: list[FactorUse], probes: list[Tensor], n: int, dtype: torch.dtype,
+                    budget_elems: int) -> tuple[Tensor, Tensor]:
+    """``⟨g_t, G_i⟩`` (probes × n) and ``‖g_t‖²`` for the probe tokens of every use.
+
+    A token's piece is the sum of its ``inner`` rows (attention heads belong to their token).
+    """
+    dots, norms = [], []
+    for u, toks in zip(uses, probes):
+        if toks.numel() == 0:
+            continue
+        h = u.smap.inner
+        rows = (toks[:, None] * h + torch.arange(h, device=toks.device)).reshape(-1)
+        D = torch.zeros(toks.numel(), n, dtype=dtype, device=toks.device)
+        for blk in _row_blocks(rows.numel(), sum(w.smap.rows for w in uses), budget_elems):
+            sel = rows[blk]
+            part = 0
+            for w in uses:
+                M = piece_dots(u, sel, w, dtype)
+                if isinstance(M, Tensor):
+                    part = part + w.smap.reduce(M, 1)
+            D.index_add_(0, torch.arange(blk.start, blk.stop, device=toks.device) // h, part)
+        norms.append(token_norms(u, rows.view(-1, h), dtype))
+        dots.append(D)
+    if not dots:
+        ref = uses[0].V
+        return ref.new_zeros(0, n, dtype=dtype), ref.new_zeros(0, dtype=dtype)
+    return torch.cat(dots), torch.cat(norms)
+
+
+def _self_dots(X: Tensor, dtype: torch.dtype) -> Tensor:
+    """Row inner products within each group: ``X`` is (k, h, F) dense or (k, h) index."""
+    if X.dim() == 2:
+        return (X[:, :, None] == X[:, None, :]).to(dtype)
+    X = X.to(dtype)
+    return torch.bmm(X, X.transpose(1, 2))
+
+
+def token_norms(u: FactorUse, rows: Tensor, dtype: torch.dtype) -> Tensor:
+    """``‖g_t‖²`` for tokens given as a (k, h) table of their rows."""
+    out = 0
+    if u.weight:
+        out = (_self_dots(u.U[rows], dtype) * _self_dots(u.V[rows], dtype)).sum((1, 2))
+    if u.bias:
+        out = out + _self_dots(u.Delta[rows], dtype).sum((1, 2))
+    return out

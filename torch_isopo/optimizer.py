@@ -1,0 +1,338 @@
+"""``ISOPO``: a ``torch.optim.Optimizer`` that wraps another one and writes ISOPO gradients."""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import OrderedDict
+
+import torch
+from torch import Tensor, nn
+
+from . import engine
+from .functions import Gate
+from .layers import Layer, find_layers, make_forward
+from .samples import SampleMap, sample_map
+
+MODES = ("ntk", "fisher", "reinforce")
+
+
+class _Pending:
+    """One layer's uses within one microbatch, collected until the layer's gate runs."""
+
+    def __init__(self, isopo: "ISOPO", layer: Layer, mb: "_Microbatch"):
+        self.isopo, self.layer, self.A, self.n = isopo, layer, mb.A, mb.n
+        self.uses: list = []
+
+    def add(self, use) -> None:
+        self.uses.append(use)
+
+    def finish(self) -> tuple:
+        uses, self.uses = self.uses, []
+        if not uses:
+            return (None,) * len(self.layer.params)
+        return self.isopo._finish(self.layer, uses, self.A)
+
+
+class _Microbatch:
+    """State of one ``with opt.microbatch(...)`` block."""
+
+    def __init__(self, isopo, A: Tensor, segments: Tensor | None, sample_dim: int):
+        self.isopo, self.A, self.n = isopo, A, A.numel()
+        self.segments, self.sample_dim = segments, sample_dim
+        self._gates: dict[int, tuple] = {}
+        self._maps: dict[tuple, SampleMap] = {}
+
+    def gate(self, layer: Layer) -> tuple:
+        """The layer's parameters as seen by this microbatch's graph (one gate per layer)."""
+        key = id(layer)
+        if key not in self._gates:
+            pending = _Pending(self.isopo, layer, self)
+            self._gates[key] = (pending, Gate.apply(pending, *layer.params))
+        return self._gates[key]
+
+    def sample_map(self, shape, where: str, device) -> SampleMap:
+        key = (tuple(shape), str(device))
+        if key not in self._maps:
+            self._maps[key] = sample_map(shape, self.n, self.segments, self.sample_dim, where,
+                                         device)
+        return self._maps[key]
+
+
+class ISOPO(torch.optim.Optimizer):
+    """Isometric Policy Optimization around any optimizer (arXiv 2512.23353).
+
+    Example::
+
+        opt = ISOPO(model, torch.optim.AdamW(model.parameters(), lr=1e-5), mode="ntk")
+        with opt.microbatch(advantages):                  # one advantage per sample
+            logp = token_logprobs(model, batch)           # (B, L), any model code
+            (-(logp * mask).sum() / mask.sum()).backward()  # advantages stay out of the loss
+        opt.step(); opt.zero_grad()
+
+    Inside a microbatch every trainable parameter receives, per layer, ``Σ_i c_i G_i`` where
+    ``G_i`` is sample i's gradient of the (advantage-free) loss and ``c`` is
+
+    * ``reinforce``: ``c = A`` (plain REINFORCE, the correctness anchor);
+    * ``ntk``: ``c = ρ (K + ρI)⁻¹ A`` with ``K_ij = ⟨G_i, G_j⟩``, ``ρ = damping · tr(K)/n``;
+    * ``fisher``: ``c_i = A_i / sqrt(ν_i² + damping · mean ν²)``, ``ν_i`` the Fisher norm of
+      ``G_i`` estimated from per-token pieces at ``fisher_probes`` random positions.
+
+    The statistic ``m`` behind ``ρ`` is an exponential moving average over steps (``ema=β``) or
+    the microbatch's own (``ema=None``). The inner optimizer then descends the written gradient.
+    Outside a microbatch the model computes exactly as without ISOPO.
+
+    Args:
+        model: the policy; all its trainable parameters are handled.
+        optimizer: the inner optimizer; ``param_groups``, ``state`` and ``defaults`` are its own.
+        mode: ``"ntk"``, ``"fisher"`` or ``"reinforce"``.
+        damping: ``ρ / m``; must be > 0 for ``ntk`` and ≥ 0 for ``fisher``.
+        ema: ``β`` of the moving average of ``m``, or ``None``.
+        fisher_probes: number of probe positions per layer, or ``None`` for all of them.
+        generator: draws the probe positions (a seeded ``torch.Generator`` by default).
+        route: ``"auto"`` picks the cheaper exact route for ``K`` per layer; ``"gram"`` or
+            ``"materialise"`` force one.
+        memory_budget: bytes of transient memory one layer's ISOPO work may use.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, mode: str = "ntk",
+                 damping: float = 1.0, ema: float | None = 0.9, fisher_probes: int | None = 250,
+                 generator: torch.Generator | None = None, route: str = "auto",
+                 memory_budget: int = 256 * 2**20):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+        damping = float(damping)
+        if not math.isfinite(damping) or damping < 0 or (mode == "ntk" and damping == 0):
+            raise ValueError(f"damping must be {'> 0' if mode == 'ntk' else '>= 0'} and finite for "
+                             f"mode {mode!r}, got {damping}")
+        if ema is not None and not 0.0 <= float(ema) < 1.0:
+            raise ValueError(f"ema must be None or in [0, 1), got {ema}")
+        if fisher_probes is not None and (not isinstance(fisher_probes, int) or fisher_probes < 1):
+            raise ValueError(f"fisher_probes must be None or a positive int, got {fisher_probes!r}")
+        if route not in ("auto", "gram", "materialise"):
+            raise ValueError(f"unknown route {route!r}; choose 'auto', 'gram' or 'materialise'")
+        self.optimizer = optimizer
+        self.model = model
+        self.mode, self.damping, self.ema = mode, damping, None if ema is None else float(ema)
+        self.fisher_probes, self.route, self.memory_budget = fisher_probes, route, int(memory_budget)
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._patch_step_function()
+        self.layers: list[Layer] = find_layers(model)
+        self._active: _Microbatch | None = None
+        self._produced: dict[int, Tensor] = {}
+        self._m: dict[str, float] = {}                 # EMA of m per layer
+        self._step_figures: dict[str, list] = {}       # this step's microbatch figures
+        self.diagnostics: dict[str, dict[str, float]] = {}
+        self._restore: list = []
+        self._attach()
+
+    # -- the inner optimizer's own objects ---------------------------------------------------
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value):
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value):
+        self.optimizer.state = value
+
+    @property
+    def defaults(self):
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value):
+        self.optimizer.defaults = value
+
+    def add_param_group(self, param_group: dict) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Step the inner optimizer, then fold this step's statistics into the averages."""
+        loss = self.optimizer.step(closure)
+        self._end_step()
+        return loss
+
+    # -- microbatches --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def microbatch(self, advantages, segments=None, *, sample_dim: int = 0):
+        """Run one microbatch's forward and backward inside this block.
+
+        Args:
+            advantages: one finite scalar per sample, shape ``(n,)``.
+            segments: optional integer sample id (in ``[0, n)``) per token, for packed
+                sequences or episodes of several rows.
+            sample_dim: the sample axis (0 or 1) of ≥3-D layer inputs, e.g. 1 for ``(L, B, d)``.
+        """
+        if self._active is not None:
+            raise RuntimeError("ISOPO microbatch contexts cannot be nested")
+        if not self._restore:
+            raise RuntimeError("this ISOPO optimizer was detached from its model")
+        A = _check_advantages(advantages)
+        seg = _check_segments(segments, A.numel())
+        if sample_dim not in (0, 1):
+            raise ValueError(f"sample_dim must be 0 or 1, got {sample_dim}")
+        self._produced.clear()
+        self._active = _Microbatch(self, A, seg, sample_dim)
+        try:
+            yield self
+        finally:
+            self._active = None
+            self._produced.clear()
+
+    # -- per-layer work, called from a gate's backward ---------------------------------------
+    def _config(self) -> engine.Config:
+        return engine.Config(self.mode, self.damping, self.fisher_probes, self.route,
+                             self.memory_budget, self.generator)
+
+    def _finish(self, layer: Layer, uses: list, A: Tensor) -> tuple:
+        cfg = self._config()
+        m_used = self._m.get(layer.name) if self.ema is not None else None
+        if layer.kind == "factor":
+            weight_idx = next((e.weight for e in layer.entries if e.weight is not None), None)
+            shape = layer.params[weight_idx].shape if weight_idx is not None else None
+            W, B, coef = engine.finish_factor(uses, shape, A, cfg, m_used)
+            grads = [None] * len(layer.params)
+            if weight_idx is not None:
+                grads[weight_idx] = W
+            for e in layer.entries:
+                if e.bias is not None:
+                    grads[e.bias] = B
+        else:
+            flat, coef = engine.finish_explicit(uses, A, cfg, m_used)
+            grads, start = [], 0
+            for p in layer.params:
+                grads.append(flat[start:start + p.numel()].view_as(p))
+                start += p.numel()
+        out = []
+        for p, g in zip(layer.params, grads):
+            g = None if g is None else g.to(p.dtype).contiguous()
+            if g is not None:
+                self._produced[id(p)] = g
+            out.append(g)
+        if self.mode != "reinforce":
+            a = float(A.norm())
+            ratio = float(coef.c.norm()) / a if a > 0 else math.nan
+            self._step_figures.setdefault(layer.name, []).append((coef.m, coef.rho, ratio, coef.cond))
+        return tuple(out)
+
+    def _end_step(self) -> None:
+        self.diagnostics = {}
+        for name, figs in self._step_figures.items():
+            m = sum(f[0] for f in figs) / len(figs)
+            if self.ema is not None:
+                old = self._m.get(name)
+                self._m[name] = m if old is None else self.ema * old + (1 - self.ema) * m
+            self.diagnostics[name] = {
+                "m": m, "rho": sum(f[1] for f in figs) / len(figs),
+                "c_ratio": sum(f[2] for f in figs) / len(figs),
+                "cond": max(f[3] for f in figs), "microbatches": len(figs)}
+        self._step_figures = {}
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def _attach(self) -> None:
+        for layer in self.layers:
+            for entry in layer.entries:
+                m = entry.module
+                own = m.__dict__.get("forward")
+                m.forward = make_forward(self, layer, entry, own if own is not None else
+                                         type(m).forward.__get__(m))
+                self._restore.append(("forward", m, own))
+            for p, name in zip(layer.params, layer.param_names):
+                h = p.register_hook(self._checker(p, name))
+                self._restore.append(("hook", h, None))
+
+    def _checker(self, p: Tensor, name: str):
+        def check(grad):
+            expected = self._produced.pop(id(p), None)
+            if expected is None and self._active is None:
+                return None
+            if grad is not expected:
+                raise RuntimeError(
+                    f"ISOPO: parameter '{name}' received a gradient that did not come from its "
+                    "module's forward (used directly, e.g. by a fused kernel); ISOPO cannot "
+                    "attribute it to samples")
+            return None
+        return check
+
+    def detach(self) -> None:
+        """Remove every patch and hook: the model is exactly as before ISOPO was attached."""
+        for kind, obj, old in reversed(self._restore):
+            if kind == "hook":
+                obj.remove()
+            elif old is None:
+                del obj.forward
+            else:
+                obj.forward = old
+        self._restore = []
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        sd = self.optimizer.state_dict()
+        sd["isopo"] = {"m": dict(self._m), "generator": self.generator.get_state()}
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            sd = hook(self, sd) or sd
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state_dict = hook(self, state_dict) or state_dict
+        sd = dict(state_dict)
+        extra = sd.pop("isopo", None)
+        self.optimizer.load_state_dict(sd)
+        if extra is not None:
+            self._m = {k: float(v) for k, v in extra["m"].items()}
+            self.generator.set_state(extra["generator"])
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def __repr__(self) -> str:
+        return (f"ISOPO(mode={self.mode!r}, damping={self.damping}, ema={self.ema}, "
+                f"layers={len(self.layers)}, optimizer={self.optimizer!r})")
+
+
+def _check_advantages(advantages) -> Tensor:
+    A = torch.as_tensor(advantages)
+    if A.dim() != 1 or A.numel() == 0:
+        raise ValueError(f"advantages must be a 1-D tensor with one value per sample, got shape "
+                         f"{tuple(A.shape)}")
+    if A.is_complex() or A.dtype == torch.bool:
+        raise TypeError(f"advantages must be real numbers, got {A.dtype}")
+    A = A.detach().to("cpu", torch.float64)
+    if not torch.isfinite(A).all():
+        raise ValueError("advantages must be finite; got NaN or inf at positions "
+                         f"{torch.nonzero(~torch.isfinite(A)).flatten().tolist()}")
+    return A
+
+
+def _check_segments(segments, n: int) -> Tensor | None:
+    if segments is None:
+        return None
+    seg = torch.as_tensor(segments)
+    if seg.is_floating_point() or seg.is_complex() or seg.dtype == torch.bool:
+        raise TypeError(f"segments must be an integer tensor of sample ids, got {seg.dtype}")
+    seg = seg.reshape(-1).long()
+    if seg.numel() and (int(seg.min()) < 0 or int(seg.max()) >= n):
+        raise ValueError(f"segments must hold sample ids in [0, {n}) for {n} advantages, got "
+                         f"values in [{int(seg.min())}, {int(seg.max())}]")
+    return seg

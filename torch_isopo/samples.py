@@ -1,0 +1,102 @@
+"""Which sample every row of a layer's input belongs to.
+
+A layer sees a tensor whose leading dims ("token shape") index rows and whose last dim (for
+dense layers) holds features. ISOPO needs, for every row, the sample it belongs to and the token
+it belongs to (inner dims after the token axis, e.g. attention heads, belong to their token).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class SampleMap:
+    """Rows → samples for one use of a layer.
+
+    ``ids[r]`` is the sample of row r. Rows are grouped in tokens of ``inner`` consecutive rows.
+    ``layout`` is ``"first"`` when rows are ``(n, T, inner)`` in memory order (padded batch or
+    one row per sample), ``"second"`` for ``(T, n, inner)``, ``None`` for free-form segments.
+    """
+
+    ids: Tensor
+    n: int
+    inner: int
+    layout: str | None
+    T: int
+
+    @property
+    def rows(self) -> int:
+        return self.ids.numel()
+
+    @property
+    def tokens(self) -> int:
+        return self.rows // self.inner
+
+    def padded(self, X: Tensor) -> Tensor:
+        """``X`` (rows, F) as (n, T', F) with the rows of sample i in slot i (zeros fill)."""
+        F = X.shape[-1]
+        if self.layout == "first":
+            return X.view(self.n, -1, F)
+        if self.layout == "second":
+            return X.view(self.T, self.n, self.inner, F).transpose(0, 1).reshape(self.n, -1, F)
+        counts = torch.bincount(self.ids, minlength=self.n)
+        order = torch.argsort(self.ids, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        pos = torch.arange(self.rows, device=X.device) - starts[self.ids[order]]
+        width = int(counts.max()) if self.rows else 0
+        out = X.new_zeros(self.n, max(width, 1), F)
+        out[self.ids[order], pos] = X[order]
+        return out
+
+    def reduce(self, M: Tensor, dim: int) -> Tensor:
+        """Sum the rows of ``M`` along ``dim`` into samples."""
+        shape = list(M.shape)
+        shape[dim] = self.n
+        return M.new_zeros(shape).index_add_(dim, self.ids, M)
+
+
+def sample_map(token_shape: torch.Size, n: int, segments: Tensor | None, sample_dim: int,
+               where: str, device: torch.device) -> SampleMap:
+    """Build the row → sample map of one layer input, or raise a clear error.
+
+    Rules (SPEC §2): with ``segments``, one id per token (the first two dims of a ≥2-D token
+    shape, or each row of a 1-D one); otherwise a ≥2-D token shape has its samples along
+    ``sample_dim`` (0 or 1) and a 1-D token shape has one sample per row.
+    """
+    dims = tuple(token_shape)
+    if len(dims) == 0:
+        raise ValueError(f"{where}: a scalar input cannot be mapped to samples")
+    inner = math.prod(dims[2:]) if len(dims) > 2 else 1
+    tokens = math.prod(dims[:2])
+    if segments is not None:
+        if segments.numel() != tokens:
+            raise ValueError(
+                f"{where}: segments has {segments.numel()} entries but the input has {tokens} "
+                f"tokens (input token shape {dims}); give one sample id per token")
+        ids = segments.to(device).reshape(-1)
+        if inner > 1:
+            ids = ids.repeat_interleave(inner)
+        return SampleMap(ids, n, inner, None, 0)
+    if len(dims) == 1:
+        if dims[0] != n:
+            raise ValueError(
+                f"{where}: the input has {dims[0]} rows (one sample each) but {n} advantages were "
+                "given; pass segments= to say which sample each row belongs to")
+        return SampleMap(torch.arange(n, device=device), n, 1, "first", 1)
+    if dims[sample_dim] != n:
+        raise ValueError(
+            f"{where}: the input of shape {dims} has {dims[sample_dim]} samples along dim "
+            f"{sample_dim} but {n} advantages were given; pass segments= for packed inputs or "
+            "sample_dim= for sequence-first inputs")
+    T = dims[1 - sample_dim]
+    base = torch.arange(n, device=device)
+    if sample_dim == 0:
+        ids = base.repeat_interleave(T * inner)
+        return SampleMap(ids, n, inner, "first", T)
+    ids = base.repeat_interleave(inner).repeat(T)
+    return SampleMap(ids, n, inner, "second", T)
+
