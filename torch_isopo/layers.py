@@ -232,7 +232,7 @@ def _only_input(entry, args, kwargs):
 
 
 def _linear(mb, layer, entry, orig, args, kwargs):
-    x = _only_input(entry, args, kwargs)
+    x = mb.expand_shared(_only_input(entry, args, kwargs), features=True)
     pending, gated = mb.gate(layer)
     m = entry.module
     w = gated[entry.weight] if entry.weight is not None else m.weight
@@ -244,7 +244,7 @@ def _linear(mb, layer, entry, orig, args, kwargs):
 
 
 def _embedding(mb, layer, entry, orig, args, kwargs):
-    ids = _only_input(entry, args, kwargs)
+    ids = mb.expand_shared(_only_input(entry, args, kwargs), features=False)
     pending, gated = mb.gate(layer)
     smap = mb.sample_map(ids.shape, f"module '{entry.name}' input", ids.device)
     use = EmbeddingUse(pending, smap, entry.module.padding_idx)
@@ -254,6 +254,9 @@ def _embedding(mb, layer, entry, orig, args, kwargs):
 def _recompute(mb, layer, entry, orig, args, kwargs):
     pending, gated = mb.gate(layer)
     leaves, spec = tree_flatten((args, kwargs))
+    first = next((i for i, t in enumerate(leaves) if isinstance(t, Tensor)), None)
+    if first is not None:
+        leaves[first] = mb.expand_shared(leaves[first], features=True)
     tensors = [t for t in leaves if isinstance(t, Tensor)]
     consts = [functions._TENSOR if isinstance(t, Tensor) else t for t in leaves]
     first = tensors[0] if tensors else None

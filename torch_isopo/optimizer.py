@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from . import engine
 from .functions import Gate
 from .layers import Layer, find_layers, make_forward
-from .samples import SampleMap, sample_map
+from .samples import SampleMap, expand_shared, sample_map
 
 MODES = ("ntk", "fisher", "reinforce")
 
@@ -49,6 +49,9 @@ class _Microbatch:
             pending = _Pending(self.isopo, layer, self)
             self._gates[key] = (pending, Gate.apply(pending, *layer.params))
         return self._gates[key]
+
+    def expand_shared(self, t: Tensor, features: bool) -> Tensor:
+        return expand_shared(t, self.n, self.segments, self.sample_dim, t.dim() - int(features))
 
     def sample_map(self, shape, where: str, device) -> SampleMap:
         key = (tuple(shape), str(device))

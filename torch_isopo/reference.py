@@ -45,7 +45,9 @@ def reference_gradients(model: nn.Module, sample_losses: Callable[[], Tensor], a
     for layer in layers:
         for e in layer.entries:
             def pre(mod, args, kwargs, e=e):
+                args = _expand_shared(args, e.rule, n, segments, sample_dim)
                 calls.setdefault(id(e), []).append([args, kwargs, None])
+                return args, kwargs
 
             def post(mod, args, kwargs, out, e=e):
                 calls[id(e)][-1][2] = out
@@ -85,6 +87,19 @@ def reference_gradients(model: nn.Module, sample_losses: Callable[[], Tensor], a
             grads[p] = flat[start:start + p.numel()].view_as(p).to(p.dtype)
             start += p.numel()
     return grads, stats
+
+
+def _expand_shared(args, rule, n, segments, sample_dim):
+    """Inputs of size 1 on the sample axis are shared by all samples: give each its own copy."""
+    if not args or not isinstance(args[0], Tensor) or segments is not None or n == 1:
+        return args
+    x = args[0]
+    rows = x.dim() if rule == "embedding" else x.dim() - 1
+    if rows >= 2 and x.shape[sample_dim] == 1:
+        shape = list(x.shape)
+        shape[sample_dim] = n
+        return (x.expand(shape), *args[1:])
+    return args
 
 
 def _flat(gs, params):

@@ -100,3 +100,17 @@ def sample_map(token_shape: torch.Size, n: int, segments: Tensor | None, sample_
     ids = base.repeat_interleave(inner).repeat(T)
     return SampleMap(ids, n, inner, "second", T)
 
+
+
+def expand_shared(t, n: int, segments: Tensor | None, sample_dim: int, token_dims: int):
+    """An input shared by all samples (size 1 on the sample axis, e.g. GPT-2's position ids
+    ``(1, L)``) is expanded to ``n`` so each sample's gradient stays visible after broadcasting.
+
+    ``token_dims`` is how many leading dims index rows (``t.dim() - 1`` for features last).
+    """
+    if (isinstance(t, Tensor) and segments is None and n > 1 and token_dims >= 2
+            and t.shape[sample_dim] == 1):
+        shape = list(t.shape)
+        shape[sample_dim] = n
+        return t.expand(shape)
+    return t
