@@ -1,0 +1,108 @@
+"""Tiny random-init policies and their per-sample advantage-free losses, for the tests."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+VOCAB = 32
+
+
+class MLPPolicy(nn.Module):
+    """A discrete-action MLP policy: one state per row (2-D layer inputs)."""
+
+    def __init__(self, obs=5, hidden=8, actions=4):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(obs, hidden), nn.Tanh(), nn.LayerNorm(hidden),
+                                 nn.Linear(hidden, actions))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Scale(nn.Module):
+    """A module with its own parameter and no dedicated rule (generic path)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, d))
+
+    def forward(self, x):
+        return x * self.gain + torch.tanh(x).mean(-1, keepdim=True) * self.gain.sum()
+
+
+class SeqMixer(nn.Module):
+    """A sequence model whose positions interact within a sequence: embedding, a causal
+    cumulative mixer, a generic module, RMSNorm and an untied head."""
+
+    def __init__(self, vocab=VOCAB, d=8):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d, padding_idx=0)
+        self.mix = nn.Linear(d, d)
+        self.scale = Scale(d)
+        self.norm = nn.RMSNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, input_ids, attention_mask=None, segments=None):
+        ids = input_ids
+        h = self.emb(ids)
+        h = torch.tanh(self.mix(h))
+        if segments is None:
+            h = h.cumsum(1) / torch.arange(1, h.shape[1] + 1, dtype=h.dtype)[:, None]
+        else:  # packed (1, N): mix only within a segment
+            seg = segments.view(1, -1)
+            same = (seg[0][:, None] == seg[0][None, :]) & torch.ones(seg.numel(), seg.numel(), dtype=torch.bool).tril()
+            w = same.to(h.dtype)
+            h = (w @ h[0] / w.sum(1, keepdim=True))[None]
+        return self.head(self.norm(self.scale(h)))
+
+
+def gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=2,
+                                      n_head=2, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0,
+                                      bos_token_id=1, eos_token_id=2, attn_implementation="eager"))
+
+
+def qwen3():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    return Qwen3ForCausalLM(Qwen3Config(vocab_size=VOCAB, hidden_size=16, intermediate_size=24,
+                                        num_hidden_layers=2, num_attention_heads=2,
+                                        num_key_value_heads=1, head_dim=8, tie_word_embeddings=True,
+                                        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                                        attn_implementation="eager"))
+
+
+def llama(checkpointing=False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24,
+                                     num_hidden_layers=2, num_attention_heads=2,
+                                     num_key_value_heads=1, tie_word_embeddings=False,
+                                     bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                                     attn_implementation="eager"))
+    if checkpointing:
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.train()
+    return m
+
+
+def lm_losses(model, ids, mask, **kw):
+    """Per-sequence terms of the token-mean loss ``-(logp · mask).sum() / mask.sum()``."""
+    out = model(input_ids=ids, attention_mask=mask, **kw) if mask is not None else model(input_ids=ids, **kw)
+    logits = out.logits if hasattr(out, "logits") else out
+    logp = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    m = torch.ones_like(logp) if mask is None else mask[:, 1:].to(logp.dtype)
+    return -(logp * m).sum(1) / m.sum()
+
+
+def packed_losses(model, ids, seg, **kw):
+    """Per-segment terms for a packed ``(1, N)`` batch (targets: next token within a segment)."""
+    logits = model(ids, **kw)
+    logits = logits.logits if hasattr(logits, "logits") else logits
+    logp = torch.log_softmax(logits[0, :-1].double(), -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+    same = (seg[1:] == seg[:-1]).to(logp.dtype)
+    n = int(seg.max()) + 1
+    return -torch.zeros(n, dtype=logp.dtype).index_add(0, seg[:-1], logp * same) / same.sum()
