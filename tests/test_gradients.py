@@ -91,3 +91,103 @@ def test_episodes_of_several_rows(mode):
         logp = torch.log_softmax(m(X), -1).gather(1, acts[:, None]).squeeze(1)
         return -torch.zeros(3, dtype=logp.dtype).index_add(0, seg, logp) / 8
     assert_matches_reference(model, losses, _adv(3), mode, segments=seg)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_two_accumulated_microbatches(mode):
+    """Gradients of two microbatches add up; each microbatch has its own K."""
+    import copy
+    from torch_isopo import ISOPO
+    from torch_isopo.reference import reference_gradients
+    model = qwen3().double()
+    batches = [(_lm_batch(), _adv(3)), (_lm_batch(B=2, L=5, pad=False), _adv(2))]
+    expected = {}
+    ref = copy.deepcopy(model)
+    for (ids, mask), A in batches:
+        g, _ = reference_gradients(ref, lambda: lm_losses(ref, ids, mask), A, mode, 0.5)
+        for p, v in g.items():
+            expected[p] = expected.get(p, 0) + v
+    m = copy.deepcopy(model)
+    opt = ISOPO(m, torch.optim.SGD(m.parameters(), lr=0.1), mode=mode, damping=0.5, ema=None,
+                fisher_probes=None)
+    for (ids, mask), A in batches:
+        with opt.microbatch(A):
+            lm_losses(m, ids, mask).sum().backward()
+    for (name, p), q in zip(m.named_parameters(), ref.parameters()):
+        err = float((p.grad - expected[q]).norm() / expected[q].norm())
+        assert err < 1e-5, (name, err)
+
+
+@pytest.mark.parametrize("mode", ["ntk", "fisher"])
+def test_ema_statistics_over_steps(mode):
+    """Step 1 uses each microbatch's own m; step 2 uses the average m of step 1 (β = 0.5)."""
+    import copy
+    from torch_isopo import ISOPO
+    from torch_isopo.reference import reference_gradients
+    model = SeqMixer().double()
+    data = [[(_lm_batch(B=3, L=6), _adv(3)), (_lm_batch(B=3, L=6), _adv(3))] for _ in range(3)]
+    m = copy.deepcopy(model)
+    opt = ISOPO(m, torch.optim.SGD(m.parameters(), lr=0.05), mode=mode, damping=0.7, ema=0.5,
+                fisher_probes=None)
+    ref = copy.deepcopy(model)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    ema = {}
+    for step in data:
+        expected, figures = {}, {}
+        for (ids, mask), A in step:
+            g, st = reference_gradients(ref, lambda: lm_losses(ref, ids, mask), A, mode, 0.7,
+                                        m=dict(ema))
+            for p, v in g.items():
+                expected[p] = expected.get(p, 0) + v
+            for k, v in st.items():
+                figures.setdefault(k, []).append(v)
+        for (ids, mask), A in step:
+            with opt.microbatch(A):
+                lm_losses(m, ids, mask).sum().backward()
+        for (name, p), q in zip(m.named_parameters(), ref.parameters()):
+            err = float((p.grad - expected[q]).norm() / expected[q].norm())
+            assert err < 1e-5, (name, err)
+            q.grad = expected[q].clone()
+        opt.step(); opt.zero_grad()
+        ref_opt.step(); ref_opt.zero_grad()
+        for k, v in figures.items():
+            mean = sum(v) / len(v)
+            ema[k] = mean if k not in ema else 0.5 * ema[k] + 0.5 * mean
+        assert set(opt.diagnostics) == set(ema)
+        for k in ema:
+            assert abs(opt.state_dict()["isopo"]["m"][k] - ema[k]) <= 1e-9 * abs(ema[k])
+
+
+def test_fisher_probe_subset_matches_reference_with_same_draw():
+    """With fisher_probes=k a seeded uniform subset of the non-zero positions is used."""
+    import copy
+    from torch_isopo import ISOPO
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).double()
+    X = torch.randn(2, 9, 4, dtype=torch.float64)
+    X[1, 7:] = 0
+    A = _adv(2)
+    k, seed = 5, 123
+    m = copy.deepcopy(model)
+    opt = ISOPO(m, torch.optim.SGD(m.parameters(), lr=0.1), mode="fisher", damping=0.3, ema=None,
+                fisher_probes=k, generator=torch.Generator().manual_seed(seed))
+    target = torch.randn(2, 9, 3, dtype=torch.float64)
+    target[1, 7:] = 0
+
+    def losses(y):
+        return ((y - target) ** 2 * (X.abs().sum(-1, keepdim=True) > 0)).sum((1, 2))
+    with opt.microbatch(A):
+        losses(m(X)).sum().backward()
+    # brute force with the same draw: candidates are the positions with non-zero Δ, in order
+    y = model(X)
+    D = torch.autograd.grad(losses(y).sum(), [y])[0].reshape(-1, 3)
+    a = torch.cat([X.reshape(-1, 4), torch.ones(18, 1, dtype=X.dtype)], 1)
+    cands = torch.nonzero(D.abs().sum(1) > 0).flatten()
+    pick = cands[torch.randperm(cands.numel(), generator=torch.Generator().manual_seed(seed))[:k].sort().values]
+    g = torch.einsum("tp,td->tpd", D, a).reshape(18, -1)
+    G = torch.stack([g[:9].sum(0), g[9:].sum(0)])
+    dots = g[pick] @ G.T
+    nu2 = (dots ** 2).sum(0) / (g[pick] ** 2).sum()
+    c = A / torch.sqrt(nu2 + 0.3 * nu2.mean())
+    want = (c @ G).view(3, 5)
+    got = torch.cat([m[0].weight.grad, m[0].bias.grad[:, None]], 1)
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)

@@ -8,7 +8,6 @@ below it.
 """
 from __future__ import annotations
 
-import functools
 import sys
 from dataclasses import dataclass, field
 
@@ -43,6 +42,12 @@ class Layer:
     params: list[nn.Parameter]
     param_names: list[str]
     entries: list[Entry]
+    owners: list[tuple[nn.Module, str]]   # where each parameter is registered
+
+    def live_params(self) -> list[Tensor]:
+        """The tensors the owning modules hold right now: FSDP2 registers unsharded parameters
+        for the duration of a forward, and those are the ones the graph must use."""
+        return [getattr(module, attr) for module, attr in self.owners]
 
 
 def _conv1d_class():
@@ -129,12 +134,14 @@ def _build_layer(claims, aliases) -> Layer:
         raise ValueError(f"ISOPO cannot merge modules {label} (rules {sorted(rules)}) that share a "
                          "parameter into one layer")
     params: list[nn.Parameter] = []
+    homes: list[tuple[nn.Module, str]] = []
     index: dict[int, int] = {}
 
-    def slot(p):
+    def slot(p, module, attr):
         if id(p) not in index:
             index[id(p)] = len(params)
             params.append(p)
+            homes.append((module, attr))
         return index[id(p)]
 
     entries = []
@@ -147,20 +154,20 @@ def _build_layer(claims, aliases) -> Layer:
             raise ValueError(f"ISOPO supports modules sharing one weight (tied embeddings), not the "
                              f"sharing pattern of {label}")
         for m, name, rule, _ in claims:
-            w = slot(m.weight) if m.weight.requires_grad else None
+            w = slot(m.weight, m, "weight") if m.weight.requires_grad else None
             b = None
             if rule != "embedding" and m.bias is not None and m.bias.requires_grad:
-                b = slot(m.bias)
+                b = slot(m.bias, m, "bias")
             entries.append(Entry(m, name, rule, weight=w, bias=b))
     else:
         for m, name, rule, owners in claims:
             e = Entry(m, name, rule)
             for p, places in owners.items():
-                i = slot(p)
+                i = slot(p, *places[0])
                 e.slots.extend((owner, attr, i) for owner, attr in places)
             entries.append(e)
     pnames = ["=".join(aliases.get(id(p), ["?"])) for p in params]
-    return Layer(label, kind, params, pnames, entries)
+    return Layer(label, kind, params, pnames, entries, homes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,18 +218,31 @@ class RecomputeUse:
         self.first_arg = None
 
 
-def make_forward(isopo, layer: Layer, entry: Entry, orig):
-    """The module's forward: the original one outside a microbatch, ISOPO's inside."""
-    run = {"linear": _linear, "conv1d": _linear, "embedding": _embedding}.get(entry.rule, _recompute)
+class PatchedForward:
+    """A module's forward while ISOPO is attached: the original one outside a microbatch (or
+    without grad), ISOPO's inside. A copy or pickle of the module gets its plain forward back,
+    so ``copy.deepcopy(model)`` (a reference policy, say) is an ordinary model."""
 
-    @functools.wraps(orig)
-    def forward(*args, **kwargs):
-        mb = isopo._active
+    def __init__(self, isopo, layer: Layer, entry: Entry, own):
+        module = entry.module
+        self.isopo, self.layer, self.entry, self.own = isopo, layer, entry, own
+        self.orig = own if own is not None else type(module).forward.__get__(module)
+        self.__wrapped__ = self.orig
+        self.run = {"linear": _linear, "conv1d": _linear,
+                    "embedding": _embedding}.get(entry.rule, _recompute)
+
+    def __call__(self, *args, **kwargs):
+        mb = self.isopo._active
         if mb is None or not torch.is_grad_enabled():
-            return orig(*args, **kwargs)
-        return run(mb, layer, entry, orig, args, kwargs)
+            return self.orig(*args, **kwargs)
+        return self.run(mb, self.layer, self.entry, self.orig, args, kwargs)
 
-    return forward
+    def __reduce__(self):
+        return _plain_forward, (self.entry.module, self.own)
+
+
+def _plain_forward(module, own):
+    return own if own is not None else type(module).forward.__get__(module)
 
 
 def _only_input(entry, args, kwargs):

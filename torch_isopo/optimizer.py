@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from . import engine
 from .functions import Gate
-from .layers import Layer, find_layers, make_forward
+from .layers import Layer, PatchedForward, find_layers
 from .samples import SampleMap, expand_shared, sample_map
 
 MODES = ("ntk", "fisher", "reinforce")
@@ -19,8 +19,9 @@ MODES = ("ntk", "fisher", "reinforce")
 class _Pending:
     """One layer's uses within one microbatch, collected until the layer's gate runs."""
 
-    def __init__(self, isopo: "ISOPO", layer: Layer, mb: "_Microbatch"):
+    def __init__(self, isopo: "ISOPO", layer: Layer, mb: "_Microbatch", params: list):
         self.isopo, self.layer, self.A, self.n = isopo, layer, mb.A, mb.n
+        self.params = params          # the parameter tensors the gate received
         self.uses: list = []
 
     def add(self, use) -> None:
@@ -29,8 +30,8 @@ class _Pending:
     def finish(self) -> tuple:
         uses, self.uses = self.uses, []
         if not uses:
-            return (None,) * len(self.layer.params)
-        return self.isopo._finish(self.layer, uses, self.A)
+            return (None,) * len(self.params)
+        return self.isopo._finish(self.layer, uses, self.A, self.params)
 
 
 class _Microbatch:
@@ -46,8 +47,9 @@ class _Microbatch:
         """The layer's parameters as seen by this microbatch's graph (one gate per layer)."""
         key = id(layer)
         if key not in self._gates:
-            pending = _Pending(self.isopo, layer, self)
-            self._gates[key] = (pending, Gate.apply(pending, *layer.params))
+            params = layer.live_params()
+            pending = _Pending(self.isopo, layer, self, params)
+            self._gates[key] = (pending, Gate.apply(pending, *params))
         return self._gates[key]
 
     def expand_shared(self, t: Tensor, features: bool) -> Tensor:
@@ -206,14 +208,14 @@ class ISOPO(torch.optim.Optimizer):
         return engine.Config(self.mode, self.damping, self.fisher_probes, self.route,
                              self.memory_budget, self.generator)
 
-    def _finish(self, layer: Layer, uses: list, A: Tensor) -> tuple:
+    def _finish(self, layer: Layer, uses: list, A: Tensor, params: list) -> tuple:
         cfg = self._config()
         m_used = self._m.get(layer.name) if self.ema is not None else None
         if layer.kind == "factor":
             weight_idx = next((e.weight for e in layer.entries if e.weight is not None), None)
-            shape = layer.params[weight_idx].shape if weight_idx is not None else None
+            shape = params[weight_idx].shape if weight_idx is not None else None
             W, B, coef = engine.finish_factor(uses, shape, A, cfg, m_used)
-            grads = [None] * len(layer.params)
+            grads = [None] * len(params)
             if weight_idx is not None:
                 grads[weight_idx] = W
             for e in layer.entries:
@@ -222,11 +224,11 @@ class ISOPO(torch.optim.Optimizer):
         else:
             flat, coef = engine.finish_explicit(uses, A, cfg, m_used)
             grads, start = [], 0
-            for p in layer.params:
+            for p in params:
                 grads.append(flat[start:start + p.numel()].view_as(p))
                 start += p.numel()
         out = []
-        for p, g in zip(layer.params, grads):
+        for p, g in zip(params, grads):
             g = None if g is None else g.to(p.dtype).contiguous()
             if g is not None:
                 self._produced[id(p)] = g
@@ -256,8 +258,7 @@ class ISOPO(torch.optim.Optimizer):
             for entry in layer.entries:
                 m = entry.module
                 own = m.__dict__.get("forward")
-                m.forward = make_forward(self, layer, entry, own if own is not None else
-                                         type(m).forward.__get__(m))
+                m.forward = PatchedForward(self, layer, entry, own)
                 self._restore.append(("forward", m, own))
             for p, name in zip(layer.params, layer.param_names):
                 h = p.register_hook(self._checker(p, name))

@@ -1,0 +1,182 @@
+"""ISOPO is a real torch.optim.Optimizer around the inner one, and invisible outside microbatches."""
+import copy
+import io
+
+import pytest
+import torch
+
+from models import MLPPolicy, SeqMixer, VOCAB, gpt2, lm_losses, qwen3
+from torch_isopo import ISOPO
+
+
+def _setup(inner=torch.optim.AdamW, **kw):
+    model = MLPPolicy()
+    opt = ISOPO(model, inner(model.parameters(), lr=1e-2), **kw)
+    return model, opt
+
+
+def _train_step(model, opt, n=6):
+    X = torch.randn(n, 5)
+    acts = torch.randint(0, 4, (n,))
+    with opt.microbatch(torch.randn(n)):
+        (-torch.log_softmax(model(X), -1).gather(1, acts[:, None]).mean()).backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def test_is_an_optimizer_with_the_inner_objects():
+    model, opt = _setup()
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert opt.param_groups is opt.optimizer.param_groups
+    assert opt.state is opt.optimizer.state
+    assert opt.defaults is opt.optimizer.defaults
+    _train_step(model, opt)
+    sd = opt.state_dict()
+    opt.load_state_dict(sd)          # the inner optimizer rebuilds its group dicts
+    assert opt.param_groups is opt.optimizer.param_groups
+    assert opt.state is opt.optimizer.state
+
+
+@pytest.mark.parametrize("make", [
+    lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5),
+    lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1 + s)),
+    lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=10, cycle_momentum=True),
+], ids=["step", "lambda", "onecycle"])
+def test_lr_schedulers_drive_the_inner_learning_rate(make):
+    model, opt = _setup()
+    sched = make(opt)
+    lrs = []
+    for _ in range(3):
+        _train_step(model, opt)
+        sched.step()
+        lrs.append(opt.optimizer.param_groups[0]["lr"])
+    assert len(set(lrs)) == 3
+    assert opt.optimizer.param_groups[0]["lr"] == sched.get_last_lr()[0]
+
+
+def test_scheduler_survives_load_state_dict():
+    model, opt = _setup()
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    opt.load_state_dict(opt.state_dict())
+    _train_step(model, opt)
+    sched.step()
+    assert opt.optimizer.param_groups[0]["lr"] == pytest.approx(0.005)
+
+
+def test_step_hooks_run():
+    model, opt = _setup()
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append(("pre", o)))
+    opt.register_step_post_hook(lambda o, a, k: calls.append(("post", o)))
+    _train_step(model, opt)
+    assert calls == [("pre", opt), ("post", opt)]
+
+
+def test_state_dict_round_trips_into_a_fresh_isopo():
+    torch.manual_seed(0)
+    model, opt = _setup(mode="fisher", fisher_probes=2)
+    for _ in range(2):
+        _train_step(model, opt)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)
+    model2 = copy.deepcopy(model)
+    opt2 = ISOPO(model2, torch.optim.AdamW(model2.parameters(), lr=1e-2), mode="fisher",
+                 fisher_probes=2)
+    opt2.load_state_dict(sd)
+    assert opt2.state_dict()["isopo"]["m"] == opt.state_dict()["isopo"]["m"]
+    assert torch.equal(opt2.generator.get_state(), opt.generator.get_state())
+    torch.manual_seed(1)
+    _train_step(model, opt)
+    torch.manual_seed(1)
+    _train_step(model2, opt2)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("build", [gpt2, qwen3, SeqMixer], ids=["gpt2", "qwen3", "seqmixer"])
+def test_outside_a_microbatch_nothing_changes_bit_for_bit(build):
+    model = build()
+    plain = copy.deepcopy(model)
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1), mode="ntk")
+    ids = torch.randint(3, VOCAB, (2, 7))
+    for m in (model, plain):
+        lm_losses(m, ids, None).sum().backward()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(p.grad, q.grad)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits if hasattr(model(ids), "logits") else model(ids),
+                           plain(ids).logits if hasattr(plain(ids), "logits") else plain(ids))
+    opt.zero_grad()
+
+
+def test_no_grad_forward_inside_a_microbatch_is_plain():
+    model = qwen3()
+    plain = copy.deepcopy(model)
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    ids = torch.randint(3, VOCAB, (2, 5))
+    with opt.microbatch(torch.randn(2)), torch.no_grad():
+        assert torch.equal(model(ids).logits, plain(ids).logits)
+
+
+def test_detach_restores_the_model_exactly():
+    model = gpt2()
+    before = {n: m.__dict__.get("forward") for n, m in model.named_modules()}
+    hooks = {n: dict(p._backward_hooks or {}) for n, p in model.named_parameters()}
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert any(m.__dict__.get("forward") is not None for m in model.modules())
+    opt.detach()
+    assert {n: m.__dict__.get("forward") for n, m in model.named_modules()} == before
+    assert {n: dict(p._backward_hooks or {}) for n, p in model.named_parameters()} == hooks
+    with pytest.raises(RuntimeError, match="detached"):
+        with opt.microbatch(torch.randn(2)):
+            pass
+
+
+def test_frozen_parameters_are_left_alone():
+    model = qwen3()
+    for name, p in model.named_parameters():
+        p.requires_grad_("mlp" in name)
+    opt = ISOPO(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1))
+    assert all("mlp" in n for layer in opt.layers for n in layer.param_names)
+    ids = torch.randint(3, VOCAB, (2, 5))
+    with opt.microbatch(torch.randn(2)):
+        lm_losses(model, ids, None).sum().backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == ("mlp" in name)
+
+
+def test_tied_parameters_form_one_layer():
+    for build, names in [(gpt2, ("transformer.wte", "lm_head")),
+                         (qwen3, ("model.embed_tokens", "lm_head"))]:
+        opt = ISOPO(model := build(), torch.optim.SGD(model.parameters(), lr=0.1))
+        tied = [l for l in opt.layers if len(l.entries) > 1]
+        assert len(tied) == 1 and {e.name for e in tied[0].entries} == set(names)
+
+
+def test_diagnostics_after_step():
+    model, opt = _setup(mode="ntk")
+    _train_step(model, opt)
+    assert set(opt.diagnostics) == {l.name for l in opt.layers}
+    for figs in opt.diagnostics.values():
+        assert {"rho", "c_ratio", "cond", "m"} <= set(figs)
+        assert figs["rho"] > 0 and figs["cond"] >= 1
+
+
+def test_bf16_autocast_close_to_fp32():
+    """Under bf16 autocast the gradient stays close to the fp32 one; K and the solve run in fp32."""
+    torch.manual_seed(0)
+    model = qwen3()
+    ids = torch.randint(3, VOCAB, (3, 8))
+    A = torch.randn(3)
+    grads = []
+    for autocast in (False, True):
+        m = copy.deepcopy(model)
+        opt = ISOPO(m, torch.optim.SGD(m.parameters(), lr=0.1), mode="ntk", ema=None)
+        with opt.microbatch(A), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            lm_losses(m, ids, None).sum().backward()
+        grads.append(torch.cat([p.grad.flatten().float() for p in m.parameters()]))
+        assert all(p.grad.dtype == torch.float32 for p in m.parameters())
+    err = float((grads[0] - grads[1]).norm() / grads[0].norm())
+    assert err < 0.05
