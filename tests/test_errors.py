@@ -1,0 +1,146 @@
+"""Bad input gets a clear error naming the problem, and leaves model and optimizer untouched."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from models import MLPPolicy, VOCAB, lm_losses, qwen3
+from torch_isopo import ISOPO
+
+
+def _snapshot(model, opt):
+    return ([p.detach().clone() for p in model.parameters()],
+            [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+            copy.deepcopy(opt.optimizer.state_dict()))
+
+
+def _assert_untouched(model, opt, snap):
+    params, grads, state = snap
+    for p, q, g in zip(model.parameters(), params, grads):
+        assert torch.equal(p, q)
+        assert (p.grad is None and g is None) or torch.equal(p.grad, g)
+    assert str(opt.optimizer.state_dict()) == str(state)
+    assert opt._active is None
+
+
+@pytest.fixture
+def mlp():
+    model = MLPPolicy()
+    opt = ISOPO(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    X = torch.randn(4, 5)
+    with opt.microbatch(torch.randn(4)):      # some history: grads and optimizer state
+        model(X).sum().backward()
+    opt.step()
+    with opt.microbatch(torch.randn(4)):
+        model(X).sum().backward()
+    return model, opt, X
+
+
+@pytest.mark.parametrize("adv, match", [
+    (torch.randn(4, 1), "1-D"),
+    (torch.randn(()), "1-D"),
+    (torch.randn(0), "1-D"),
+    (torch.tensor([1.0, float("nan"), 0.0, 1.0]), "finite"),
+    (torch.tensor([1.0, float("inf"), 0.0, 1.0]), "finite"),
+    (torch.tensor([1 + 1j, 0, 0, 0]), "real"),
+])
+def test_bad_advantages(mlp, adv, match):
+    model, opt, X = mlp
+    snap = _snapshot(model, opt)
+    with pytest.raises((ValueError, TypeError), match=match):
+        with opt.microbatch(adv):
+            model(X).sum().backward()
+    _assert_untouched(model, opt, snap)
+
+
+def test_advantage_count_must_match_samples(mlp):
+    model, opt, X = mlp
+    snap = _snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"4 rows .* 3 advantages"):
+        with opt.microbatch(torch.randn(3)):
+            model(X).sum().backward()
+    _assert_untouched(model, opt, snap)
+
+
+@pytest.mark.parametrize("seg, match", [
+    (torch.tensor([0, 1, 1]), "segments has 3 entries"),
+    (torch.tensor([0, 1, 1, 0, 1]), "segments has 5 entries"),
+    (torch.tensor([0, 1, 1, 2]), r"\[0, 2\)"),
+    (torch.tensor([0, -1, 1, 1]), r"\[0, 2\)"),
+    (torch.tensor([0.0, 1.0, 1.0, 0.0]), "integer"),
+])
+def test_bad_segments(mlp, seg, match):
+    model, opt, X = mlp
+    snap = _snapshot(model, opt)
+    with pytest.raises((ValueError, TypeError), match=match):
+        with opt.microbatch(torch.randn(2), segments=seg):
+            model(X).sum().backward()
+    _assert_untouched(model, opt, snap)
+
+
+def test_layer_input_that_cannot_be_mapped_to_samples():
+    model = qwen3()
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    snap = _snapshot(model, opt)
+    ids = torch.randint(3, VOCAB, (3, 5))
+    with pytest.raises(ValueError, match=r"model.embed_tokens.*3 samples along dim 0 but 2"):
+        with opt.microbatch(torch.randn(2)):
+            lm_losses(model, ids, None).sum().backward()
+    _assert_untouched(model, opt, snap)
+    with pytest.raises(ValueError, match="sample_dim"):
+        with opt.microbatch(torch.randn(3), sample_dim=2):
+            pass
+
+
+class DirectUse(nn.Module):
+    """Uses its head's weight outside the head's forward (like a fused log-prob kernel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return torch.tanh(self.body(x)) @ self.head.weight.T
+
+
+def test_parameter_used_outside_its_module_is_an_error():
+    model = DirectUse()
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(RuntimeError, match=r"'head.weight'.*cannot attribute"):
+        with opt.microbatch(torch.randn(5)):
+            model(torch.randn(5, 4)).sum().backward()
+    assert model.head.weight.grad is None
+    assert opt._active is None
+    model.zero_grad()
+    model(torch.randn(5, 4)).sum().backward()          # outside a microbatch: plain autograd
+    assert model.head.weight.grad is not None
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(mode="ntk", damping=0.0), "damping"),
+    (dict(mode="ntk", damping=-1.0), "damping"),
+    (dict(mode="fisher", damping=-0.1), "damping"),
+    (dict(mode="fisher", damping=float("nan")), "damping"),
+    (dict(mode="natural"), "unknown mode"),
+    (dict(ema=1.0), "ema"),
+    (dict(fisher_probes=0), "fisher_probes"),
+    (dict(route="fast"), "route"),
+])
+def test_bad_configuration(kw, match):
+    model = MLPPolicy()
+    before = {n: m.__dict__.get("forward") for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match=match):
+        ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1), **kw)
+    assert {n: m.__dict__.get("forward") for n, m in model.named_modules()} == before
+
+
+def test_fisher_damping_zero_is_allowed():
+    model = MLPPolicy()
+    ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1), mode="fisher", damping=0.0)
+
+
+def test_inner_must_be_an_optimizer():
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        ISOPO(MLPPolicy(), [torch.zeros(1)])
