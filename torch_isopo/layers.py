@@ -47,7 +47,19 @@ class Layer:
     def live_params(self) -> list[Tensor]:
         """The tensors the owning modules hold right now: FSDP2 registers unsharded parameters
         for the duration of a forward, and those are the ones the graph must use."""
-        return [getattr(module, attr) for module, attr in self.owners]
+        params = [getattr(module, attr) for module, attr in self.owners]
+        for p, name in zip(params, self.param_names):
+            if _is_dtensor(p):
+                raise RuntimeError(
+                    f"ISOPO: parameter '{name}' is a DTensor during the forward (tensor, sequence "
+                    "or context parallelism); ISOPO needs every rank to hold whole layers and "
+                    "whole samples: use data parallelism (DDP or FSDP2) instead")
+        return params
+
+
+def _is_dtensor(t) -> bool:
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(t, dtensor.DTensor)
 
 
 def _conv1d_class():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections import OrderedDict
 
@@ -137,6 +138,36 @@ class ISOPO(torch.optim.Optimizer):
         self.diagnostics: dict[str, dict[str, float]] = {}
         self._restore: list = []
         self._attach()
+
+    @classmethod
+    def factory(cls, model: nn.Module, optimizer_cls, **isopo_kwargs) -> type:
+        """An optimizer class for trainers that build the optimizer from parameters alone.
+
+        ``ISOPO.factory(model, torch.optim.AdamW, mode="ntk")(params, lr=1e-5)`` is
+        ``ISOPO(model, torch.optim.AdamW(params, lr=1e-5), mode="ntk")``. Pass it wherever an
+        optimizer class is expected: ``Trainer(optimizer_cls_and_kwargs=(it, {"lr": 1e-5}))``, a
+        ``cls(params, **kwargs)`` config. Its instances are ``ISOPO`` instances.
+        """
+        try:
+            inspect.signature(cls.__init__).bind(None, model, None, **isopo_kwargs)
+        except TypeError as e:
+            raise TypeError(f"ISOPO.factory: {e}; arguments of the inner optimizer (lr, ...) are "
+                            "given to the returned class") from None
+        base = cls
+
+        def __init__(self, params, **optimizer_kwargs):
+            inner = optimizer_cls(params, **optimizer_kwargs)
+            owned = {id(p) for p in model.parameters()}
+            stray = sum(id(p) not in owned for g in inner.param_groups for p in g["params"])
+            if stray:
+                raise ValueError(f"ISOPO.factory: {stray} of the parameters given to the optimizer "
+                                 "are not parameters of the model the factory was made for; make "
+                                 "it for the model the trainer trains")
+            base.__init__(self, model, inner, **isopo_kwargs)
+
+        name = f"{cls.__name__}[{getattr(optimizer_cls, '__name__', type(optimizer_cls).__name__)}]"
+        return type(name, (cls,), {"__init__": __init__, "__module__": cls.__module__,
+                                   "__doc__": f"ISOPO around {name[6:-1]}, bound to one model."})
 
     # -- the inner optimizer's own objects ---------------------------------------------------
     @property
