@@ -66,12 +66,29 @@ def one_step(trainer_cls, args, model, **kwargs):
     return trainer, grab.grads
 
 
+def assert_reinforce_equals_stock(loss_type="dapo", trainer_kwargs=(), **extra):
+    """One step of stock TRL and of ISOPO ``reinforce`` from the same model: same completions,
+    same gradients."""
+    stock, want = one_step(GRPOTrainer, config(GRPOConfig, loss_type=loss_type, **extra), qwen3(),
+                           **dict(trainer_kwargs))
+    ours, got = one_step(ISOPOGRPOTrainer, config(loss_type=loss_type, isopo_mode="reinforce",
+                                                  **extra), qwen3(), **dict(trainer_kwargs))
+    for a, b in zip(stock._buffered_inputs, ours._buffered_inputs):
+        assert torch.equal(a["completion_ids"], b["completion_ids"])
+        assert torch.equal(a["advantages"], b["advantages"])
+    lengths = torch.cat([b["completion_mask"].sum(1) for b in ours._buffered_inputs])
+    assert len(set(lengths.tolist())) > 1, "the test batch should mix completion lengths"
+    trainable = [n for n, p in ours.model.named_parameters() if p.requires_grad]
+    assert sorted(want) == sorted(got) == sorted(trainable)
+    for name, g in want.items():
+        err = float((got[name] - g).norm() / g.norm().clamp_min(1e-12))
+        assert err < 1e-5, f"{loss_type}: {name} relative error {err:.2e}"
+
+
 @pytest.mark.parametrize("loss_type, extra", [
     ("dapo", {}),
-    ("dapo", {"gradient_checkpointing": False}),
-    ("dapo", {"top_entropy_quantile": 0.5}),
-    ("grpo", {}),
-    ("bnpo", {}),
+    ("grpo", {"top_entropy_quantile": 0.5}),
+    ("bnpo", {"gradient_checkpointing": False}),
     ("dr_grpo", {}),
     ("luspo", {"importance_sampling_level": "sequence"}),
     ("cispo", {"epsilon_high": 0.5}),
@@ -79,20 +96,13 @@ def one_step(trainer_cls, args, model, **kwargs):
     ("vespo", {}),
 ])
 def test_reinforce_equals_stock_grpo(loss_type, extra):
-    model = qwen3()
-    stock, want = one_step(GRPOTrainer, config(GRPOConfig, loss_type=loss_type, **extra),
-                           copy.deepcopy(model))
-    ours, got = one_step(ISOPOGRPOTrainer, config(loss_type=loss_type, isopo_mode="reinforce",
-                                                  **extra), model)
-    for a, b in zip(stock._buffered_inputs, ours._buffered_inputs):
-        assert torch.equal(a["completion_ids"], b["completion_ids"])
-        assert torch.equal(a["advantages"], b["advantages"])
-    lengths = torch.cat([b["completion_mask"].sum(1) for b in ours._buffered_inputs])
-    assert len(set(lengths.tolist())) > 1, "the test batch should mix completion lengths"
-    assert want.keys() == got.keys() and len(got) == sum(1 for _ in model.parameters())
-    for name, g in want.items():
-        err = float((got[name] - g).norm() / g.norm().clamp_min(1e-12))
-        assert err < 1e-5, f"{loss_type}: {name} relative error {err:.2e}"
+    assert_reinforce_equals_stock(loss_type, **extra)
+
+
+def test_reinforce_equals_stock_grpo_lora():
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    assert_reinforce_equals_stock(trainer_kwargs={"peft_config": lora})
 
 
 @pytest.mark.parametrize("mode", ["ntk", "fisher"])
@@ -106,29 +116,15 @@ def test_isopo_trains_offline(mode):
     assert any(not torch.equal(before[n], p) for n, p in model.state_dict().items())
     logs = [h for h in trainer.state.log_history if "isopo/c_ratio" in h]
     assert len(logs) == 3
-    assert all(0 < h["isopo/c_ratio"] and math.isfinite(h["loss"]) for h in logs)
-
-
-def test_ntk_differs_from_reinforce():
-    _, plain = one_step(ISOPOGRPOTrainer, config(isopo_mode="reinforce"), qwen3())
-    _, ntk = one_step(ISOPOGRPOTrainer, config(isopo_mode="ntk", isopo_damping=0.1), qwen3())
-    assert plain.keys() == ntk.keys()
-    assert any(not torch.allclose(plain[n], ntk[n], rtol=1e-3) for n in plain)
-
-
-def test_lora_model():
-    from peft import LoraConfig
-    model = qwen3()
-    trainer, grads = one_step(ISOPOGRPOTrainer, config(max_steps=2), model,
-                              peft_config=LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
-    assert grads and all("lora_" in n for n in grads)
-    assert all(torch.isfinite(g).all() and g.norm() > 0 for g in grads.values())
+    assert all(math.isfinite(h["loss"]) and h["isopo/c_ratio"] > 0 for h in logs)
+    if mode == "ntk":   # c = ρ(K + ρI)⁻¹A shrinks A unless the kernel vanishes
+        assert all(h["isopo/c_ratio"] < 1 for h in logs)
 
 
 def test_wraps_the_given_optimizer_and_schedule():
     model = qwen3()
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
-    trainer, _ = one_step(ISOPOGRPOTrainer, config(max_steps=2, lr_scheduler_type="linear"), model,
+    trainer, _ = one_step(ISOPOGRPOTrainer, config(lr_scheduler_type="linear"), model,
                           optimizers=(sgd, None))
     assert trainer.isopo.optimizer is sgd
     assert sgd.param_groups[0]["lr"] < 0.1              # the trainer's scheduler reached it

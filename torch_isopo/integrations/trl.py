@@ -122,7 +122,8 @@ def _through_lm_head(fused_forward, temperature: float):
         labels = kwargs.pop("labels")[:, 1:]
         scored = (labels != -100).any(0).nonzero()
         keep = labels.size(1) - int(scored[0]) if len(scored) else 1
-        logits = fused_forward(*args, **kwargs, use_cache=False, logits_to_keep=keep + 1).logits
+        kwargs.update(use_cache=False, logits_to_keep=keep + 1)
+        logits = fused_forward(*args, **kwargs).logits
         tail = labels[:, -keep:]
         mask = tail != -100
         logps, entropy = selective_log_softmax_and_entropy(
