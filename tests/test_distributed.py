@@ -1,0 +1,213 @@
+"""Data parallelism (SPEC §5): DDP and FSDP2 average the per-rank ISOPO gradients.
+
+Two CPU processes (gloo) train on different microbatches per rank, with gradient accumulation
+over two microbatches (the first without gradient sync) and two optimizer steps, so each rank's
+own statistic average (``ema``) is exercised. The expected gradients come from plain
+single-process ISOPO optimizers, one per rank, that are fed the mean of their gradients before
+every step, exactly what data parallelism does.
+"""
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from models import VOCAB, SeqMixer, lm_losses, qwen3
+from torch_isopo import ISOPO
+
+WORLD, STEPS, MICROBATCHES = 2, 2, 2
+MODES = ("ntk", "fisher")
+OPTIONS = dict(damping=0.5, fisher_probes=4)      # few probes: the draws must match per rank
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids contention on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _microbatch(rank: int, step: int, k: int):
+    """Rank-specific data; ranks even hold different numbers of samples."""
+    g = torch.Generator().manual_seed(1000 * rank + 10 * step + k)
+    n, L = 2 + rank, 6
+    ids = torch.randint(3, VOCAB, (n, L), generator=g)
+    mask = torch.ones(n, L, dtype=torch.long)
+    mask[0, L - 2:] = 0                            # right padding in one row
+    ids[0, L - 2:] = 0
+    return ids, mask, torch.randn(n, generator=g, dtype=torch.float64)
+
+
+def _build(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return SeqMixer().double() if name == "seqmixer" else qwen3().double()
+
+
+def _optimizer(target: nn.Module, params, mode: str) -> ISOPO:
+    return ISOPO(target, torch.optim.SGD(params, lr=0.1), mode=mode, **OPTIONS)
+
+
+def _backward(opt: ISOPO, model: nn.Module, rank: int, step: int, k: int) -> None:
+    ids, mask, A = _microbatch(rank, step, k)
+    with opt.microbatch(A):
+        lm_losses(model, ids, mask).sum().backward()
+
+
+def _expected(name: str, mode: str) -> list[dict[str, torch.Tensor]]:
+    """Per step, the mean over ranks of single-process ISOPO gradients."""
+    models = [_build(name) for _ in range(WORLD)]
+    opts = [_optimizer(m, m.parameters(), mode) for m in models]
+    history = []
+    for step in range(STEPS):
+        for rank, (m, opt) in enumerate(zip(models, opts)):
+            for k in range(MICROBATCHES):
+                _backward(opt, m, rank, step, k)
+        mean = {n: torch.stack([dict(m.named_parameters())[n].grad for m in models]).mean(0)
+                for n, _ in models[0].named_parameters()}
+        for m in models:
+            for n, p in m.named_parameters():
+                p.grad = mean[n].clone()
+        history.append(mean)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+    return history
+
+
+def _assert_close(got: dict, want: dict, what: str, tol: float = 1e-10) -> None:
+    assert got.keys() == want.keys(), what
+    for n, w in want.items():
+        err = float((got[n] - w).norm() / w.norm().clamp_min(1e-30))
+        assert err <= tol, f"{what}: {n} relative error {err:.2e}"
+
+
+def _spawn(worker, out, timeout: float = 240.0) -> None:
+    """Run ``worker(rank, store, out)`` on WORLD processes; kill them all on a timeout."""
+    ctx = mp.start_processes(worker, args=(str(out / "store"), str(out)), nprocs=WORLD,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"distributed workers did not finish within {timeout:.0f}s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+            p.join(5)
+
+
+def _init(rank: int, store: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=WORLD, timeout=timedelta(seconds=60))
+
+
+# -- the workers: one spawn runs every distributed check (startup dominates their cost) --------
+
+def _worker(rank: int, store: str, out: str) -> None:
+    _init(rank, store)
+    try:
+        results = {"ddp": _ddp_runs(rank), "fsdp2": _fsdp_runs(rank),
+                   "tensor parallel": _tensor_parallel_error()}
+        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_runs(rank: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    results = {}
+    for attach in ("inner", "wrapper"):
+        for mode in MODES:
+            model = _build("seqmixer")
+            ddp = DDP(model)
+            opt = _optimizer(model if attach == "inner" else ddp, ddp.parameters(), mode)
+            history = []
+            for step in range(STEPS):
+                with ddp.no_sync():                     # accumulate locally ...
+                    _backward(opt, ddp, rank, step, 0)
+                _backward(opt, ddp, rank, step, 1)      # ... and average on the last one
+                history.append({n: p.grad.clone() for n, p in model.named_parameters()})
+                opt.step()
+                opt.zero_grad()
+            results[attach, mode] = history
+    return results
+
+
+def _fsdp_runs(rank: int) -> dict:
+    from torch.distributed.fsdp import fully_shard
+    results = {}
+    for mode in MODES:
+        model = _build("qwen3")
+        for block in model.model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        opt = _optimizer(model, model.parameters(), mode)   # after sharding: its parameters
+        history = []
+        for step in range(STEPS):
+            model.set_requires_gradient_sync(False)         # accumulate locally ...
+            _backward(opt, model, rank, step, 0)
+            model.set_requires_gradient_sync(True)          # ... reduce-scatter the sum
+            _backward(opt, model, rank, step, 1)
+            history.append({n: p.grad.full_tensor() for n, p in model.named_parameters()})
+            opt.step()
+            opt.zero_grad()
+        results[mode] = history
+    return results
+
+
+def _tensor_parallel_error() -> str:
+    """The error ISOPO gives for a layer that stays sharded during the forward."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+    model = parallelize_module(nn.Sequential(nn.Linear(4, 4)), init_device_mesh("cpu", (WORLD,)),
+                               {"0": ColwiseParallel()})
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    try:
+        with opt.microbatch(torch.ones(3)):
+            model(torch.randn(3, 4))
+    except RuntimeError as e:
+        return str(e)
+    return "no error"
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """What every rank recorded."""
+    out = tmp_path_factory.mktemp("distributed")
+    _spawn(_worker, out)
+    return [torch.load(out / f"rank{rank}.pt") for rank in range(WORLD)]
+
+
+def test_ddp_averages_per_rank_isopo_gradients(ranks):
+    expected = {mode: _expected("seqmixer", mode) for mode in MODES}
+    for rank, results in enumerate(ranks):
+        for (attach, mode), history in results["ddp"].items():
+            for step, got in enumerate(history):
+                _assert_close(got, expected[mode][step],
+                              f"DDP rank {rank}, ISOPO on the {attach} module, {mode}, step {step}")
+
+
+def test_fsdp2_averages_per_rank_isopo_gradients(ranks):
+    expected = {mode: _expected("qwen3", mode) for mode in MODES}
+    for rank, results in enumerate(ranks):
+        for mode, history in results["fsdp2"].items():
+            for step, got in enumerate(history):
+                _assert_close(got, expected[mode][step], f"FSDP2 rank {rank}, {mode}, step {step}")
+
+
+def test_tensor_parallel_is_refused(ranks):
+    for results in ranks:
+        assert "parameter '0.weight' is a DTensor during the forward" in results["tensor parallel"]
