@@ -1,0 +1,335 @@
+"""Learning benchmark: ISOPO (fisher, ntk) against REINFORCE, GRPO and CISPO.
+
+    python benchmarks/learning.py                # full run: ~1 CPU-hour, 2 workers
+    python benchmarks/learning.py --report       # rebuild docs/benchmarks.md from saved results
+    python benchmarks/learning.py --quick        # a few steps of everything (smoke test)
+
+Tasks are the examples' ``ReverseTask`` (tiny transformer, GRPO group advantages) and
+``CartPoleTask`` (MLP policy, one advantage per episode). Every method gets the same samples
+per step and the same number of steps, for every learning rate and seed:
+
+* REINFORCE: one AdamW step on ``−Σ A·log π`` (token mean), plain autograd.
+* GRPO-k: k epochs over 4 minibatches of the batch, PPO ratio clipping (ε = 0.2).
+* CISPO: 1 epoch over 4 minibatches, ``−sg(min(r, 1 + 0.28))·A·log π`` (no lower clip).
+* ISOPO fisher / ntk: one AdamW step on the ISOPO gradient (default damping 1, ema 0.9).
+
+Per step it records samples, wall-clock and CPU seconds (sampling + update), the batch's
+mean reward and the KL(π_before ‖ π_after) of the update, averaged over the batch's action rows.
+Each finished run is appended to ``benchmarks/results/learning.jsonl``; a rerun skips the runs
+already there (``--fresh`` starts over). The report goes to ``docs/benchmarks.md`` (between its
+results markers) and ``docs/img/``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+from cartpole import CartPoleTask  # noqa: E402
+from rl import smooth  # noqa: E402
+from tiny_lm import ReverseTask  # noqa: E402
+
+from torch_isopo import ISOPO  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "learning.jsonl"
+DOC, IMG = ROOT / "docs" / "benchmarks.md", ROOT / "docs" / "img"
+MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
+
+METHODS = {
+    "REINFORCE": dict(kind="reinforce"),
+    "GRPO-1": dict(kind="grpo", epochs=1),
+    "GRPO-2": dict(kind="grpo", epochs=2),
+    "GRPO-4": dict(kind="grpo", epochs=4),
+    "CISPO": dict(kind="cispo", epochs=1),
+    "ISOPO fisher": dict(kind="isopo", mode="fisher"),
+    "ISOPO ntk": dict(kind="isopo", mode="ntk"),
+}
+ABLATION = {   # damping, at each task's middle learning rate
+    "ISOPO ntk, damping 0.1": dict(kind="isopo", mode="ntk", damping=0.1),
+    "ISOPO ntk, damping 10": dict(kind="isopo", mode="ntk", damping=10.0),
+    "ISOPO fisher, damping 0": dict(kind="isopo", mode="fisher", damping=0.0),
+    "ISOPO fisher, damping 10": dict(kind="isopo", mode="fisher", damping=10.0),
+}
+TASKS = {
+    "reverse": dict(make=ReverseTask, steps=80, lrs=[1e-3, 3e-3, 1e-2]),
+    "cartpole": dict(make=CartPoleTask, steps=60, lrs=[1e-3, 3e-3, 1e-2]),
+}
+SEEDS = [0, 1, 2]
+MINIBATCHES, CLIP, CISPO_HIGH = 4, 0.2, 0.28
+
+
+def surrogate_step(model, opt, task, batch, kind, epochs, gen):
+    """GRPO or CISPO: ``epochs`` passes over shuffled minibatches, one AdamW step each."""
+    n = len(batch.rewards)
+    old = batch.old_logp.gather(1, batch.actions[:, None]).squeeze(1)
+    for _ in range(epochs):
+        for idx in torch.randperm(n, generator=gen).chunk(MINIBATCHES):
+            idx = idx.sort().values
+            rows = torch.isin(batch.sample, idx)
+            logp, _ = task.logprobs(model, batch, idx)
+            A, ratio = batch.advantages[batch.sample[rows]], (logp - old[rows]).exp()
+            if kind == "grpo":
+                obj = torch.min(ratio * A, ratio.clamp(1 - CLIP, 1 + CLIP) * A)
+            else:
+                obj = ratio.detach().clamp(max=1 + CISPO_HIGH) * A * logp
+            (-obj.mean()).backward()
+            opt.step()
+            opt.zero_grad()
+
+
+def run(task_name: str, method: str, lr: float, seed: int, steps: int | None = None) -> dict:
+    """Train one fresh policy; its per-step history."""
+    torch.set_num_threads(1)
+    spec = {**METHODS, **ABLATION}[method]
+    task = TASKS[task_name]["make"]()
+    steps = steps or TASKS[task_name]["steps"]
+    torch.manual_seed(seed)
+    gen, shuffle = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+    model = task.policy()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    if spec["kind"] == "isopo":
+        opt = ISOPO(model, opt, mode=spec["mode"], damping=spec.get("damping", 1.0))
+    hist = {k: [] for k in ("samples", "seconds", "cpu", "reward", "kl")}
+    samples = seconds = cpu = 0.0
+    for _ in range(steps):
+        wall, proc = time.perf_counter(), time.process_time()
+        batch = task.collect(model, gen)
+        if spec["kind"] == "reinforce":
+            logp, _ = task.logprobs(model, batch)
+            (-(batch.advantages[batch.sample] * logp).mean()).backward()
+            opt.step()
+            opt.zero_grad()
+        elif spec["kind"] == "isopo":
+            with opt.microbatch(batch.advantages, segments=batch.segments):
+                logp, _ = task.logprobs(model, batch)
+                (-logp.mean()).backward()
+            opt.step()
+            opt.zero_grad()
+        else:
+            surrogate_step(model, opt, task, batch, spec["kind"], spec["epochs"], shuffle)
+        seconds += time.perf_counter() - wall
+        cpu += time.process_time() - proc
+        samples += len(batch.rewards)
+        with torch.no_grad():
+            _, new = task.logprobs(model, batch)
+            kl = (batch.old_logp.exp() * (batch.old_logp - new)).sum(-1).mean().item()
+        for k, v in zip(hist, (samples, seconds, cpu, batch.rewards.mean().item(), kl)):
+            hist[k].append(round(v, 6))
+    return dict(task=task_name, method=method, lr=lr, seed=seed, **hist)
+
+
+def _run(job):
+    return run(*job)
+
+
+def jobs(quick: bool) -> list[tuple]:
+    out = []
+    for t, cfg in TASKS.items():
+        steps = 3 if quick else None
+        out += [(t, m, lr, s, steps) for m in METHODS for lr in cfg["lrs"] for s in SEEDS]
+        out += [(t, m, cfg["lrs"][1], s, steps) for m in ABLATION for s in SEEDS]
+    # the most expensive first, so that the workers finish together
+    return sorted(out, key=lambda j: -(j[0] == "cartpole") - METHODS.get(j[1], {}).get("epochs", 1))
+
+
+def collect_runs(args) -> list[dict]:
+    path = Path(args.results)
+    if args.fresh and path.exists():
+        path.unlink()
+    done = [json.loads(line) for line in path.open()] if path.exists() else []
+    have = {(r["task"], r["method"], r["lr"], r["seed"]) for r in done}
+    todo = [j for j in jobs(args.quick) if j[:4] not in have]
+    print(f"{len(done)} runs saved, {len(todo)} to do, {args.workers} workers", flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with mp.get_context("spawn").Pool(args.workers) as pool, path.open("a") as f:
+        for i, r in enumerate(pool.imap_unordered(_run, todo), 1):
+            f.write(json.dumps(r) + "\n")
+            f.flush()
+            done.append(r)
+            print(f"[{i}/{len(todo)} {time.time() - start:6.0f}s] {r['task']:8s} "
+                  f"{r['method']:24s} lr={r['lr']:g} seed={r['seed']} "
+                  f"final={final(r):.3f} cpu={r['cpu'][-1]:.0f}s", flush=True)
+    return done
+
+
+# -- summary -------------------------------------------------------------------------------------
+
+def final(r: dict) -> float:
+    """Mean batch reward over the last 10 steps."""
+    return statistics.fmean(r["reward"][-10:])
+
+
+def reach(r: dict, key: str, target: float) -> float:
+    """``r[key]`` at the first step whose 5-step mean reward reaches ``target`` (NaN: never)."""
+    return next((x for x, v in zip(r[key], smooth(r["reward"])) if v >= target), math.nan)
+
+
+def target_of(task: str) -> float:
+    return TASKS[task]["make"].target
+
+
+def group(runs: list[dict]) -> dict:
+    out = {}
+    for r in runs:
+        out.setdefault((r["task"], r["method"], r["lr"]), []).append(r)
+    return out
+
+
+def best_lr(groups: dict, task: str, method: str) -> float:
+    """The learning rate with the highest mean final reward (ties: fewer samples to target)."""
+    def score(lr):
+        rs = groups[(task, method, lr)]
+        t = [reach(r, "samples", target_of(task)) for r in rs]
+        return (round(statistics.fmean(map(final, rs)), 3),
+                -statistics.fmean(x if x == x else 1e12 for x in t))
+    lrs = [lr for (t, m, lr) in groups if t == task and m == method]
+    return max(lrs, key=score)
+
+
+def fmt_reach(values: list[float], digits: int) -> str:
+    hit = [v for v in values if v == v]
+    if not hit:
+        return f"— (0/{len(values)})"
+    mean = f"{statistics.fmean(hit):.{digits}f}"
+    return mean if len(hit) == len(values) else f"{mean} ({len(hit)}/{len(values)})"
+
+
+def mean_sd(values: list[float], digits: int = 3) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.{digits}f} ± {sd:.{digits}f}"
+
+
+def summary(runs: list[dict]) -> str:
+    groups = group(runs)
+    lines = []
+    for task, cfg in TASKS.items():
+        make, tgt = cfg["make"], target_of(task)
+        unit = make.unit
+        lines += [f"### {make.name}", "",
+                  f"Target: {tgt:g} (5-step mean of the batch reward). Best learning rate per "
+                  f"method; mean ± sd (or mean over the seeds that reached the target) over "
+                  f"{len(SEEDS)} seeds.", "",
+                  f"| method | lr | final reward | {unit} to target | wall s to target | "
+                  f"CPU s to target | CPU s / step | KL per update |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for m in METHODS:
+            if (task, m, cfg["lrs"][0]) not in groups:
+                continue
+            lr = best_lr(groups, task, m)
+            rs = groups[(task, m, lr)]
+            lines.append(
+                f"| {m} | {lr:g} | {mean_sd([final(r) for r in rs], 3 if tgt < 10 else 1)} | "
+                f"{fmt_reach([reach(r, 'samples', tgt) for r in rs], 0)} | "
+                f"{fmt_reach([reach(r, 'seconds', tgt) for r in rs], 1)} | "
+                f"{fmt_reach([reach(r, 'cpu', tgt) for r in rs], 1)} | "
+                f"{statistics.fmean(r['cpu'][-1] / len(r['cpu']) for r in rs):.2f} | "
+                f"{statistics.fmean(statistics.fmean(r['kl']) for r in rs):.2g} |")
+        lines += ["", "Final reward at every learning rate (mean over seeds):", "",
+                  "| method | " + " | ".join(f"lr {lr:g}" for lr in cfg["lrs"]) + " |",
+                  "|---|" + "---|" * len(cfg["lrs"])]
+        for m in METHODS:
+            cells = [statistics.fmean(map(final, groups[(task, m, lr)]))
+                     if (task, m, lr) in groups else math.nan for lr in cfg["lrs"]]
+            lines.append(f"| {m} | " + " | ".join(f"{c:.3f}" if tgt < 10 else f"{c:.1f}"
+                                                  for c in cells) + " |")
+        abl = [m for m in ["ISOPO ntk", "ISOPO fisher", *ABLATION]
+               if (task, m, cfg["lrs"][1]) in groups]
+        if abl:
+            lr = cfg["lrs"][1]
+            lines += ["", f"Damping at lr {lr:g}:", "",
+                      f"| method | final reward | {unit} to target | KL per update |",
+                      "|---|---|---|---|"]
+            for m in abl:
+                rs = groups[(task, m, lr)]
+                lines.append(f"| {m} | {mean_sd([final(r) for r in rs], 3 if tgt < 10 else 1)} | "
+                             f"{fmt_reach([reach(r, 'samples', tgt) for r in rs], 0)} | "
+                             f"{statistics.fmean(statistics.fmean(r['kl']) for r in rs):.2g} |")
+        lines += ["", f"![{make.name}](img/learning_{task}.png)", ""]
+    return "\n".join(lines)
+
+
+def plots(runs: list[dict]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    groups = group(runs)
+    IMG.mkdir(parents=True, exist_ok=True)
+    for task, cfg in TASKS.items():
+        make = cfg["make"]
+        fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+        for i, m in enumerate(METHODS):
+            if (task, m, cfg["lrs"][0]) not in groups:
+                continue
+            color = f"C{i}"
+            lr = best_lr(groups, task, m)
+            rs = groups[(task, m, lr)]
+            R = np.array([smooth(r["reward"]) for r in rs])
+            x = np.array(rs[0]["samples"])
+            axes[0].plot(x, R.mean(0), color=color, label=f"{m} (lr {lr:g})")
+            axes[0].fill_between(x, R.min(0), R.max(0), color=color, alpha=0.15)
+            wall = np.array([r["seconds"] for r in rs]).mean(0)
+            axes[1].plot(wall, R.mean(0), color=color)
+            kl = np.array([smooth(r["kl"]) for r in rs]).mean(0)
+            axes[2].plot(np.arange(1, len(kl) + 1), kl, color=color)
+            finals = [statistics.fmean(map(final, groups[(task, m, l)])) for l in cfg["lrs"]]
+            axes[3].plot(cfg["lrs"], finals, "o-", color=color)
+        tgt = make.target
+        axes[0].set(xlabel=make.unit, ylabel="reward (5-step mean)", title=f"{make.name}: best lr")
+        axes[1].set(xlabel="wall-clock seconds (sampling + update)", title="reward vs time")
+        axes[2].set(xlabel="step", ylabel="KL(before ‖ after)", yscale="log", title="KL per update")
+        axes[3].set(xlabel="learning rate", ylabel="final reward", xscale="log",
+                    title="learning-rate sweep")
+        for ax in axes[:2]:
+            ax.axhline(tgt, color="grey", lw=0.8, ls=":")
+        for ax in axes:
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(IMG / f"learning_{task}.png", dpi=80)
+        plt.close(fig)
+
+
+def write_doc(runs: list[dict], command: str) -> None:
+    body = f"Produced by `{command}`.\n\n" + summary(runs)
+    text = DOC.read_text() if DOC.exists() else f"# Learning benchmark\n\n{MARKERS[0]}\n{MARKERS[1]}\n"
+    head, rest = text.split(MARKERS[0])
+    DOC.write_text(f"{head}{MARKERS[0]}\n{body}\n{MARKERS[1]}{rest.split(MARKERS[1])[1]}")
+    plots(runs)
+    print(f"wrote {DOC} and {IMG}/learning_*.png")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--results", default=str(RESULTS))
+    p.add_argument("--report", action="store_true", help="only rebuild the report")
+    p.add_argument("--quick", action="store_true", help="3 steps per run, no report")
+    p.add_argument("--fresh", action="store_true", help="discard saved results")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.results = os.path.join(tempfile.mkdtemp(), "quick.jsonl")
+    if args.report:
+        runs = [json.loads(line) for line in open(args.results)]
+    else:
+        runs = collect_runs(args)
+    if not args.quick:
+        write_doc(runs, "python benchmarks/learning.py")
+
+
+if __name__ == "__main__":
+    main()
