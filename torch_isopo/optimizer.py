@@ -8,6 +8,7 @@ from collections import OrderedDict
 
 import torch
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import engine
 from .functions import Gate
@@ -49,6 +50,7 @@ class _Microbatch:
         key = id(layer)
         if key not in self._gates:
             params = layer.live_params()
+            self.isopo._watch(layer, params)
             pending = _Pending(self.isopo, layer, self, params)
             self._gates[key] = (pending, Gate.apply(pending, *params))
         return self._gates[key]
@@ -137,6 +139,7 @@ class ISOPO(torch.optim.Optimizer):
         self._step_figures: dict[str, list] = {}       # this step's microbatch figures
         self.diagnostics: dict[str, dict[str, float]] = {}
         self._restore: list = []
+        self._watched = WeakIdKeyDictionary()          # parameters swapped in for a forward
         self._attach()
 
     @classmethod
@@ -294,6 +297,14 @@ class ISOPO(torch.optim.Optimizer):
             for p, name in zip(layer.params, layer.param_names):
                 h = p.register_hook(self._checker(p, name))
                 self._restore.append(("hook", h, None))
+
+    def _watch(self, layer: Layer, params: list) -> None:
+        """Check the gradients of parameters that a wrapper registers for the forward (FSDP2's
+        unsharded ones) like those of the parameters found at attach time."""
+        for p, own, name in zip(params, layer.params, layer.param_names):
+            if p is not own and p not in self._watched:
+                self._watched[p] = True
+                self._restore.append(("hook", p.register_hook(self._checker(p, name)), None))
 
     def _checker(self, p: Tensor, name: str):
         def check(grad):
