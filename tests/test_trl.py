@@ -89,7 +89,7 @@ def assert_reinforce_equals_stock(loss_type="dapo", trainer_kwargs=(), **extra):
     ("dapo", {}),
     ("grpo", {"top_entropy_quantile": 0.5}),
     ("bnpo", {"gradient_checkpointing": False}),
-    ("dr_grpo", {}),
+    ("dr_grpo", {"gradient_checkpointing_kwargs": {"use_reentrant": True}}),
     ("luspo", {"importance_sampling_level": "sequence"}),
     ("cispo", {"epsilon_high": 0.5}),
     ("sapo", {}),
@@ -112,6 +112,7 @@ def test_isopo_trains_offline(mode):
     trainer, grads = one_step(ISOPOGRPOTrainer, config(isopo_mode=mode, max_steps=3,
                                                        logging_steps=1), model)
     assert isinstance(trainer.isopo, ISOPO) and trainer.isopo.mode == mode
+    assert "isopo" in trainer.optimizer.state_dict()       # checkpoints carry ISOPO's statistics
     assert all(torch.isfinite(g).all() for g in grads.values())
     assert any(not torch.equal(before[n], p) for n, p in model.state_dict().items())
     logs = [h for h in trainer.state.log_history if "isopo/c_ratio" in h]
