@@ -191,3 +191,36 @@ def test_fisher_probe_subset_matches_reference_with_same_draw():
     want = (c @ G).view(3, 5)
     got = torch.cat([m[0].weight.grad, m[0].bias.grad[:, None]], 1)
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+class OffsetRMSNorm(torch.nn.Module):
+    """A Gemma-style norm, ``y = x̂ ⊙ (1 + w)``: not ``h ⊙ weight``, so it takes the
+    per-feature recompute rule."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(d) * 0.1)
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + self.weight)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_norm_rules_affine_and_offset(mode):
+    model = SeqMixer().double()
+    model.norm = OffsetRMSNorm(8).double()
+    ids, mask = _lm_batch(B=3, L=5)
+    _, opt = assert_matches_reference(model, lambda m: lm_losses(m, ids, mask), _adv(3), mode)
+    rules = {e.name: (e.rule, e.affine) for l in opt.layers for e in l.entries}
+    assert rules["norm"] == ("norm", False)
+
+
+def test_standard_norms_use_the_affine_step():
+    from torch_isopo import ISOPO
+    model = gpt2()
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    ids, _ = _lm_batch(pad=False)
+    with opt.microbatch(torch.randn(3)):
+        lm_losses(model, ids, None).sum().backward()
+    norms = [e for l in opt.layers for e in l.entries if e.rule == "norm"]
+    assert norms and all(e.affine for e in norms)

@@ -19,8 +19,8 @@ class ExplicitUse:
     """One use of a layer whose gradients are formed explicitly (norms, generic modules)."""
 
     G: Tensor            # (n, D) per-sample gradients of the layer's flattened parameters
-    pieces: Tensor       # (k, D) Fisher pieces: per token (norms) or per sample (generic)
-    candidates: Tensor   # indices of the non-zero pieces
+    pieces: Tensor | None       # (k, D) Fisher pieces, per token (norms) or per sample
+    candidates: Tensor | None   # indices of the non-zero pieces (both only in fisher mode)
 
 
 @dataclass

@@ -8,6 +8,7 @@ clipping, loss scalers, DDP and FSDP all see it. Nothing here keeps state outsid
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 
 import torch
@@ -33,6 +34,21 @@ class Gate(Function):
     @staticmethod
     def backward(ctx, *_):
         return (None, *ctx.pending.finish())
+
+
+def graph_microbatch(node):
+    """The microbatch that built the graph of autograd ``node``: that of the nearest gate below
+    it (breadth first), or None for a graph built outside any microbatch."""
+    todo, seen = collections.deque([node]), {node}
+    while todo:
+        fn = todo.popleft()
+        if isinstance(fn, Gate._backward_cls):
+            return fn.pending.mb
+        for nxt, _ in fn.next_functions:
+            if nxt is not None and nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return None
 
 
 def _autocast_dtype(t: Tensor) -> torch.dtype | None:
@@ -177,6 +193,43 @@ class RecomputeFn(Function):
         return (None, *dxs, *([None] * len(params)))
 
 
+class NormAffineFn(Function):
+    """``y = h ⊙ weight + bias``: the affine step of a normalisation layer, whose parameter-free
+    part ``h`` ran through the module's own forward."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, use):
+        y = h * weight
+        if bias is not None:
+            y = y + bias
+        ctx.save_for_backward(h, weight)
+        ctx.use = use
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        h, weight = ctx.saved_tensors
+        use = ctx.use
+        dh = dy * weight if ctx.needs_input_grad[0] else None
+        dt = work_dtype(dy)
+        d = dy.reshape(-1, dy.shape[-1]).to(dt)
+        cols = ([d * h.reshape(d.shape).to(dt)] if use.weight else []) + ([d] if use.bias else [])
+        use.pending.add(explicit_use(torch.cat(cols, 1), use.smap, d,
+                                     use.pending.isopo.mode == "fisher"))
+        return dh, None, None, None
+
+
+def explicit_use(rows: Tensor, smap, delta: Tensor, pieces: bool) -> ExplicitUse:
+    """Per-row gradient pieces ``rows (N, D)`` → per-sample gradients and, for the Fisher mode,
+    per-token pieces with the tokens whose output gradient is non-zero."""
+    G = smap.reduce(rows, 0)
+    if not pieces:
+        return ExplicitUse(G, None, None)
+    per_token = rows.view(smap.tokens, smap.inner, -1).sum(1)
+    cand = torch.nonzero(delta.reshape(smap.tokens, -1).abs().sum(1) > 0).flatten()
+    return ExplicitUse(G, per_token, cand)
+
+
 def _norm_use(use, xs, ps, pairs) -> ExplicitUse:
     """Per-token pieces ``δ_t ⊙ ∂y_t/∂θ`` by forward mode, one pass per parameter."""
     (_, d, smap), = pairs
@@ -189,11 +242,7 @@ def _norm_use(use, xs, ps, pairs) -> ExplicitUse:
             out = tree_flatten(call_with(use, [x.detach() for x in xs], dual))[0][0]
             J = fwAD.unpack_dual(out).tangent
         cols.append((d.to(dt) * J.to(dt)).reshape(-1, p.numel()))
-    rows = torch.cat(cols, 1)
-    pieces = rows.view(smap.tokens, smap.inner, -1).sum(1)
-    G = smap.reduce(rows, 0)
-    cand = torch.nonzero(d.reshape(smap.tokens, -1).abs().sum(1) > 0).flatten()
-    return ExplicitUse(G, pieces, cand)
+    return explicit_use(torch.cat(cols, 1), smap, d, use.pending.isopo.mode == "fisher")
 
 
 def _generic_use(use, ps, pairs) -> ExplicitUse:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import functions
-from .functions import EmbeddingFn, LinearFn, RecomputeFn
+from .functions import EmbeddingFn, LinearFn, NormAffineFn, RecomputeFn
 
 FACTOR_RULES = ("linear", "conv1d", "embedding")
 
@@ -31,6 +31,7 @@ class Entry:
     slots: list = field(default_factory=list)   # (owner module, attribute, layer param index)
     weight: int | None = None                  # factor rules: layer index of the weight
     bias: int | None = None                    # factor rules: layer index of the bias
+    affine: bool | None = None                 # norm rule: output is h(x) ⊙ weight + bias
 
 
 @dataclass
@@ -51,9 +52,10 @@ class Layer:
         for p, name in zip(params, self.param_names):
             if _is_dtensor(p):
                 raise RuntimeError(
-                    f"ISOPO: parameter '{name}' is a DTensor during the forward (tensor, sequence "
-                    "or context parallelism); ISOPO needs every rank to hold whole layers and "
-                    "whole samples: use data parallelism (DDP or FSDP2) instead")
+                    f"ISOPO: parameter '{name}' is still a sharded DTensor inside the forward; "
+                    "ISOPO needs every rank to hold whole layers and whole samples. Use data "
+                    "parallelism (DDP, or FSDP2 through the forward of the modules given to "
+                    "fully_shard); tensor, sequence and context parallelism are not supported")
         return params
 
 
@@ -241,11 +243,11 @@ class PatchedForward:
         self.orig = own if own is not None else type(module).forward.__get__(module)
         self.__wrapped__ = self.orig
         self.run = {"linear": _linear, "conv1d": _linear,
-                    "embedding": _embedding}.get(entry.rule, _recompute)
+                    "embedding": _embedding, "norm": _norm}.get(entry.rule, _recompute)
 
     def __call__(self, *args, **kwargs):
-        mb = self.isopo._active
-        if mb is None or not torch.is_grad_enabled():
+        mb = self.isopo._forward_microbatch() if torch.is_grad_enabled() else None
+        if mb is None:
             return self.orig(*args, **kwargs)
         return self.run(mb, self.layer, self.entry, self.orig, args, kwargs)
 
@@ -296,3 +298,75 @@ def _recompute(mb, layer, entry, orig, args, kwargs):
     outs = iter(RecomputeFn.apply(use, *tensors, *gated))
     leaves = [next(outs) if c is functions._TENSOR else c for c in use.out_consts]
     return tree_unflatten(leaves, use.out_spec)
+
+
+@dataclass
+class NormUse:
+    pending: object
+    smap: object
+    weight: bool
+    bias: bool
+
+
+def _norm(mb, layer, entry, orig, args, kwargs):
+    """A normalisation layer whose output is ``h(x) ⊙ weight + bias`` computes ``h`` with its
+    own forward (unit weight, zero bias) and the affine step as an ISOPO op: per-token pieces
+    cost one product. Other per-feature norms are recomputed in the backward."""
+    if entry.affine is None:
+        entry.affine = _is_affine(entry, orig, args, kwargs)
+    if not entry.affine:
+        return _recompute(mb, layer, entry, orig, args, kwargs)
+    pending, gated = mb.gate(layer)
+    if args:
+        args = (mb.expand_shared(args[0], features=True), *args[1:])
+    params = {attr: entry.module._parameters.get(attr) for attr in ("weight", "bias")}
+    unit = {a: None if p is None else (torch.ones_like if a == "weight" else torch.zeros_like)(
+        p, requires_grad=False) for a, p in params.items()}
+    with _swapped(entry.module, unit):
+        h = orig(*args, **kwargs)
+    live = {attr: gated[i] for _, attr, i in entry.slots}
+    w = live.get("weight", params["weight"])
+    b = live.get("bias", params["bias"])
+    smap = mb.sample_map(h.shape[:-1], f"module '{entry.name}' output", h.device)
+    return NormAffineFn.apply(h, w, b, NormUse(pending, smap, "weight" in live, "bias" in live))
+
+
+def _is_affine(entry, orig, args, kwargs) -> bool:
+    """Check once, with random parameters, that the module computes ``h(x) ⊙ weight + bias``."""
+    m = entry.module
+    if not args or not isinstance(args[0], Tensor) or any(
+            owner is not m or attr not in ("weight", "bias") for owner, attr, _ in entry.slots):
+        return False
+    x = args[0][:1].detach()
+    w, b = m._parameters.get("weight"), m._parameters.get("bias")
+    if not isinstance(w, Tensor):
+        return False
+    gen = torch.Generator(device=w.device).manual_seed(0)
+    rand = {"weight": torch.rand(w.shape, generator=gen, device=w.device).to(w.dtype) + 0.5,
+            "bias": None if b is None else torch.randn(b.shape, generator=gen,
+                                                        device=b.device).to(b.dtype)}
+    unit = {"weight": torch.ones_like(w), "bias": None if b is None else torch.zeros_like(b)}
+    with torch.no_grad():
+        with _swapped(m, rand):
+            y = orig(x, *args[1:], **kwargs)
+        with _swapped(m, unit):
+            h = orig(x, *args[1:], **kwargs)
+    if not isinstance(y, Tensor) or not isinstance(h, Tensor) or y.shape != h.shape:
+        return False
+    want = h * rand["weight"] + (0 if b is None else rand["bias"])
+    tol = 1e-4 if y.dtype in (torch.float32, torch.float64) else 2e-2
+    return bool(torch.allclose(y.float(), want.float(), rtol=tol, atol=tol))
+
+
+class _swapped:
+    """Temporarily give a module other tensors for its ``weight``/``bias`` parameters."""
+
+    def __init__(self, module, tensors):
+        self.module, self.tensors = module, {a: t for a, t in tensors.items() if t is not None}
+
+    def __enter__(self):
+        self.saved = {a: self.module._parameters[a] for a in self.tensors}
+        self.module._parameters.update(self.tensors)
+
+    def __exit__(self, *exc):
+        self.module._parameters.update(self.saved)

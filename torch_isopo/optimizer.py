@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import engine
-from .functions import Gate
+from .functions import Gate, graph_microbatch
 from .layers import Layer, PatchedForward, find_layers
 from .samples import SampleMap, expand_shared, sample_map
 
@@ -19,18 +19,25 @@ MODES = ("ntk", "fisher", "reinforce")
 
 
 class _Pending:
-    """One layer's uses within one microbatch, collected until the layer's gate runs."""
+    """One layer's uses within one backward of one microbatch's graph, collected until the
+    layer's gate runs. It travels with the graph and remembers its microbatch, wherever and
+    whenever that graph's backward runs."""
 
     def __init__(self, isopo: "ISOPO", layer: Layer, mb: "_Microbatch", params: list):
-        self.isopo, self.layer, self.A, self.n = isopo, layer, mb.A, mb.n
+        self.isopo, self.layer, self.mb, self.A, self.n = isopo, layer, mb, mb.A, mb.n
         self.params = params          # the parameter tensors the gate received
         self.uses: list = []
+        self.task = None              # the backward (autograd graph task) the uses came from
 
     def add(self, use) -> None:
+        task = torch._C._current_graph_task_id()
+        if task != self.task:         # a new backward: drop what an interrupted one left
+            self.uses, self.task = [], task
         self.uses.append(use)
 
     def finish(self) -> tuple:
-        uses, self.uses = self.uses, []
+        uses = self.uses if self.task == torch._C._current_graph_task_id() else []
+        self.uses = []
         if not uses:
             return (None,) * len(self.params)
         return self.isopo._finish(self.layer, uses, self.A, self.params)
@@ -44,6 +51,10 @@ class _Microbatch:
         self.segments, self.sample_dim = segments, sample_dim
         self._gates: dict[int, tuple] = {}
         self._maps: dict[tuple, SampleMap] = {}
+
+    def close(self) -> None:
+        """The block has ended: from now on only the graph keeps the gates alive."""
+        self._gates = {}
 
     def gate(self, layer: Layer) -> tuple:
         """The layer's parameters as seen by this microbatch's graph (one gate per layer)."""
@@ -100,12 +111,15 @@ class ISOPO(torch.optim.Optimizer):
         route: ``"auto"`` picks the cheaper exact route for ``K`` per layer; ``"gram"`` or
             ``"materialise"`` force one.
         memory_budget: bytes of transient memory one layer's ISOPO work may use.
+        grad_scaler: the ``torch.amp.GradScaler`` that scales the losses (fp16), if any. ISOPO
+            reads its scale, so that the statistics and the ``fisher`` gradient (which does not
+            change with the loss scale) keep the units of the unscaled loss.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, mode: str = "ntk",
                  damping: float = 1.0, ema: float | None = 0.9, fisher_probes: int | None = 250,
                  generator: torch.Generator | None = None, route: str = "auto",
-                 memory_budget: int = 256 * 2**20):
+                 memory_budget: int = 256 * 2**20, grad_scaler: torch.amp.GradScaler | None = None):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if mode not in MODES:
@@ -120,11 +134,14 @@ class ISOPO(torch.optim.Optimizer):
             raise ValueError(f"fisher_probes must be None or a positive int, got {fisher_probes!r}")
         if route not in ("auto", "gram", "materialise"):
             raise ValueError(f"unknown route {route!r}; choose 'auto', 'gram' or 'materialise'")
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
         self.optimizer = optimizer
         self.model = model
         self.mode, self.damping, self.ema = mode, damping, None if ema is None else float(ema)
         self.fisher_probes, self.route, self.memory_budget = fisher_probes, route, int(memory_budget)
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.grad_scaler = grad_scaler
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
         self._optimizer_state_dict_pre_hooks = OrderedDict()
@@ -134,7 +151,8 @@ class ISOPO(torch.optim.Optimizer):
         self._patch_step_function()
         self.layers: list[Layer] = find_layers(model)
         self._active: _Microbatch | None = None
-        self._produced: dict[int, Tensor] = {}
+        self._produced: dict[int, list[Tensor]] = {}   # gradients the gates made, per parameter
+        self._produced_task: int | None = None          # ... in this backward (graph task)
         self._m: dict[str, float] = {}                 # EMA of m per layer
         self._step_figures: dict[str, list] = {}       # this step's microbatch figures
         self.diagnostics: dict[str, dict[str, float]] = {}
@@ -201,7 +219,10 @@ class ISOPO(torch.optim.Optimizer):
         self.optimizer.add_param_group(param_group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients and forget the statistics of the microbatches that made them (a
+        step the loss scaler skipped must not count)."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
+        self._step_figures = {}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -230,21 +251,40 @@ class ISOPO(torch.optim.Optimizer):
         if sample_dim not in (0, 1):
             raise ValueError(f"sample_dim must be 0 or 1, got {sample_dim}")
         self._produced.clear()
-        self._active = _Microbatch(self, A, seg, sample_dim)
+        self._active = mb = _Microbatch(self, A, seg, sample_dim)
         try:
             yield self
         finally:
             self._active = None
             self._produced.clear()
+            mb.close()
+
+    def _forward_microbatch(self) -> _Microbatch | None:
+        """The microbatch a module's forward belongs to: the open one; for a forward run inside
+        a backward (an activation-checkpoint recompute), the one whose graph is back-propagated,
+        so that the recompute repeats the ops of the original forward."""
+        node = torch._C._current_autograd_node()
+        mb = None if node is None else graph_microbatch(node)
+        return mb if mb is not None else self._active
 
     # -- per-layer work, called from a gate's backward ---------------------------------------
     def _config(self) -> engine.Config:
         return engine.Config(self.mode, self.damping, self.fisher_probes, self.route,
                              self.memory_budget, self.generator)
 
+    def _loss_scale(self) -> float:
+        s = self.grad_scaler
+        return 1.0 if s is None or not s.is_enabled() else float(s.get_scale())
+
     def _finish(self, layer: Layer, uses: list, A: Tensor, params: list) -> tuple:
         cfg = self._config()
+        S = self._loss_scale()
         m_used = self._m.get(layer.name) if self.ema is not None else None
+        if m_used is not None:
+            m_used *= S * S               # the averages are kept in units of the unscaled loss
+        A, back = _unit_advantages(A)
+        if self.mode == "fisher":
+            back *= S                     # the fisher gradient ignores the loss scale: restore it
         if layer.kind == "factor":
             weight_idx = next((e.weight for e in layer.entries if e.weight is not None), None)
             shape = params[weight_idx].shape if weight_idx is not None else None
@@ -261,23 +301,30 @@ class ISOPO(torch.optim.Optimizer):
             for p in params:
                 grads.append(flat[start:start + p.numel()].view_as(p))
                 start += p.numel()
+        task = torch._C._current_graph_task_id()
+        if task != self._produced_task:
+            self._produced, self._produced_task = {}, task
         out = []
         for p, g in zip(params, grads):
-            g = None if g is None else g.to(p.dtype).contiguous()
             if g is not None:
-                self._produced[id(p)] = g
+                g = g.to(p.dtype)
+                g = (g if back == 1.0 else g * back).contiguous()
+            if g is not None:
+                self._produced.setdefault(id(p), []).append(g)
             out.append(g)
         if self.mode != "reinforce":
             a = float(A.norm())
-            ratio = float(coef.c.norm()) / a if a > 0 else math.nan
-            self._step_figures.setdefault(layer.name, []).append((coef.m, coef.rho, ratio, coef.cond))
+            ratio = float(coef.c.norm()) / a * (S if self.mode == "fisher" else 1.0) if a > 0 else math.nan
+            self._step_figures.setdefault(layer.name, []).append(
+                (coef.m / S ** 2, coef.rho / S ** 2, ratio, coef.cond))
         return tuple(out)
 
     def _end_step(self) -> None:
         self.diagnostics = {}
         for name, figs in self._step_figures.items():
             m = sum(f[0] for f in figs) / len(figs)
-            if self.ema is not None:
+            if self.ema is not None and math.isfinite(m) and m > 0:
+                # a step without gradient for the layer (m = 0) or with an overflow is no history
                 old = self._m.get(name)
                 self._m[name] = m if old is None else self.ema * old + (1 - self.ema) * m
             self.diagnostics[name] = {
@@ -308,15 +355,23 @@ class ISOPO(torch.optim.Optimizer):
 
     def _checker(self, p: Tensor, name: str):
         def check(grad):
-            expected = self._produced.pop(id(p), None)
-            if expected is None and self._active is None:
+            made = None
+            if self._produced_task == torch._C._current_graph_task_id():
+                made = self._produced.pop(id(p), None)
+            if made is None and self._active is None:
+                return None                    # a graph built outside any microbatch
+            if made is not None and len(made) > 1:
+                error = (f"ISOPO: one backward reached parameter '{name}' through the graphs of "
+                         f"{len(made)} microbatches; run one backward per microbatch")
+            elif made is None or grad is not made[0]:
+                error = (f"ISOPO: parameter '{name}' received a gradient that did not come from "
+                         "its module's forward (used directly, e.g. by a fused kernel, or a graph "
+                         "built outside any microbatch was back-propagated inside one); ISOPO "
+                         "cannot attribute it to samples")
+            else:
                 return None
-            if grad is not expected:
-                raise RuntimeError(
-                    f"ISOPO: parameter '{name}' received a gradient that did not come from its "
-                    "module's forward (used directly, e.g. by a fused kernel); ISOPO cannot "
-                    "attribute it to samples")
-            return None
+            self._produced.clear()             # this backward stops here: leave nothing behind
+            raise RuntimeError(error)
         return check
 
     def detach(self) -> None:
@@ -355,6 +410,16 @@ class ISOPO(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return (f"ISOPO(mode={self.mode!r}, damping={self.damping}, ema={self.ema}, "
                 f"layers={len(self.layers)}, optimizer={self.optimizer!r})")
+
+
+def _unit_advantages(A: Tensor) -> tuple[Tensor, float]:
+    """``(A / 2^e, 2^e)`` with ``|A / 2^e| < 1`` for very large or small advantages (exact;
+    ordinary ones are kept): ``c`` is linear in ``A``, and fp16 activations can hold neither."""
+    amax = float(A.abs().max())
+    if amax == 0 or 2.0 ** -8 <= amax <= 2.0 ** 8:
+        return A, 1.0
+    e = math.frexp(amax)[1]
+    return A * 2.0 ** -e, 2.0 ** e
 
 
 def _check_advantages(advantages) -> Tensor:

@@ -54,6 +54,10 @@ class SampleMap:
 
     def reduce(self, M: Tensor, dim: int) -> Tensor:
         """Sum the rows of ``M`` along ``dim`` into samples."""
+        if self.layout == "first":       # rows of sample i are contiguous
+            shape = list(M.shape)
+            shape[dim:dim + 1] = [self.n, -1]
+            return M.reshape(shape).sum(dim + 1)
         shape = list(M.shape)
         shape[dim] = self.n
         return M.new_zeros(shape).index_add_(dim, self.ids, M)

@@ -21,6 +21,13 @@ class Coefficients:
     cond: float       # condition number of K (ntk) or max ν / min ν over samples (fisher)
 
 
+def _undefined(A: Tensor) -> Coefficients:
+    """The layer's per-sample gradients overflowed or hold NaN: ``c`` is NaN, so the written
+    gradient is NaN and a loss scaler skips the step, as it would for autograd's own overflow."""
+    nan = math.nan
+    return Coefficients(torch.full_like(A, nan), nan, nan, nan)
+
+
 def ntk_coefficients(K: Tensor, A: Tensor, damping: float, m_used: float | None = None) -> Coefficients:
     """``c = ρ (K + ρI)⁻¹ A`` with ``ρ = damping · m`` and ``m = tr(K)/n`` (or ``m_used``).
 
@@ -28,6 +35,8 @@ def ntk_coefficients(K: Tensor, A: Tensor, damping: float, m_used: float | None 
     condition number. ``c`` is invariant to the scale of ``K``; a zero ``K`` (the layer got no
     gradient) leaves ``c = A``, whose contraction with zero gradients is zero anyway.
     """
+    if not torch.isfinite(K).all():
+        return _undefined(A)
     n = A.numel()
     m = float(torch.diagonal(K).sum()) / n
     rho = damping * (m if m_used is None else m_used)
@@ -46,6 +55,8 @@ def fisher_coefficients(nu2: Tensor, A: Tensor, damping: float, m_used: float | 
 
     A sample whose denominator is zero (ν_i = 0 and no damping) contributes nothing: ``c_i = 0``.
     """
+    if not torch.isfinite(nu2).all():
+        return _undefined(A)
     m = float(nu2.mean())
     rho = damping * (m if m_used is None else m_used)
     denom = torch.sqrt(nu2 + rho)
@@ -59,6 +70,8 @@ def fisher_coefficients(nu2: Tensor, A: Tensor, damping: float, m_used: float | 
 def fisher_nu2(dots: Tensor, sq_norms: Tensor) -> Tensor:
     """``ν_i² = Σ_t ⟨g_t, G_i⟩² / Σ_t ‖g_t‖²`` from the probe×sample inner products ``dots``."""
     total = sq_norms.sum()
+    if not (torch.isfinite(total) and torch.isfinite(dots).all()):
+        return torch.full((dots.shape[1],), math.nan, dtype=dots.dtype, device=dots.device)
     if total <= 0:
         return torch.zeros(dots.shape[1], dtype=dots.dtype, device=dots.device)
     return (dots ** 2).sum(0) / total
