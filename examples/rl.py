@@ -106,6 +106,8 @@ def compare(task, methods: list[str], steps: int, lr: float, seed: int, out: str
     """Train one policy per method at the same budget, with a progress bar; table and plot."""
     from tqdm import tqdm
 
+    for method in methods:        # one untimed step each: first-call imports and allocations
+        train(task, method, 1, lr, seed)
     runs = {}
     for method in methods:
         name = "REINFORCE" if method == "reinforce" else f"ISOPO {method}"

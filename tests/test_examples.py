@@ -1,0 +1,41 @@
+"""The examples and the learning benchmark run end to end, a few steps each."""
+import sys
+from pathlib import Path
+
+import pytest
+
+for module in ("gymnasium", "matplotlib", "tqdm"):
+    pytest.importorskip(module)
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "examples"), str(ROOT / "benchmarks")]
+
+
+def test_tiny_lm(tmp_path):
+    import tiny_lm
+
+    out = tmp_path / "tiny_lm.png"
+    runs = tiny_lm.main(["--steps", "3", "--prompts", "4", "--group", "4", "--threads", "1",
+                         "--out", str(out)])
+    assert set(runs) == {"ISOPO ntk", "REINFORCE"}
+    assert all(len(h["reward"]) == 3 for h in runs.values())
+    assert out.stat().st_size > 0
+
+
+def test_cartpole(tmp_path):
+    import cartpole
+
+    out = tmp_path / "cartpole.png"
+    runs = cartpole.main(["--steps", "3", "--episodes", "4", "--out", str(out)])
+    assert set(runs) == {"ISOPO ntk", "REINFORCE"}
+    assert out.stat().st_size > 0
+
+
+@pytest.mark.parametrize("task", ["reverse", "cartpole"])
+def test_benchmark_methods(task):
+    import learning
+
+    for method in learning.METHODS:
+        r = learning.run(task, method, 1e-3, 0, steps=1)
+        assert len(r["reward"]) == len(r["kl"]) == 1
+        assert all(kl > -1e-6 for kl in r["kl"]), method
