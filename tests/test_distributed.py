@@ -120,6 +120,7 @@ def _worker(rank: int, store: str, out: str) -> None:
     _init(rank, store)
     try:
         results = {"ddp": _ddp_runs(rank), "fsdp2": _fsdp_runs(rank),
+                   "fsdp2 direct use": _fsdp_direct_use_error(rank),
                    "tensor parallel": _tensor_parallel_error()}
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
@@ -147,13 +148,9 @@ def _ddp_runs(rank: int) -> dict:
 
 
 def _fsdp_runs(rank: int) -> dict:
-    from torch.distributed.fsdp import fully_shard
     results = {}
     for mode in MODES:
-        model = _build("qwen3")
-        for block in model.model.layers:
-            fully_shard(block)
-        fully_shard(model)
+        model = _sharded_qwen3()
         opt = _optimizer(model, model.parameters(), mode)   # after sharding: its parameters
         history = []
         for step in range(STEPS):
@@ -166,6 +163,33 @@ def _fsdp_runs(rank: int) -> dict:
             opt.zero_grad()
         results[mode] = history
     return results
+
+
+def _sharded_qwen3() -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+    model = _build("qwen3")
+    for block in model.model.layers:
+        fully_shard(block)
+    return fully_shard(model)
+
+
+def _fsdp_direct_use_error(rank: int) -> str:
+    """Under FSDP2 too, a weight used outside its module's forward (here the tied head, as a
+    fused log-prob kernel would) is refused."""
+    model = _sharded_qwen3()
+
+    def fused_head_forward(input_ids):
+        return model.model(input_ids=input_ids).last_hidden_state @ model.lm_head.weight.T
+
+    model.forward = fused_head_forward            # FSDP2's hooks still gather around it
+    opt = _optimizer(model, model.parameters(), "ntk")
+    ids, _, A = _microbatch(rank, 0, 0)
+    try:
+        with opt.microbatch(A):
+            model(ids).logsumexp(-1).mean().backward()
+    except RuntimeError as e:
+        return str(e)
+    return "no error"
 
 
 def _tensor_parallel_error() -> str:
@@ -208,6 +232,12 @@ def test_fsdp2_averages_per_rank_isopo_gradients(ranks):
                 _assert_close(got, expected[mode][step], f"FSDP2 rank {rank}, {mode}, step {step}")
 
 
+def test_fsdp2_direct_use_of_a_weight_is_refused(ranks):
+    for results in ranks:
+        message = results["fsdp2 direct use"]
+        assert "lm_head.weight' received a gradient that did not come from its module" in message
+
+
 def test_tensor_parallel_is_refused(ranks):
     for results in ranks:
-        assert "parameter '0.weight' is a DTensor during the forward" in results["tensor parallel"]
+        assert "parameter '0.weight' is still a sharded DTensor" in results["tensor parallel"]
