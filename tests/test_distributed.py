@@ -130,11 +130,14 @@ def _worker(rank: int, store: str, out: str) -> None:
 def _ddp_runs(rank: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
     results = {}
-    for attach in ("inner", "wrapper"):
+    for attach in ("before", "inner", "wrapper"):   # the model before DDP wraps it, ddp.module, ddp
         for mode in MODES:
             model = _build("seqmixer")
+            if attach == "before":
+                opt = _optimizer(model, model.parameters(), mode)
             ddp = DDP(model)
-            opt = _optimizer(model if attach == "inner" else ddp, ddp.parameters(), mode)
+            if attach != "before":
+                opt = _optimizer(model if attach == "inner" else ddp, ddp.parameters(), mode)
             history = []
             for step in range(STEPS):
                 with ddp.no_sync():                     # accumulate locally ...
@@ -221,7 +224,7 @@ def test_ddp_averages_per_rank_isopo_gradients(ranks):
         for (attach, mode), history in results["ddp"].items():
             for step, got in enumerate(history):
                 _assert_close(got, expected[mode][step],
-                              f"DDP rank {rank}, ISOPO on the {attach} module, {mode}, step {step}")
+                              f"DDP rank {rank}, ISOPO attached {attach}, {mode}, step {step}")
 
 
 def test_fsdp2_averages_per_rank_isopo_gradients(ranks):
