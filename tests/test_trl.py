@@ -105,12 +105,12 @@ def test_reinforce_equals_stock_grpo_lora():
     assert_reinforce_equals_stock(trainer_kwargs={"peft_config": lora})
 
 
-@pytest.mark.parametrize("mode", ["ntk", "fisher"])
-def test_isopo_trains_offline(mode):
+@pytest.mark.parametrize("mode, extra", [("ntk", {}), ("fisher", {"bf16": True})])
+def test_isopo_trains_offline(mode, extra):
     model = qwen3()
     before = copy.deepcopy(model.state_dict())
     trainer, grads = one_step(ISOPOGRPOTrainer, config(isopo_mode=mode, max_steps=3,
-                                                       logging_steps=1), model)
+                                                       logging_steps=1, **extra), model)
     assert isinstance(trainer.isopo, ISOPO) and trainer.isopo.mode == mode
     assert "isopo" in trainer.optimizer.state_dict()       # checkpoints carry ISOPO's statistics
     assert all(torch.isfinite(g).all() for g in grads.values())

@@ -158,7 +158,7 @@ class ISOPOGRPOTrainer(GRPOTrainer):
     Takes the arguments of ``GRPOTrainer``; ISOPO's settings come from ``args`` when it is an
     :class:`ISOPOGRPOConfig`. ``optimizers=(opt, None)`` is wrapped in ISOPO, or used as it is
     when ``opt`` already is an ISOPO optimizer around the trainer's model. The logged ``loss``
-    is the advantage-free loss that is backpropagated.
+    is that of the backpropagated advantage-free objective, a constant (−1 for ``dapo``).
     """
 
     def __init__(self, *args, **kwargs):
