@@ -4,7 +4,9 @@ Two CPU processes (gloo) train on different microbatches per rank, with gradient
 over two microbatches (the first without gradient sync) and two optimizer steps, so each rank's
 own statistic average (``ema``) is exercised. The expected gradients come from plain
 single-process ISOPO optimizers, one per rank, that are fed the mean of their gradients before
-every step, exactly what data parallelism does.
+every step, exactly what data parallelism does. FSDP2 also runs with bf16 parameters, and the
+refusals are checked: a weight used outside its module's forward, a tensor-parallel layer.
+The ranks meet through a file store in the test's temporary directory (no port to pick).
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ def _one_thread():
 
 
 def _microbatch(rank: int, step: int, k: int):
-    """Rank-specific data; ranks even hold different numbers of samples."""
+    """Rank-specific data; the ranks hold different numbers of samples."""
     g = torch.Generator().manual_seed(1000 * rank + 10 * step + k)
     n, L = 2 + rank, 6
     ids = torch.randint(3, VOCAB, (n, L), generator=g)
@@ -154,26 +156,36 @@ def _fsdp_runs(rank: int) -> dict:
     results = {}
     for mode in MODES:
         model = _sharded_qwen3()
-        opt = _optimizer(model, model.parameters(), mode)   # after sharding: its parameters
-        history = []
-        for step in range(STEPS):
-            model.set_requires_gradient_sync(False)         # accumulate locally ...
-            _backward(opt, model, rank, step, 0)
-            model.set_requires_gradient_sync(True)          # ... reduce-scatter the sum
-            _backward(opt, model, rank, step, 1)
-            history.append({n: p.grad.full_tensor() for n, p in model.named_parameters()})
-            opt.step()
-            opt.zero_grad()
-        results[mode] = history
+        results[mode] = _fsdp_train(model, _optimizer(model, model.parameters(), mode), rank, STEPS)
+    # bf16 parameters in forward and backward, fp32 master weights and reduction
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    model = _sharded_qwen3(torch.float32, MixedPrecisionPolicy(torch.bfloat16, torch.float32))
+    results["ntk bf16"] = _fsdp_train(model, _optimizer(model, model.parameters(), "ntk"), rank, 1)
     return results
 
 
-def _sharded_qwen3() -> nn.Module:
-    from torch.distributed.fsdp import fully_shard
-    model = _build("qwen3")
+def _fsdp_train(model: nn.Module, opt: ISOPO, rank: int, steps: int) -> list:
+    history = []
+    for step in range(steps):
+        model.set_requires_gradient_sync(False)         # accumulate locally ...
+        _backward(opt, model, rank, step, 0)
+        model.set_requires_gradient_sync(True)          # ... reduce-scatter the sum
+        _backward(opt, model, rank, step, 1)
+        history.append({n: p.grad.full_tensor().double() for n, p in model.named_parameters()})
+        opt.step()
+        opt.zero_grad()
+    return history
+
+
+def _sharded_qwen3(dtype=torch.float64, mp_policy=None) -> nn.Module:
+    """Shard each decoder block and the root (tied embedding and head, final norm); the
+    optimizer is built afterwards, on the sharded parameters, as FSDP2 requires."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    model = _build("qwen3").to(dtype)
+    policy = mp_policy or MixedPrecisionPolicy()
     for block in model.model.layers:
-        fully_shard(block)
-    return fully_shard(model)
+        fully_shard(block, mp_policy=policy)
+    return fully_shard(model, mp_policy=policy)
 
 
 def _fsdp_direct_use_error(rank: int) -> str:
@@ -230,9 +242,12 @@ def test_ddp_averages_per_rank_isopo_gradients(ranks):
 def test_fsdp2_averages_per_rank_isopo_gradients(ranks):
     expected = {mode: _expected("qwen3", mode) for mode in MODES}
     for rank, results in enumerate(ranks):
-        for mode, history in results["fsdp2"].items():
-            for step, got in enumerate(history):
+        for mode in MODES:
+            for step, got in enumerate(results["fsdp2"][mode]):
                 _assert_close(got, expected[mode][step], f"FSDP2 rank {rank}, {mode}, step {step}")
+        # bf16 rounding only: K and the solves run in fp32
+        _assert_close(results["fsdp2"]["ntk bf16"][0], expected["ntk"][0],
+                      f"FSDP2 bf16 rank {rank}", tol=5e-2)
 
 
 def test_fsdp2_direct_use_of_a_weight_is_refused(ranks):
