@@ -130,10 +130,12 @@ def test_wraps_the_given_optimizer_and_schedule():
     assert trainer.isopo.optimizer is sgd
     assert sgd.param_groups[0]["lr"] < 0.1              # the trainer's scheduler reached it
 
+    model = qwen3()
     isopo = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1), mode="reinforce")
     trainer, _ = one_step(ISOPOGRPOTrainer, config(), model, optimizers=(isopo, None))
     assert trainer.isopo is isopo
 
+    model = qwen3()
     other = ISOPO(qwen3(), torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(ValueError, match="another model"):
         one_step(ISOPOGRPOTrainer, config(), model, optimizers=(other, None))
