@@ -144,3 +144,12 @@ def test_fisher_damping_zero_is_allowed():
 def test_inner_must_be_an_optimizer():
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):
         ISOPO(MLPPolicy(), [torch.zeros(1)])
+
+
+def test_a_second_isopo_on_the_same_model_is_refused():
+    model = MLPPolicy()
+    first = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="already has an ISOPO"):
+        ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    first.detach()
+    ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))

@@ -224,3 +224,22 @@ def test_standard_norms_use_the_affine_step():
         lm_losses(model, ids, None).sum().backward()
     norms = [e for l in opt.layers for e in l.entries if e.rule == "norm"]
     assert norms and all(e.affine for e in norms)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_forward_replaced_on_the_instance_is_a_black_box(mode):
+    """A linear layer whose instance forward was replaced (e.g. an fp32 head cast) is not
+    assumed to compute x Wᵀ + b: it takes the generic exact rule."""
+    import types
+
+    import torch.nn.functional as F
+    model = MLPPolicy().double()
+    head = model.net[3]
+    head.forward = types.MethodType(lambda self, x: F.linear(x, self.weight * 2, self.bias), head)
+    X = torch.randn(5, 5, dtype=torch.float64)
+    acts = torch.randint(0, 4, (5,))
+
+    def losses(m):
+        return -torch.log_softmax(m(X), -1).gather(1, acts[:, None]).squeeze(1)
+    _, opt = assert_matches_reference(model, losses, _adv(5), mode)
+    assert {e.rule for l in opt.layers for e in l.entries if e.name == "net.3"} == {"generic"}

@@ -213,9 +213,10 @@ class NormAffineFn(Function):
         dh = dy * weight if ctx.needs_input_grad[0] else None
         dt = work_dtype(dy)
         d = dy.reshape(-1, dy.shape[-1]).to(dt)
-        cols = ([d * h.reshape(d.shape).to(dt)] if use.weight else []) + ([d] if use.bias else [])
-        use.pending.add(explicit_use(torch.cat(cols, 1), use.smap, d,
-                                     use.pending.isopo.mode == "fisher"))
+        rows = d * h.reshape(d.shape).to(dt) if use.weight else d
+        if use.weight and use.bias:
+            rows = torch.cat([rows, d], 1)
+        use.pending.add(explicit_use(rows, use.smap, d, use.pending.isopo.mode == "fisher"))
         return dh, None, None, None
 
 

@@ -71,6 +71,11 @@ def _conv1d_class():
 
 def _rule(module: nn.Module, has_trainable_children: bool) -> str:
     t = type(module)
+    if isinstance(module.__dict__.get("forward"), PatchedForward):
+        raise ValueError(f"module {t.__name__} already has an ISOPO optimizer attached; call "
+                         "its detach() first")
+    if "forward" in module.__dict__:        # a forward replaced on the instance: a black box
+        return "generic"
     if isinstance(module, nn.Linear) and t.forward is nn.Linear.forward:
         return "linear"
     conv1d = _conv1d_class()
