@@ -182,7 +182,10 @@ def test_fisher_probe_subset_matches_reference_with_same_draw():
     D = torch.autograd.grad(losses(y).sum(), [y])[0].reshape(-1, 3)
     a = torch.cat([X.reshape(-1, 4), torch.ones(18, 1, dtype=X.dtype)], 1)
     cands = torch.nonzero(D.abs().sum(1) > 0).flatten()
-    pick = cands[torch.randperm(cands.numel(), generator=torch.Generator().manual_seed(seed))[:k].sort().values]
+    keys = torch.rand(18, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    keys[~(D.abs().sum(1) > 0)] = float("inf")
+    pick = keys.topk(k, largest=False).indices
+    assert set(pick.tolist()) <= set(cands.tolist())
     g = torch.einsum("tp,td->tpd", D, a).reshape(18, -1)
     G = torch.stack([g[:9].sum(0), g[9:].sum(0)])
     dots = g[pick] @ G.T
@@ -243,3 +246,17 @@ def test_forward_replaced_on_the_instance_is_a_black_box(mode):
         return -torch.log_softmax(m(X), -1).gather(1, acts[:, None]).squeeze(1)
     _, opt = assert_matches_reference(model, losses, _adv(5), mode)
     assert {e.rule for l in opt.layers for e in l.entries if e.name == "net.3"} == {"generic"}
+
+
+def test_fisher_probes_beyond_the_candidates_use_them_all():
+    from conftest import run_isopo
+    model = qwen3().double()
+    ids, mask = _lm_batch()
+    A = _adv(3)
+    grads = []
+    for probes in (None, 10_000, 7):
+        m, _ = run_isopo(model, lambda mm: lm_losses(mm, ids, mask), A, "fisher",
+                         fisher_probes=probes)
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    assert torch.equal(grads[0], grads[1])
+    assert torch.isfinite(grads[2]).all() and not torch.allclose(grads[0], grads[2])

@@ -20,7 +20,7 @@ class ExplicitUse:
 
     G: Tensor            # (n, D) per-sample gradients of the layer's flattened parameters
     pieces: Tensor | None       # (k, D) Fisher pieces, per token (norms) or per sample
-    candidates: Tensor | None   # indices of the non-zero pieces (both only in fisher mode)
+    candidates: Tensor | None   # which pieces are non-zero (both only in fisher mode)
 
 
 @dataclass
@@ -33,16 +33,26 @@ class Config:
     generator: torch.Generator
 
 
-def _draw(counts: list[int], k: int | None, gen: torch.Generator) -> list[Tensor]:
-    """Pick ``k`` of the candidate pieces (all when ``k`` is None or not smaller), uniformly."""
+def _draw(candidates: list[Tensor], k: int | None, gen: torch.Generator) -> list[tuple[Tensor, Tensor]]:
+    """Probe positions: per use, token indices and 0/1 weights.
+
+    All tokens when ``k`` is None or not smaller than their number (tokens without output
+    gradient have zero pieces). Otherwise a uniform random ``k``-subset of the candidates: the
+    ``k`` smallest of i.i.d. uniform keys, with non-candidates keyed ``inf``. No device sync.
+    """
+    counts = [c.numel() for c in candidates]
     total = sum(counts)
     if k is None or total <= k:
-        return [torch.arange(c) for c in counts]
-    chosen = torch.randperm(total, generator=gen)[:k].sort().values
+        return [(torch.arange(c.numel(), device=c.device), c) for c in candidates]
+    dev = candidates[0].device
+    keys = torch.rand(total, generator=gen, dtype=torch.float64).to(dev)
+    keys = keys.masked_fill(~torch.cat(candidates), torch.inf)
+    chosen = keys.topk(k, largest=False).indices
+    valid = torch.isfinite(keys[chosen])
     out, start = [], 0
     for c in counts:
-        sel = chosen[(chosen >= start) & (chosen < start + c)]
-        out.append(sel - start)
+        mine = (chosen >= start) & (chosen < start + c) & valid
+        out.append(((chosen - start).clamp(0, c - 1), mine))
         start += c
     return out
 
@@ -79,9 +89,7 @@ def finish_factor(uses: list[FactorUse], shape: torch.Size | None, A: Tensor, cf
             return K
 
         def fisher():
-            cands = kernels.fisher_candidates(uses)
-            probes = _draw([c.numel() for c in cands], cfg.fisher_probes, cfg.generator)
-            probes = [c[p.to(c.device)] for c, p in zip(cands, probes)]
+            probes = _draw(kernels.fisher_candidates(uses), cfg.fisher_probes, cfg.generator)
             return kernels.fisher_products(uses, probes, n, dt, budget)
 
         coef = _coefficients(cfg, A, m_used, kernel, fisher)
@@ -128,9 +136,9 @@ def finish_explicit(uses: list[ExplicitUse], A: Tensor, cfg: Config, m_used: flo
         coef = Coefficients(A, 0.0, 0.0, 1.0)
     else:
         def fisher():
-            probes = _draw([u.candidates.numel() for u in uses], cfg.fisher_probes, cfg.generator)
-            pieces = torch.cat([u.pieces[u.candidates[p.to(u.candidates.device)]]
-                                for u, p in zip(uses, probes)])
+            probes = _draw([u.candidates for u in uses], cfg.fisher_probes, cfg.generator)
+            pieces = torch.cat([u.pieces[idx] * w[:, None].to(u.pieces.dtype)
+                                for u, (idx, w) in zip(uses, probes)])
             return pieces @ G.T, (pieces ** 2).sum(1)
 
         coef = _coefficients(cfg, A, m_used, lambda: G @ G.T, fisher)

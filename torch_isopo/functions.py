@@ -36,13 +36,13 @@ class Gate(Function):
         return (None, *ctx.pending.finish())
 
 
-def graph_microbatch(node):
-    """The microbatch that built the graph of autograd ``node``: that of the nearest gate below
-    it (breadth first), or None for a graph built outside any microbatch."""
+def graph_microbatch(node, isopo):
+    """The microbatch of ``isopo`` that built the graph of autograd ``node``: that of the nearest
+    of its gates below it (breadth first), or None for a graph built outside its microbatches."""
     todo, seen = collections.deque([node]), {node}
     while todo:
         fn = todo.popleft()
-        if isinstance(fn, Gate._backward_cls):
+        if isinstance(fn, Gate._backward_cls) and fn.pending.isopo is isopo:
             return fn.pending.mb
         for nxt, _ in fn.next_functions:
             if nxt is not None and nxt not in seen:
@@ -227,8 +227,7 @@ def explicit_use(rows: Tensor, smap, delta: Tensor, pieces: bool) -> ExplicitUse
     if not pieces:
         return ExplicitUse(G, None, None)
     per_token = rows.view(smap.tokens, smap.inner, -1).sum(1)
-    cand = torch.nonzero(delta.reshape(smap.tokens, -1).abs().sum(1) > 0).flatten()
-    return ExplicitUse(G, per_token, cand)
+    return ExplicitUse(G, per_token, delta.reshape(smap.tokens, -1).abs().sum(1) > 0)
 
 
 def _norm_use(use, xs, ps, pairs) -> ExplicitUse:
@@ -259,5 +258,4 @@ def _generic_use(use, ps, pairs) -> ExplicitUse:
         rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).to(dt)
                                for g, p in zip(grads, ps)]))
     G = torch.stack(rows)
-    cand = torch.nonzero(G.abs().sum(1) > 0).flatten()
-    return ExplicitUse(G, G, cand)
+    return ExplicitUse(G, G, G.abs().sum(1) > 0)

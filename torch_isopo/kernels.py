@@ -150,22 +150,19 @@ def contract(uses: list[FactorUse], c: Tensor, P: int, Q: int):
 
 
 def fisher_candidates(uses: list[FactorUse]) -> list[Tensor]:
-    """Per use, the tokens with a non-zero output gradient (SPEC §1, probe positions)."""
-    out = []
-    for u in uses:
-        D = u.Delta.reshape(u.smap.tokens, -1)
-        out.append(torch.nonzero(D.abs().sum(1) > 0).flatten())
-    return out
+    """Per use, which tokens have a non-zero output gradient (SPEC §1, probe positions)."""
+    return [u.Delta.reshape(u.smap.tokens, -1).abs().sum(1) > 0 for u in uses]
 
 
-def fisher_products(uses: list[FactorUse], probes: list[Tensor], n: int, dtype: torch.dtype,
-                    budget_elems: int) -> tuple[Tensor, Tensor]:
-    """``⟨g_t, G_i⟩`` (probes × n) and ``‖g_t‖²`` for the probe tokens of every use.
+def fisher_products(uses: list[FactorUse], probes: list[tuple[Tensor, Tensor]], n: int,
+                    dtype: torch.dtype, budget_elems: int) -> tuple[Tensor, Tensor]:
+    """``⟨g_t, G_i⟩`` (probes × n) and ``‖g_t‖²`` for the probe tokens of every use, each probe
+    row scaled by its 0/1 weight (a probe slot that drew no candidate weighs 0).
 
     A token's piece is the sum of its ``inner`` rows (attention heads belong to their token).
     """
     dots, norms = [], []
-    for u, toks in zip(uses, probes):
+    for u, (toks, weight) in zip(uses, probes):
         if toks.numel() == 0:
             continue
         h = u.smap.inner
@@ -179,8 +176,9 @@ def fisher_products(uses: list[FactorUse], probes: list[Tensor], n: int, dtype: 
                 if isinstance(M, Tensor):
                     part = part + w.smap.reduce(M, 1)
             D.index_add_(0, torch.arange(blk.start, blk.stop, device=toks.device) // h, part)
-        norms.append(token_norms(u, rows.view(-1, h), dtype))
-        dots.append(D)
+        weight = weight.to(dtype)
+        dots.append(D * weight[:, None])
+        norms.append(token_norms(u, rows.view(-1, h), dtype) * weight)
     if not dots:
         ref = uses[0].V
         return ref.new_zeros(0, n, dtype=dtype), ref.new_zeros(0, dtype=dtype)
