@@ -349,9 +349,8 @@ class ISOPO(torch.optim.Optimizer):
         """Check the gradients of parameters that a wrapper registers for the forward (FSDP2's
         unsharded ones) like those of the parameters found at attach time."""
         for p, own, name in zip(params, layer.params, layer.param_names):
-            if p is not own and p not in self._watched:
-                self._watched[p] = True
-                self._restore.append(("hook", p.register_hook(self._checker(p, name)), None))
+            if p is not own and p.is_leaf and p.requires_grad and p not in self._watched:
+                self._watched[p] = p.register_hook(self._checker(p, name))
 
     def _checker(self, p: Tensor, name: str):
         def check(grad):
@@ -384,6 +383,9 @@ class ISOPO(torch.optim.Optimizer):
             else:
                 obj.forward = old
         self._restore = []
+        for handle in self._watched.values():
+            handle.remove()
+        self._watched = WeakIdKeyDictionary()
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
