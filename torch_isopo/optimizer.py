@@ -49,22 +49,27 @@ class _Microbatch:
     def __init__(self, isopo, A: Tensor, segments: Tensor | None, sample_dim: int):
         self.isopo, self.A, self.n = isopo, A, A.numel()
         self.segments, self.sample_dim = segments, sample_dim
-        self._gates: dict[int, tuple] = {}
+        self._gates: dict[int, tuple] | None = {}
         self._maps: dict[tuple, SampleMap] = {}
 
     def close(self) -> None:
-        """The block has ended: from now on only the graph keeps the gates alive."""
-        self._gates = {}
+        """The block has ended: only the graph keeps the gates alive. A forward run for this
+        microbatch later (a checkpoint recompute) gets gates of its own, kept by nothing here,
+        so no reference cycle outlives the graph."""
+        self._gates = None
 
     def gate(self, layer: Layer) -> tuple:
         """The layer's parameters as seen by this microbatch's graph (one gate per layer)."""
         key = id(layer)
-        if key not in self._gates:
+        found = None if self._gates is None else self._gates.get(key)
+        if found is None:
             params = layer.live_params()
             self.isopo._watch(layer, params)
             pending = _Pending(self.isopo, layer, self, params)
-            self._gates[key] = (pending, Gate.apply(pending, *params))
-        return self._gates[key]
+            found = (pending, Gate.apply(pending, *params))
+            if self._gates is not None:
+                self._gates[key] = found
+        return found
 
     def expand_shared(self, t: Tensor, features: bool) -> Tensor:
         return expand_shared(t, self.n, self.segments, self.sample_dim, t.dim() - int(features))
@@ -264,7 +269,7 @@ class ISOPO(torch.optim.Optimizer):
         a backward (an activation-checkpoint recompute), the one whose graph is back-propagated,
         so that the recompute repeats the ops of the original forward."""
         node = torch._C._current_autograd_node()
-        mb = None if node is None else graph_microbatch(node)
+        mb = None if node is None else graph_microbatch(node, self)
         return mb if mb is not None else self._active
 
     # -- per-layer work, called from a gate's backward ---------------------------------------
