@@ -26,6 +26,7 @@ class CartPoleTask:
 
     def __init__(self, episodes: int = 16, hidden: int = 64):
         self.envs = [gym.make("CartPole-v1") for _ in range(episodes)]
+        self.batch_size = episodes
         self.hidden = hidden
 
     def policy(self) -> nn.Module:

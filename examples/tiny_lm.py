@@ -62,10 +62,11 @@ class TinyLM(nn.Module):
 class ReverseTask:
     """Reverse a string of ``length`` random digits; reward = fraction of correct positions."""
 
-    name, target, unit = "reverse", 0.9, "completions"
+    name, target, unit = "digit reversal", 0.9, "completions"
 
     def __init__(self, length: int = 5, prompts: int = 16, group: int = 8):
         self.length, self.prompts, self.group = length, prompts, group
+        self.batch_size = prompts * group
 
     def policy(self) -> nn.Module:
         return TinyLM(max_len=2 * self.length + 1)
@@ -105,7 +106,7 @@ def main(argv=None) -> dict:
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--group", type=int, default=8, help="completions per prompt")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="tiny_lm.png")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
