@@ -59,10 +59,13 @@ def _draw(candidates: list[Tensor], k: int | None, gen: torch.Generator) -> list
 
 def _coefficients(cfg: Config, A: Tensor, m_used: float | None, kernel, fisher) -> Coefficients:
     if cfg.mode == "ntk":
-        return ntk_coefficients(kernel().to("cpu", torch.float64), A, cfg.damping, m_used)
-    dots, norms = fisher()
-    nu2 = fisher_nu2(dots.to("cpu", torch.float64), norms.to("cpu", torch.float64))
-    return fisher_coefficients(nu2, A, cfg.damping, m_used)
+        return ntk_coefficients(kernel(), A, cfg.damping, m_used)
+    return fisher_coefficients(fisher_nu2(*fisher()), A, cfg.damping, m_used)
+
+
+def _reinforce(A: Tensor) -> Coefficients:
+    zero = A.new_zeros(())
+    return Coefficients(A, zero, zero, A)
 
 
 def finish_factor(uses: list[FactorUse], shape: torch.Size | None, A: Tensor, cfg: Config,
@@ -75,7 +78,7 @@ def finish_factor(uses: list[FactorUse], shape: torch.Size | None, A: Tensor, cf
     P, Q = shape if shape is not None else (0, 0)
     kept = None
     if cfg.mode == "reinforce":
-        coef = Coefficients(A, 0.0, 0.0, 1.0)
+        coef = _reinforce(A)
     else:
         def kernel():
             nonlocal kept
@@ -133,7 +136,7 @@ def finish_explicit(uses: list[ExplicitUse], A: Tensor, cfg: Config, m_used: flo
     """Flattened gradient ``Σ c_i G_i`` of a layer with explicit per-sample gradients."""
     G = sum(u.G for u in uses)
     if cfg.mode == "reinforce":
-        coef = Coefficients(A, 0.0, 0.0, 1.0)
+        coef = _reinforce(A)
     else:
         def fisher():
             probes = _draw([u.candidates for u in uses], cfg.fisher_probes, cfg.generator)

@@ -74,8 +74,9 @@ def _rule(module: nn.Module, has_trainable_children: bool) -> str:
     if isinstance(module.__dict__.get("forward"), PatchedForward):
         raise ValueError(f"module {t.__name__} already has an ISOPO optimizer attached; call "
                          "its detach() first")
-    if "forward" in module.__dict__:        # a forward replaced on the instance: a black box
-        return "generic"
+    own = module.__dict__.get("forward")
+    if own is not None and getattr(own, "__func__", None) is not t.forward:
+        return "generic"                    # a forward replaced on the instance: a black box
     if isinstance(module, nn.Linear) and t.forward is nn.Linear.forward:
         return "linear"
     conv1d = _conv1d_class()

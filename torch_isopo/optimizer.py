@@ -14,6 +14,7 @@ from . import engine
 from .functions import Gate, graph_microbatch
 from .layers import Layer, PatchedForward, find_layers
 from .samples import SampleMap, expand_shared, sample_map
+from .transforms import condition_number
 
 MODES = ("ntk", "fisher", "reinforce")
 
@@ -40,7 +41,7 @@ class _Pending:
         self.uses = []
         if not uses:
             return (None,) * len(self.params)
-        return self.isopo._finish(self.layer, uses, self.A, self.params)
+        return self.isopo._finish(self.layer, uses, self.mb, self.params)
 
 
 class _Microbatch:
@@ -51,6 +52,7 @@ class _Microbatch:
         self.segments, self.sample_dim = segments, sample_dim
         self._gates: dict[int, tuple] | None = {}
         self._maps: dict[tuple, SampleMap] = {}
+        self._advantages: dict[str, tuple] = {}
 
     def close(self) -> None:
         """The block has ended: only the graph keeps the gates alive. A forward run for this
@@ -70,6 +72,15 @@ class _Microbatch:
             if self._gates is not None:
                 self._gates[key] = found
         return found
+
+    def advantages(self, device) -> tuple[Tensor, float, float]:
+        """``(A', back, S)`` on ``device``, read once per microbatch: ``A = A' · back`` (see
+        ``_unit_advantages``) and ``S`` the loss scale, so the backward never waits on the device."""
+        key = str(device)
+        if key not in self._advantages:
+            A, back = _unit_advantages(self.A)
+            self._advantages[key] = (A.to(device), back, self.isopo._loss_scale())
+        return self._advantages[key]
 
     def expand_shared(self, t: Tensor, features: bool) -> Tensor:
         return expand_shared(t, self.n, self.segments, self.sample_dim, t.dim() - int(features))
@@ -281,13 +292,12 @@ class ISOPO(torch.optim.Optimizer):
         s = self.grad_scaler
         return 1.0 if s is None or not s.is_enabled() else float(s.get_scale())
 
-    def _finish(self, layer: Layer, uses: list, A: Tensor, params: list) -> tuple:
+    def _finish(self, layer: Layer, uses: list, mb: _Microbatch, params: list) -> tuple:
         cfg = self._config()
-        S = self._loss_scale()
+        A, back, S = mb.advantages(params[0].device)
         m_used = self._m.get(layer.name) if self.ema is not None else None
         if m_used is not None:
             m_used *= S * S               # the averages are kept in units of the unscaled loss
-        A, back = _unit_advantages(A)
         if self.mode == "fisher":
             back *= S                     # the fisher gradient ignores the loss scale: restore it
         if layer.kind == "factor":
@@ -317,16 +327,17 @@ class ISOPO(torch.optim.Optimizer):
             if g is not None:
                 self._produced.setdefault(id(p), []).append(g)
             out.append(g)
-        if self.mode != "reinforce":
-            a = float(A.norm())
-            ratio = float(coef.c.norm()) / a * (S if self.mode == "fisher" else 1.0) if a > 0 else math.nan
+        if self.mode != "reinforce":      # tensors: read at step(), not here
+            ratio = coef.c.norm() / A.norm() * (S if self.mode == "fisher" else 1.0)
             self._step_figures.setdefault(layer.name, []).append(
-                (coef.m / S ** 2, coef.rho / S ** 2, ratio, coef.cond))
+                (coef.m / S ** 2, coef.rho / S ** 2, ratio, coef.spectrum))
         return tuple(out)
 
     def _end_step(self) -> None:
         self.diagnostics = {}
         for name, figs in self._step_figures.items():
+            figs = [(float(m), float(rho), float(ratio), condition_number(spec, self.mode))
+                    for m, rho, ratio, spec in figs]
             m = sum(f[0] for f in figs) / len(figs)
             if self.ema is not None and math.isfinite(m) and m > 0:
                 # a step without gradient for the layer (m = 0) or with an overflow is no history

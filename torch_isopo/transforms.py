@@ -1,6 +1,8 @@
 """The ISOPO transforms: per-layer statistics → new per-sample coefficients ``c`` (SPEC §1).
 
-Pure functions on small float64 tensors; they know nothing about layers or autograd.
+Pure functions on small float64 tensors; they know nothing about layers or autograd. They run on
+the gradients' device and never wait for it (no host sync): the figures for logging stay tensors
+until ``step()``.
 """
 from __future__ import annotations
 
@@ -13,41 +15,35 @@ from torch import Tensor
 
 @dataclass
 class Coefficients:
-    """``c`` for one layer and microbatch, with the figures worth logging."""
+    """``c`` for one layer and microbatch, with the figures worth logging (0-d tensors)."""
 
     c: Tensor
-    m: float          # the microbatch's own statistic (tr K / n, or mean ν²)
-    rho: float        # damping · m_used (ntk) or damping · m_used (fisher)
-    cond: float       # condition number of K (ntk) or max ν / min ν over samples (fisher)
+    m: Tensor          # the microbatch's own statistic (tr K / n, or mean ν²)
+    rho: Tensor        # damping · m_used
+    spectrum: Tensor   # K (ntk) or ν² (fisher): its condition number is computed at step()
 
 
-def _undefined(A: Tensor) -> Coefficients:
-    """The layer's per-sample gradients overflowed or hold NaN: ``c`` is NaN, so the written
-    gradient is NaN and a loss scaler skips the step, as it would for autograd's own overflow."""
-    nan = math.nan
-    return Coefficients(torch.full_like(A, nan), nan, nan, nan)
+def _statistic(m: Tensor, damping: float, m_used: float | None) -> Tensor:
+    return damping * (m if m_used is None else torch.as_tensor(m_used, dtype=m.dtype,
+                                                                device=m.device))
 
 
 def ntk_coefficients(K: Tensor, A: Tensor, damping: float, m_used: float | None = None) -> Coefficients:
     """``c = ρ (K + ρI)⁻¹ A`` with ``ρ = damping · m`` and ``m = tr(K)/n`` (or ``m_used``).
 
-    ``K`` is symmetric PSD; it is diagonalised once (n×n, float64), which gives the solve and the
-    condition number. ``c`` is invariant to the scale of ``K``; a zero ``K`` (the layer got no
-    gradient) leaves ``c = A``, whose contraction with zero gradients is zero anyway.
+    ``c`` is invariant to the scale of ``K``. A zero ``K`` (the layer got no gradient) gives
+    ``ρ = 0`` and ``c = A``, whose contraction with zero gradients is zero anyway. A non-finite
+    ``K`` (overflow) gives a NaN ``c``, so the gradient is NaN and a loss scaler skips the step.
     """
-    if not torch.isfinite(K).all():
-        return _undefined(A)
+    K = K.to(torch.float64)
+    A = A.to(K)
     n = A.numel()
-    m = float(torch.diagonal(K).sum()) / n
-    rho = damping * (m if m_used is None else m_used)
-    evals, evecs = torch.linalg.eigh(K)
-    evals = evals.clamp_min(0.0)
-    top, low = float(evals[-1]), float(evals[0])
-    cond = top / low if low > 0 else (math.inf if top > 0 else 1.0)
-    if rho <= 0.0:
-        return Coefficients(A.clone(), m, rho, cond)
-    c = rho * (evecs @ ((evecs.T @ A) / (evals + rho)))
-    return Coefficients(c, m, rho, cond)
+    m = torch.diagonal(K).sum() / n
+    rho = _statistic(m, damping, m_used)
+    safe = torch.where(rho > 0, rho, torch.ones_like(rho))
+    eye = torch.eye(n, dtype=K.dtype, device=K.device)
+    solved, _ = torch.linalg.solve_ex(K + safe * eye, A[:, None])
+    return Coefficients(safe * solved[:, 0], m, rho, K)
 
 
 def fisher_coefficients(nu2: Tensor, A: Tensor, damping: float, m_used: float | None = None) -> Coefficients:
@@ -55,23 +51,33 @@ def fisher_coefficients(nu2: Tensor, A: Tensor, damping: float, m_used: float | 
 
     A sample whose denominator is zero (ν_i = 0 and no damping) contributes nothing: ``c_i = 0``.
     """
-    if not torch.isfinite(nu2).all():
-        return _undefined(A)
-    m = float(nu2.mean())
-    rho = damping * (m if m_used is None else m_used)
+    nu2 = nu2.to(torch.float64)
+    A = A.to(nu2)
+    m = nu2.mean()
+    rho = _statistic(m, damping, m_used)
     denom = torch.sqrt(nu2 + rho)
     safe = denom > 0
     c = torch.where(safe, A / torch.where(safe, denom, torch.ones_like(denom)), torch.zeros_like(A))
-    nz = nu2[nu2 > 0]
-    cond = float(nz.max() / nz.min()) ** 0.5 if nz.numel() else 1.0
-    return Coefficients(c, m, rho, cond)
+    return Coefficients(c, m, rho, nu2)
 
 
 def fisher_nu2(dots: Tensor, sq_norms: Tensor) -> Tensor:
-    """``ν_i² = Σ_t ⟨g_t, G_i⟩² / Σ_t ‖g_t‖²`` from the probe×sample inner products ``dots``."""
-    total = sq_norms.sum()
-    if not (torch.isfinite(total) and torch.isfinite(dots).all()):
-        return torch.full((dots.shape[1],), math.nan, dtype=dots.dtype, device=dots.device)
-    if total <= 0:
-        return torch.zeros(dots.shape[1], dtype=dots.dtype, device=dots.device)
-    return (dots ** 2).sum(0) / total
+    """``ν_i² = Σ_t ⟨g_t, G_i⟩² / Σ_t ‖g_t‖²`` from the probe×sample inner products ``dots``
+    (zero when no probe has a non-zero piece; NaN when the products overflowed)."""
+    dots, total = dots.to(torch.float64), sq_norms.to(torch.float64).sum()
+    nu2 = (dots ** 2).sum(0) / torch.where(total > 0, total, torch.ones_like(total))
+    return torch.where(total != 0, nu2, torch.zeros_like(nu2))
+
+
+def condition_number(spectrum: Tensor, mode: str) -> float:
+    """For logging: ``λmax/λmin`` of K (inf when singular), or ``max ν / min ν`` over samples
+    with ``ν > 0`` (fisher). NaN when the statistics overflowed."""
+    s = spectrum.detach().to("cpu", torch.float64)
+    if not torch.isfinite(s).all():
+        return math.nan
+    if mode == "ntk":
+        ev = torch.linalg.eigvalsh(s).clamp_min(0.0)
+        top, low = float(ev[-1]), float(ev[0])
+        return top / low if low > 0 else (math.inf if top > 0 else 1.0)
+    nz = s[s > 0]
+    return float(nz.max() / nz.min()) ** 0.5 if nz.numel() else 1.0
