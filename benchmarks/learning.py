@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing as mp
 import os
 import statistics
@@ -38,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
 from cartpole import CartPoleTask  # noqa: E402
-from rl import smooth  # noqa: E402
+from rl import final_reward as final, first_reach, smooth  # noqa: E402
 from tiny_lm import ReverseTask  # noqa: E402
 
 from torch_isopo import ISOPO  # noqa: E402
@@ -167,16 +166,6 @@ def collect_runs(args) -> list[dict]:
 
 # -- summary -------------------------------------------------------------------------------------
 
-def final(r: dict) -> float:
-    """Mean batch reward over the last 10 steps."""
-    return statistics.fmean(r["reward"][-10:])
-
-
-def reach(r: dict, key: str, target: float) -> float:
-    """``r[key]`` at the first step whose 5-step mean reward reaches ``target`` (NaN: never)."""
-    return next((x for x, v in zip(r[key], smooth(r["reward"])) if v >= target), math.nan)
-
-
 def target_of(task: str) -> float:
     return TASKS[task]["make"].target
 
@@ -192,7 +181,7 @@ def best_lr(groups: dict, task: str, method: str) -> float:
     """The learning rate with the highest mean final reward (ties: fewer samples to target)."""
     def score(lr):
         rs = groups[(task, method, lr)]
-        t = [reach(r, "samples", target_of(task)) for r in rs]
+        t = [first_reach(r, target_of(task), "samples") for r in rs]
         return (round(statistics.fmean(map(final, rs)), 3),
                 -statistics.fmean(x if x == x else 1e12 for x in t))
     lrs = [lr for (t, m, lr) in groups if t == task and m == method]
@@ -216,9 +205,9 @@ def cells(groups: dict, task: str, method: str, lr: float, tgt: float) -> list[s
     """Final reward, samples / wall / CPU seconds to target and KL of one configuration."""
     rs = groups[(task, method, lr)]
     return [mean_sd([final(r) for r in rs], 3 if tgt < 10 else 1),
-            fmt_reach([reach(r, "samples", tgt) for r in rs], 0),
-            fmt_reach([reach(r, "seconds", tgt) for r in rs], 1),
-            fmt_reach([reach(r, "cpu", tgt) for r in rs], 1),
+            fmt_reach([first_reach(r, tgt, "samples") for r in rs], 0),
+            fmt_reach([first_reach(r, tgt, "seconds") for r in rs], 1),
+            fmt_reach([first_reach(r, tgt, "cpu") for r in rs], 1),
             f"{statistics.fmean(r['cpu'][-1] / len(r['cpu']) for r in rs):.2f}",
             f"{statistics.fmean(statistics.fmean(r['kl']) for r in rs):.2g}"]
 
@@ -303,7 +292,8 @@ def plots(runs: list[dict]) -> None:
 
 def write_doc(runs: list[dict], command: str) -> None:
     body = f"Produced by `{command}`.\n\n" + summary(runs)
-    text = DOC.read_text() if DOC.exists() else f"# Learning benchmark\n\n{MARKERS[0]}\n{MARKERS[1]}\n"
+    empty = f"# Learning benchmark\n\n{MARKERS[0]}\n{MARKERS[1]}\n"
+    text = DOC.read_text() if DOC.exists() else empty
     head, rest = text.split(MARKERS[0])
     DOC.write_text(f"{head}{MARKERS[0]}\n{body}\n{MARKERS[1]}{rest.split(MARKERS[1])[1]}")
     plots(runs)

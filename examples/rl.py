@@ -39,10 +39,10 @@ def train(task, method: str, steps: int, lr: float, seed: int = 0, progress=None
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     if method != "reinforce":
         opt = ISOPO(model, opt, mode=method)
-    hist = {"samples": [], "seconds": [], "reward": []}
-    clock = samples = 0.0
+    hist = {"samples": [], "seconds": [], "cpu": [], "reward": []}
+    clock = cpu = samples = 0.0
     for _ in range(steps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         batch = task.collect(model, gen)
         if method == "reinforce":                 # plain PyTorch: advantages in the loss
             logp, _ = task.logprobs(model, batch)
@@ -54,9 +54,9 @@ def train(task, method: str, steps: int, lr: float, seed: int = 0, progress=None
         opt.step()
         opt.zero_grad()
         clock += time.perf_counter() - start
+        cpu += time.process_time() - start_cpu
         samples += len(batch.rewards)
-        for key, value in (("samples", samples), ("seconds", clock),
-                           ("reward", batch.rewards.mean().item())):
+        for key, value in zip(hist, (samples, clock, cpu, batch.rewards.mean().item())):
             hist[key].append(value)
         if progress is not None:
             progress.set_postfix(reward=f"{hist['reward'][-1]:.3f}")
@@ -75,24 +75,31 @@ def first_reach(hist: dict, target: float, key: str) -> float:
     return next((x for x, r in zip(hist[key], smooth(hist["reward"])) if r >= target), math.nan)
 
 
+def final_reward(hist: dict) -> float:
+    """Mean batch reward over the last 10 steps."""
+    return sum(hist["reward"][-10:]) / len(hist["reward"][-10:])
+
+
 def report(task, runs: dict, out: str) -> None:
     """Print a results table and save learning curves (reward vs samples and vs seconds)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    print(f"\n| method | final reward | {task.unit} to {task.target:g} | seconds to "
-          f"{task.target:g} | seconds |\n|---|---|---|---|---|")
+    print(f"\n| method | final reward | {task.unit} to {task.target:g} | wall s to "
+          f"{task.target:g} | wall s | CPU s |\n|---|---|---|---|---|---|")
     for name, hist in runs.items():
-        final = sum(hist["reward"][-10:]) / len(hist["reward"][-10:])
-        print(f"| {name} | {final:.3f} | {first_reach(hist, task.target, 'samples'):.0f} | "
-              f"{first_reach(hist, task.target, 'seconds'):.1f} | {hist['seconds'][-1]:.1f} |")
+        samples, seconds = (first_reach(hist, task.target, k) for k in ("samples", "seconds"))
+        print(f"| {name} | {final_reward(hist):.3f} | "
+              f"{'never' if math.isnan(samples) else f'{samples:.0f}'} | "
+              f"{'never' if math.isnan(seconds) else f'{seconds:.1f}'} | "
+              f"{hist['seconds'][-1]:.1f} | {hist['cpu'][-1]:.1f} |")
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
     for name, hist in runs.items():
         for ax, key in zip(axes, ("samples", "seconds")):
             ax.plot(hist[key], smooth(hist["reward"]), label=name)
     axes[0].set(xlabel=task.unit, ylabel="reward (5-step mean)", title=task.name)
-    axes[1].set(xlabel="seconds (sampling + update)")
+    axes[1].set(xlabel="wall-clock seconds (sampling + update)")
     for ax in axes:
         ax.axhline(task.target, color="grey", lw=0.8, ls=":")
         ax.grid(alpha=0.3)
