@@ -138,7 +138,7 @@ def contract(uses: list[FactorUse], c: Tensor, P: int, Q: int):
         if u.weight:
             if u.indexed:
                 part = u.V.new_zeros(P, Q).index_add_(0, u.U, u.V * scale)
-            elif u.delta == "U":
+            elif u.U.shape[1] <= u.V.shape[1]:     # scale the narrower factor (no big copy)
                 part = (u.U * scale).T @ u.V
             else:
                 part = u.U.T @ (u.V * scale)
