@@ -1,0 +1,296 @@
+"""Misuse works as documented or raises a clear error, and the next step is unaffected.
+
+Every test ends with ``_assert_clean``: no open block, no gradients waiting to be checked, no
+statistics of an unfinished step, the same patches and parameter hooks as after construction.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from models import VOCAB, llama, lm_losses
+from torch_isopo import ISOPO
+from torch_isopo.reference import reference_gradients
+
+
+class Block(nn.Module):
+    """Square linear layers and a norm, optionally under non-reentrant activation checkpointing
+    (square weights: a plain recompute would save tensors of the same shapes)."""
+
+    def __init__(self, d=4, ckpt=False):
+        super().__init__()
+        self.a, self.b, self.norm, self.ckpt = nn.Linear(d, d), nn.Linear(d, d), nn.LayerNorm(d), ckpt
+
+    def body(self, x):
+        return self.norm(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+    def forward(self, x):
+        return checkpoint(self.body, x, use_reentrant=False) if self.ckpt else self.body(x)
+
+
+def _losses(model, X):
+    return (model(X) ** 2).sum(1) / X.shape[0]
+
+
+def _make(model, mode="ntk", ema=None, copy_model=True):
+    m = copy.deepcopy(model) if copy_model else model
+    opt = ISOPO(m, torch.optim.SGD(m.parameters(), lr=0.1), mode=mode, damping=0.5, ema=ema,
+                fisher_probes=None)
+    return m, opt, _hooks(m)
+
+
+def _hooks(model):
+    return {n: len(p._backward_hooks or {}) for n, p in model.named_parameters()}
+
+
+def _assert_clean(model, opt, hooks):
+    assert opt._active is None
+    assert opt._produced == {}
+    assert _hooks(model) == hooks
+    for layer in opt.layers:
+        for e in layer.entries:
+            assert type(e.module.__dict__["forward"]).__name__ == "PatchedForward"
+
+
+def _reference(model, losses, A, mode="ntk"):
+    ref = copy.deepcopy(model)
+    grads, _ = reference_gradients(ref, lambda: losses(ref), A, mode, 0.5)
+    return [grads[q] for q in ref.parameters()]
+
+
+def _assert_grads(model, expected, tol=1e-10):
+    for (name, p), want in zip(model.named_parameters(), expected):
+        err = float((p.grad - want).norm() / want.norm())
+        assert err <= tol, (name, err)
+
+
+def _fresh_step_matches(model, opt, X, A):
+    """The next microbatch gives the gradients a fresh optimizer gives (to rounding: BLAS
+    results may depend on memory alignment)."""
+    opt.zero_grad()
+    twin, twin_opt, _ = _make(model, opt.mode, opt.ema)
+    twin_opt.load_state_dict(opt.state_dict())
+    for m, o in ((model, opt), (twin, twin_opt)):
+        with o.microbatch(A):
+            _losses(m, X).sum().backward()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert float((p.grad - q.grad).norm() / q.grad.norm()) < 1e-12
+
+
+@pytest.fixture
+def data():
+    torch.manual_seed(0)
+    return Block().double(), torch.randn(5, 4, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("mode", ["reinforce", "ntk", "fisher"])
+def test_backward_twice_with_retain_graph_gives_twice_the_gradient(data, mode):
+    """Each backward is one ISOPO transform of that backward's per-sample gradients, added to
+    ``.grad`` like autograd's (with probe subsets each backward draws its own probes)."""
+    model, X, A = data
+    once, opt1, _ = _make(model, mode)
+    with opt1.microbatch(A):
+        _losses(once, X).sum().backward()
+    twice, opt2, hooks = _make(model, mode)
+    with opt2.microbatch(A):
+        loss = _losses(twice, X).sum()
+        loss.backward(retain_graph=True)
+        loss.backward()
+    for p, q in zip(once.parameters(), twice.parameters()):
+        assert torch.equal(q.grad, 2 * p.grad)
+    _assert_grads(once, _reference(model, lambda m: _losses(m, X), A, mode))
+    _assert_clean(twice, opt2, hooks)
+
+
+@pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "checkpointed"])
+@pytest.mark.parametrize("where", ["after", "other", "twice"])
+def test_graph_remembers_its_microbatch(data, ckpt, where):
+    """A graph back-propagated after its block, inside another block, or both (retain_graph)
+    gets the ISOPO gradient of the microbatch that built it; a checkpoint recompute repeats
+    ISOPO's forward with that microbatch."""
+    model, X, A = data
+    model.ckpt = ckpt
+    expected = _reference(model, lambda m: _losses(m, X), A)
+    m, opt, hooks = _make(model)
+    with opt.microbatch(A):
+        loss = _losses(m, X).sum()
+    if where == "after":
+        loss.backward()
+    else:
+        with opt.microbatch(torch.randn(5, dtype=torch.float64)):
+            loss.backward(retain_graph=where == "twice")
+        if where == "twice":
+            m.zero_grad()
+            loss.backward()
+    _assert_grads(m, expected)
+    _assert_clean(m, opt, hooks)
+    _fresh_step_matches(m, opt, X, A)
+
+
+def test_checkpointed_llama_backward_after_the_block():
+    torch.manual_seed(0)
+    model = llama(checkpointing=True).double()
+    ids = torch.randint(3, VOCAB, (2, 6))
+    A = torch.randn(2, dtype=torch.float64)
+    expected = _reference(model, lambda m: lm_losses(m, ids, None), A)
+    m, opt, hooks = _make(model)
+    with opt.microbatch(A):
+        loss = lm_losses(m, ids, None).sum()
+    loss.backward()
+    _assert_grads(m, expected, tol=1e-8)
+    _assert_clean(m, opt, hooks)
+
+
+def test_reentrant_checkpointing_inside_the_block():
+    """Reentrant checkpointing runs the forward without grad and recomputes in the backward:
+    it works when the backward runs inside the block."""
+    torch.manual_seed(0)
+    model = llama().double()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.train()
+    ids = torch.randint(3, VOCAB, (2, 6))
+    A = torch.randn(2, dtype=torch.float64)
+    m, opt, hooks = _make(model)
+    model.gradient_checkpointing_disable()      # the brute force takes per-sample autograd.grad
+    expected = _reference(model, lambda r: lm_losses(r, ids, None), A)
+    with opt.microbatch(A):
+        lm_losses(m, ids, None).sum().backward()
+    _assert_grads(m, expected, tol=1e-8)
+    _assert_clean(m, opt, hooks)
+
+
+def test_one_backward_through_two_microbatches_is_an_error(data):
+    model, X, A = data
+    m, opt, hooks = _make(model)
+    with opt.microbatch(A):
+        first = _losses(m, X).sum()
+    with opt.microbatch(A):
+        second = _losses(m, X).sum()
+    with pytest.raises(RuntimeError, match=r"graphs of 2 microbatches.*one backward per"):
+        (first + second).backward()
+    _assert_clean(m, opt, hooks)
+    _fresh_step_matches(m, opt, X, A)
+
+
+def test_plain_graph_backpropagated_inside_a_block_is_an_error(data):
+    model, X, A = data
+    m, opt, hooks = _make(model)
+    loss = _losses(m, X).sum()              # built outside any microbatch
+    with pytest.raises(RuntimeError, match=r"'norm.weight'.*outside any microbatch"):
+        with opt.microbatch(A):
+            loss.backward()
+    _assert_clean(m, opt, hooks)
+    _fresh_step_matches(m, opt, X, A)
+
+
+class Boom(Exception):
+    pass
+
+
+def test_exception_in_the_forward(data):
+    model, X, A = data
+    m, opt, hooks = _make(model)
+    with pytest.raises(Boom):
+        with opt.microbatch(A):
+            _losses(m, X)
+            raise Boom
+    _assert_clean(m, opt, hooks)
+    _fresh_step_matches(m, opt, X, A)
+
+
+def test_interrupted_backward_then_retry(data):
+    """A backward that raises half-way leaves partial gradients, as autograd does; the retry of
+    the retained graph uses only its own per-sample gradients."""
+    model, X, A = data
+    m, opt, hooks = _make(model)
+    calls = []
+
+    def fail_once(grad):
+        calls.append(1)
+        if len(calls) == 1:
+            raise Boom
+    with opt.microbatch(A):
+        h = torch.tanh(m.a(X))
+        h.register_hook(fail_once)          # between layer b (done) and layer a (not yet)
+        loss = (m.norm(torch.tanh(m.b(h))) ** 2).sum(1).sum() / X.shape[0]
+        with pytest.raises(Boom):
+            loss.backward(retain_graph=True)
+        assert m.b.weight.grad is not None and m.a.weight.grad is None
+        m.zero_grad()
+        loss.backward()
+    _assert_grads(m, _reference(model, lambda r: _losses(r, X), A))
+    _assert_clean(m, opt, hooks)
+
+
+def test_failure_after_the_block_leaves_no_stale_gradient(data):
+    """A hook that fails before ISOPO's check leaves a made gradient unchecked; a later plain
+    backward and the next microbatch are unaffected."""
+    model, X, A = data
+    plain = copy.deepcopy(model)
+    failing = [True]
+
+    def maybe_fail(grad):
+        if failing[0]:
+            raise Boom
+    model.b.weight.register_hook(maybe_fail)     # runs before ISOPO's own hook
+    m, opt, hooks = _make(model, copy_model=False)
+    with opt.microbatch(A):
+        loss = _losses(m, X).sum()
+    with pytest.raises(Boom):
+        loss.backward()
+    failing[0] = False
+    m.zero_grad()
+    _losses(m, X).sum().backward()               # outside any microbatch: plain autograd
+    _losses(plain, X).sum().backward()
+    for p, q in zip(m.parameters(), plain.parameters()):
+        assert torch.equal(p.grad, q.grad)
+    _fresh_step_matches(m, opt, X, A)
+    _assert_clean(m, opt, hooks)
+
+
+def test_nested_blocks_are_an_error_and_the_outer_block_goes_on(data):
+    model, X, A = data
+    m, opt, hooks = _make(model)
+    with opt.microbatch(A):
+        with pytest.raises(RuntimeError, match="cannot be nested"):
+            with opt.microbatch(A):
+                pass
+        _losses(m, X).sum().backward()
+    _assert_grads(m, _reference(model, lambda r: _losses(r, X), A))
+    _assert_clean(m, opt, hooks)
+
+
+def test_step_without_a_microbatch_steps_the_inner_optimizer(data):
+    """``step()`` with no microbatch steps on whatever gradients are there (none: nothing moves;
+    a supervised loss outside any block: plain SGD) and leaves the statistics alone."""
+    model, X, A = data
+    m, opt, hooks = _make(model, ema=0.9)
+    with opt.microbatch(A):
+        _losses(m, X).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    stats = dict(opt._m)
+    before = [p.detach().clone() for p in m.parameters()]
+    opt.step()                                   # no gradients at all
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), before))
+    _losses(m, X).sum().backward()               # a plain loss, outside any block
+    grads = [p.grad.clone() for p in m.parameters()]
+    opt.step()
+    for p, q, g in zip(m.parameters(), before, grads):
+        torch.testing.assert_close(p, q - 0.1 * g, rtol=0, atol=1e-15)
+    assert opt._m == stats and opt.diagnostics == {}
+    _assert_clean(m, opt, hooks)
+    _fresh_step_matches(m, opt, X, A)
+
+
+def test_block_without_backward_leaves_nothing(data):
+    model, X, A = data
+    m, opt, hooks = _make(model)
+    with opt.microbatch(A):
+        _losses(m, X)
+    opt.step()
+    assert all(p.grad is None for p in m.parameters())
+    _assert_clean(m, opt, hooks)
+    _fresh_step_matches(m, opt, X, A)

@@ -1,0 +1,189 @@
+"""Mixed precision: fp16 with ``torch.amp.GradScaler`` and bf16 autocast (on CPU).
+
+An overflow in the backward reaches ``.grad`` as inf/NaN, so the scaler skips the step exactly as
+it would without ISOPO; a skipped step leaves no trace in ISOPO's statistics; no NaN reaches the
+parameters; the loss scale changes neither the statistics nor the unscaled gradient.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from torch_isopo import ISOPO
+
+N = 8
+
+
+def _policy():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4))
+
+
+def _batch(step, poison=()):
+    """Step ``step``'s states and actions; a poisoned step has an inf in one state."""
+    g = torch.Generator().manual_seed(step)
+    X, acts = torch.randn(N, 6, generator=g), torch.randint(0, 4, (N,), generator=g)
+    if step in poison:
+        X[0, 0] = float("inf")
+    return X, acts
+
+
+def _losses(model, X, acts, dtype=None):
+    with torch.autocast("cpu", dtype=dtype or torch.float16, enabled=dtype is not None):
+        logits = model(X)
+    return -torch.log_softmax(logits.float(), -1).gather(1, acts[:, None]).squeeze(1)
+
+
+def _train(model, steps, *, isopo=None, A=torch.ones(N), dtype=torch.float16, scaler=None,
+           first=0, poison=(), isopo_zero_grad=True):
+    """Train with a GradScaler; returns per-step (scale after update, parameters, skipped)."""
+    inner = torch.optim.SGD(model.parameters(), lr=1e-2)
+    scaler = scaler or torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1)
+    opt = ISOPO(model, inner, grad_scaler=scaler, **isopo) if isopo is not None else inner
+    history = []
+    for step in range(first, first + steps):
+        X, acts = _batch(step, poison)
+        if isopo is not None:
+            with opt.microbatch(A):
+                scaler.scale(_losses(model, X, acts, dtype).sum()).backward()
+        else:
+            scaler.scale((A * _losses(model, X, acts, dtype)).sum()).backward()
+        finite = all(torch.isfinite(p.grad).all() for p in model.parameters())
+        before = [p.detach().clone() for p in model.parameters()]
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad() if isopo_zero_grad else model.zero_grad()
+        moved = any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+        assert moved == finite                     # skipped exactly when .grad is not finite
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        history.append((scaler.get_scale(), [p.detach().clone() for p in model.parameters()],
+                        not finite))
+    return history, opt
+
+
+# fp16: a scale that doubles every clean step overflows every few steps; bf16 has fp32's range,
+# so its overflows come from a poisoned input
+PRECISIONS = [(torch.float16, ()), (torch.bfloat16, (2, 5, 6))]
+
+
+@pytest.mark.parametrize("dtype, poison", PRECISIONS, ids=["fp16", "bf16"])
+def test_reinforce_under_a_scaler_is_autograd_bit_for_bit(dtype, poison):
+    """With ``A = 1`` ISOPO's reinforce gradient is autograd's: the same overflows, the same
+    skipped steps, the same scales and parameters at every step."""
+    model = _policy()
+    runs = [_train(copy.deepcopy(model), 10, isopo=isopo, dtype=dtype, poison=poison)[0]
+            for isopo in (None, dict(mode="reinforce"))]
+    assert any(skip for _, _, skip in runs[0]) and not all(skip for _, _, skip in runs[0])
+    for (s1, p1, k1), (s2, p2, k2) in zip(*runs):
+        assert s1 == s2 and k1 == k2
+        assert all(torch.equal(a, b) for a, b in zip(p1, p2))
+
+
+@pytest.mark.parametrize("mode", ["ntk", "fisher"])
+@pytest.mark.parametrize("dtype, poison", PRECISIONS, ids=["fp16", "bf16"])
+def test_overflows_are_skipped_and_leave_the_statistics_finite(mode, dtype, poison):
+    history, opt = _train(_policy(), 10, isopo=dict(mode=mode, ema=0.9), A=torch.randn(N),
+                          dtype=dtype, poison=poison)
+    skipped = [skip for _, _, skip in history]
+    assert any(skipped) and not all(skipped)
+    if poison:
+        assert [i for i, skip in enumerate(skipped) if skip] == list(poison)
+    assert opt._m and all(0 < m < float("inf") for m in opt._m.values())
+
+
+@pytest.mark.parametrize("mode", ["ntk", "fisher"])
+def test_a_skipped_step_leaves_no_trace(mode):
+    """An overflowing first step, then three clean ones, ends exactly where the three clean
+    steps alone end: the skipped step's statistics were discarded with its gradients."""
+    model = _policy()
+    kw = dict(isopo=dict(mode=mode, ema=0.9), A=torch.randn(N))
+    overflow = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40, backoff_factor=2.0 ** -30,
+                                    growth_interval=100)
+    a, _ = _train(copy.deepcopy(model), 4, scaler=overflow, **kw)
+    b, _ = _train(copy.deepcopy(model), 3, first=1,
+                  scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=100), **kw)
+    assert [skip for _, _, skip in a] == [True, False, False, False]
+    assert all(torch.equal(p, q) for p, q in zip(a[-1][1], b[-1][1]))
+
+
+def test_statistics_survive_a_skipped_step_without_isopo_zero_grad():
+    """A loop that zeroes through the model keeps the skipped step's (NaN) figures until the
+    next step; they never enter the moving average."""
+    history, opt = _train(_policy(), 4, isopo=dict(mode="ntk", ema=0.9), A=torch.randn(N),
+                          scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 40,
+                                                      backoff_factor=2.0 ** -30),
+                          isopo_zero_grad=False)
+    assert history[0][2] and not any(skip for _, _, skip in history[1:])
+    assert opt._m and all(0 < m < float("inf") for m in opt._m.values())
+
+
+@pytest.mark.parametrize("mode", ["ntk", "fisher"])
+def test_loss_scale_changes_nothing_after_unscaling(mode):
+    """With ``grad_scaler=`` the statistics are in units of the unscaled loss and the fisher
+    gradient follows the loss scale: a scale that doubles every step (fp32, no overflow) gives
+    the parameters of a run without a scaler."""
+    model = _policy()
+    A = torch.randn(N)
+    runs = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=3.0, growth_interval=1)):
+        m = copy.deepcopy(model)
+        opt = ISOPO(m, torch.optim.SGD(m.parameters(), lr=1e-2), mode=mode, ema=0.5,
+                    grad_scaler=scaler)
+        for step in range(4):
+            X, acts = _batch(step)
+            with opt.microbatch(A):
+                loss = _losses(m, X, acts).sum()
+                (loss if scaler is None else scaler.scale(loss)).backward()
+            if scaler is None:
+                opt.step()
+            else:
+                scaler.step(opt)
+                scaler.update()
+            opt.zero_grad()
+        runs.append((m, opt))
+    (m1, o1), (m2, o2) = runs
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    for name in o1._m:
+        assert o1._m[name] == pytest.approx(o2._m[name], rel=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["reinforce", "ntk", "fisher"])
+@pytest.mark.parametrize("size", [1e6, 1e-6])
+def test_fp16_holds_any_advantage_scale(mode, size):
+    """Advantages far outside fp16's range (the transform is linear in them) give the fp32
+    gradient to fp16 accuracy, not inf (a scaler would skip every step) or zero."""
+    model = _policy()
+    X, acts = _batch(0)
+    A = torch.randn(N) * size
+    grads = []
+    for dtype in (torch.float16, None):
+        m = copy.deepcopy(model)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+        opt = ISOPO(m, torch.optim.SGD(m.parameters(), lr=1e-2), mode=mode, ema=None,
+                    grad_scaler=scaler)
+        with opt.microbatch(A):
+            scaler.scale(_losses(m, X, acts, dtype).sum()).backward()
+        scaler.unscale_(opt)
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    assert torch.isfinite(grads[0]).all()
+    err = float((grads[0] - grads[1]).norm() / grads[1].norm())
+    assert err < 2e-2
+
+
+def test_float32_kernel_overflow_gives_nan_not_a_wrong_gradient():
+    """K is formed in float32 for float32 models: per-sample gradients of norm ~1e20 overflow
+    it. The gradient is then NaN (a scaler skips), never a finite wrong value; in float64 it is
+    exact."""
+    model = nn.Linear(3, 2)
+    X = torch.randn(4, 3) * 1e10
+    for dtype in (torch.float32, torch.float64):
+        m = copy.deepcopy(model).to(dtype)
+        opt = ISOPO(m, torch.optim.SGD(m.parameters(), lr=0.1), mode="ntk", ema=None)
+        with opt.microbatch(torch.randn(4)):
+            (m(X.to(dtype)) * 1e10).sum().backward()
+        finite = torch.isfinite(m.weight.grad).all()
+        assert bool(finite) == (dtype == torch.float64)
+        if dtype == torch.float32:
+            assert torch.isnan(m.weight.grad).all() and torch.isnan(m.bias.grad).all()
