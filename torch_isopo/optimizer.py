@@ -171,7 +171,8 @@ class ISOPO(torch.optim.Optimizer):
         self._produced_task: int | None = None          # ... in this backward (graph task)
         self._m: dict[str, float] = {}                 # EMA of m per layer
         self._step_figures: dict[str, list] = {}       # this step's microbatch figures
-        self.diagnostics: dict[str, dict[str, float]] = {}
+        self._last_figures: dict[str, list] = {}       # the last step's, for diagnostics
+        self._diagnostics: dict[str, dict[str, float]] | None = None
         self._restore: list = []
         self._watched = WeakIdKeyDictionary()          # parameters swapped in for a forward
         self._attach()
@@ -334,20 +335,33 @@ class ISOPO(torch.optim.Optimizer):
         return tuple(out)
 
     def _end_step(self) -> None:
-        self.diagnostics = {}
+        """Fold this step's microbatch statistics into the averages; keep its figures for
+        ``diagnostics``."""
         for name, figs in self._step_figures.items():
-            figs = [(float(m), float(rho), float(ratio), condition_number(spec, self.mode))
-                    for m, rho, ratio, spec in figs]
-            m = sum(f[0] for f in figs) / len(figs)
+            m = float(sum(f[0] for f in figs)) / len(figs)
             if self.ema is not None and math.isfinite(m) and m > 0:
                 # a step without gradient for the layer (m = 0) or with an overflow is no history
                 old = self._m.get(name)
                 self._m[name] = m if old is None else self.ema * old + (1 - self.ema) * m
-            self.diagnostics[name] = {
-                "m": m, "rho": sum(f[1] for f in figs) / len(figs),
-                "c_ratio": sum(f[2] for f in figs) / len(figs),
-                "cond": max(f[3] for f in figs), "microbatches": len(figs)}
-        self._step_figures = {}
+        self._last_figures, self._step_figures = self._step_figures, {}
+        self._diagnostics = None
+
+    @property
+    def diagnostics(self) -> dict[str, dict[str, float]]:
+        """Per layer, for the last ``step()``: the mean ``m``, ``rho`` and ``‖c‖/‖A‖`` over its
+        microbatches, the largest condition number (of K, or of ν for fisher) and the number of
+        microbatches. Computed when read, so steps that are not logged cost nothing."""
+        if self._diagnostics is None:
+            self._diagnostics = {}
+            for name, figs in self._last_figures.items():
+                figs = [(float(m), float(rho), float(ratio), condition_number(spec, self.mode))
+                        for m, rho, ratio, spec in figs]
+                k = len(figs)
+                self._diagnostics[name] = {
+                    "m": sum(f[0] for f in figs) / k, "rho": sum(f[1] for f in figs) / k,
+                    "c_ratio": sum(f[2] for f in figs) / k, "cond": max(f[3] for f in figs),
+                    "microbatches": k}
+        return self._diagnostics
 
     # -- hooks ---------------------------------------------------------------------------------
     def _attach(self) -> None:

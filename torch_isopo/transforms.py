@@ -41,8 +41,9 @@ def ntk_coefficients(K: Tensor, A: Tensor, damping: float, m_used: float | None 
     m = torch.diagonal(K).sum() / n
     rho = _statistic(m, damping, m_used)
     safe = torch.where(rho > 0, rho, torch.ones_like(rho))
-    eye = torch.eye(n, dtype=K.dtype, device=K.device)
-    solved, _ = torch.linalg.solve_ex(K + safe * eye, A[:, None])
+    damped = K.clone()
+    damped.diagonal().add_(safe)
+    solved, _ = torch.linalg.solve_ex(damped, A[:, None])
     return Coefficients(safe * solved[:, 0], m, rho, K)
 
 
