@@ -67,17 +67,24 @@ class LinearFn(Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, use):
-        x, weight, bias = _cast(_autocast_dtype(x), x, weight, bias)
-        with torch.autocast(x.device.type, enabled=False):
-            if use.conv1d:
-                flat = x.reshape(-1, x.shape[-1])
-                out = (torch.addmm(bias, flat, weight) if bias is not None else flat @ weight)
-                out = out.view(*x.shape[:-1], weight.shape[1])
-            else:
-                out = F.linear(x, weight, bias)
+        dtype = _autocast_dtype(x)
+        if dtype is None:
+            out = LinearFn._apply(x, weight, bias, use.conv1d)
+        else:                        # what autocast would run: the op in its lower precision
+            x, weight, bias = _cast(dtype, x, weight, bias)
+            with torch.autocast(x.device.type, enabled=False):
+                out = LinearFn._apply(x, weight, bias, use.conv1d)
         ctx.save_for_backward(x, weight)
         ctx.use = use
         return out
+
+    @staticmethod
+    def _apply(x, weight, bias, conv1d):
+        if not conv1d:
+            return F.linear(x, weight, bias)
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.addmm(bias, flat, weight) if bias is not None else flat @ weight
+        return out.view(*x.shape[:-1], weight.shape[1])
 
     @staticmethod
     def backward(ctx, dy):
