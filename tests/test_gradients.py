@@ -260,3 +260,14 @@ def test_fisher_probes_beyond_the_candidates_use_them_all():
         grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
     assert torch.equal(grads[0], grads[1])
     assert torch.isfinite(grads[2]).all() and not torch.allclose(grads[0], grads[2])
+
+
+@pytest.mark.parametrize("mode", ["ntk", "fisher"])
+@pytest.mark.parametrize("route", ["gram", "materialise"])
+def test_tiny_memory_budget_chunks_without_changing_the_result(mode, route):
+    """A budget of a few KiB forces row chunks (materialise), row blocks (gram, Fisher
+    products) and drops the kept per-sample gradients: the result stays exact."""
+    model = qwen3().double()
+    ids, mask = _lm_batch()
+    assert_matches_reference(model, lambda m: lm_losses(m, ids, mask), _adv(3), mode,
+                             route=route, memory_budget=4096)
