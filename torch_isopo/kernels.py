@@ -48,6 +48,9 @@ def work_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+_CAST_ELEMS = 1 << 24   # at most this many elements of a factor are upcast at once
+
+
 def side_dots(X: Tensor, Y: Tensor, dtype: torch.dtype) -> Tensor:
     """Inner products between rows of two factors of one side; a 1-D factor is one-hot."""
     if X.dim() == 1 and Y.dim() == 1:
@@ -56,7 +59,14 @@ def side_dots(X: Tensor, Y: Tensor, dtype: torch.dtype) -> Tensor:
         return Y.index_select(1, X).T.to(dtype)
     if Y.dim() == 1:
         return X.index_select(1, Y).to(dtype)
-    return X.to(dtype) @ Y.to(dtype).T
+    X = X.to(dtype)
+    step = max(1, _CAST_ELEMS // Y.shape[1])
+    if Y.dtype == dtype or step >= Y.shape[0]:
+        return X @ Y.to(dtype).T
+    out = X.new_empty(X.shape[0], Y.shape[0])   # cast a low-precision Y in pieces, never whole
+    for j in range(0, Y.shape[0], step):
+        out[:, j:j + step] = X @ Y[j:j + step].to(dtype).T
+    return out
 
 
 def piece_dots(u: FactorUse, rows: slice | Tensor, w: FactorUse, dtype: torch.dtype,
