@@ -271,3 +271,17 @@ def test_tiny_memory_budget_chunks_without_changing_the_result(mode, route):
     ids, mask = _lm_batch()
     assert_matches_reference(model, lambda m: lm_losses(m, ids, mask), _adv(3), mode,
                              route=route, memory_budget=4096)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sequence_first_inputs_with_sample_dim(mode):
+    """(L, B, d) inputs: samples along dim 1, said with ``sample_dim=1``."""
+    model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.LayerNorm(6),
+                                torch.nn.Linear(6, 3)).double()
+    X = torch.randn(7, 4, 5, dtype=torch.float64)          # (L, B, d)
+    target = torch.randint(0, 3, (7, 4))
+
+    def losses(m):
+        logp = torch.log_softmax(m(X), -1).gather(-1, target[..., None]).squeeze(-1)
+        return -logp.sum(0) / 28
+    assert_matches_reference(model, losses, _adv(4), mode, sample_dim=1)
