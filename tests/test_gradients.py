@@ -285,3 +285,20 @@ def test_sequence_first_inputs_with_sample_dim(mode):
         logp = torch.log_softmax(m(X), -1).gather(-1, target[..., None]).squeeze(-1)
         return -logp.sum(0) / 28
     assert_matches_reference(model, losses, _adv(4), mode, sample_dim=1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_reentrant_checkpointing_matches_the_plain_forward(mode):
+    """Reentrant checkpointing (the brute force cannot run under it) gives the gradients of
+    the same model without checkpointing, which the brute-force tests cover."""
+    from conftest import run_isopo
+    model = llama().double()
+    ids, mask = _lm_batch()
+    A = _adv(3)
+    plain, _ = run_isopo(model, lambda m: lm_losses(m, ids, mask), A, mode)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.train()
+    ckpt, _ = run_isopo(model, lambda m: lm_losses(m, ids, mask), A, mode)
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        err = float((p.grad - q.grad).norm() / p.grad.norm())
+        assert err < 1e-10, (name, err)
