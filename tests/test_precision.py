@@ -101,8 +101,8 @@ def test_a_skipped_step_leaves_no_trace(mode):
     overflow = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40, backoff_factor=2.0 ** -30,
                                     growth_interval=100)
     a, _ = _train(copy.deepcopy(model), 4, scaler=overflow, **kw)
-    b, _ = _train(copy.deepcopy(model), 3, first=1,
-                  scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=100), **kw)
+    clean = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=100)
+    b, _ = _train(copy.deepcopy(model), 3, first=1, scaler=clean, **kw)
     assert [skip for _, _, skip in a] == [True, False, False, False]
     assert all(torch.equal(p, q) for p, q in zip(a[-1][1], b[-1][1]))
 

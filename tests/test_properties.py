@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from conftest import run_isopo
+from torch_isopo import ISOPO
 from torch_isopo.reference import reference_gradients
 
 SETTINGS = settings(max_examples=30, deadline=None, derandomize=True,
@@ -135,3 +136,31 @@ def test_padded_sequences_match_the_brute_force(case):
         logp = torch.log_softmax(m(ids), -1).gather(-1, ids[..., None]).squeeze(-1)
         return -(logp * mask).sum(1) / mask.sum()
     _assert_matches(model, losses, A, mode, damping)
+
+
+def test_a_layer_without_gradient_is_no_history():
+    """A zero-initialised LoRA-style ``up`` leaves ``down`` without gradient (K = 0, m = 0) in the
+    first step: that step does not enter ``down``'s average, so the second step uses its own
+    ``m``, not a damping of zero."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2, bias=False), nn.Linear(2, 3, bias=False)).double()
+    nn.init.zeros_(model[1].weight)
+    X = torch.randn(4, 3, dtype=torch.float64)
+    A = torch.randn(4, dtype=torch.float64)
+    m = copy.deepcopy(model)
+    opt = ISOPO(m, torch.optim.SGD(m.parameters(), lr=0.5), mode="ntk", damping=0.5, ema=0.9)
+
+    def losses(net):
+        return (net(X) - 1).square().sum(1)
+    with opt.microbatch(A):
+        losses(m).sum().backward()
+    assert not m[0].weight.grad.any()
+    opt.step()
+    opt.zero_grad()
+    assert set(opt._m) == {"1"}
+    with opt.microbatch(A):
+        losses(m).sum().backward()
+    ref = copy.deepcopy(m)
+    want, _ = reference_gradients(ref, lambda: losses(ref), A, "ntk", 0.5, m=dict(opt._m))
+    for p, q in zip(m.parameters(), ref.parameters()):
+        assert float((p.grad - want[q]).norm() / want[q].norm()) < 1e-10
