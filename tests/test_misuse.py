@@ -298,3 +298,24 @@ def test_block_without_backward_leaves_nothing(data):
     assert all(p.grad is None for p in m.parameters())
     _assert_clean(m, opt, hooks)
     _fresh_step_matches(m, opt, X, A)
+
+
+def test_step_inside_the_block(data):
+    """``step()`` inside a block, after its backward, steps on its gradients and counts its
+    statistics, as after the block."""
+    model, X, A = data
+    runs = []
+    for inside in (True, False):
+        m, opt, hooks = _make(model, ema=0.9)
+        with opt.microbatch(A):
+            _losses(m, X).sum().backward()
+            if inside:
+                opt.step()
+        if not inside:
+            opt.step()
+        opt.zero_grad()
+        runs.append((m, opt))
+        _assert_clean(m, opt, hooks)
+    (m1, o1), (m2, o2) = runs
+    assert o1._m == o2._m and o1._m
+    assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
