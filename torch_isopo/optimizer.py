@@ -328,17 +328,15 @@ class ISOPO(torch.optim.Optimizer):
             if g is not None:
                 self._produced.setdefault(id(p), []).append(g)
             out.append(g)
-        if self.mode != "reinforce":      # tensors: read at step(), not here
-            ratio = coef.c.norm() / A.norm() * (S if self.mode == "fisher" else 1.0)
-            self._step_figures.setdefault(layer.name, []).append(
-                (coef.m / S ** 2, coef.rho / S ** 2, ratio, coef.spectrum))
+        if self.mode != "reinforce":      # tensors, read at step() and when logged
+            self._step_figures.setdefault(layer.name, []).append((coef, A, S))
         return tuple(out)
 
     def _end_step(self) -> None:
         """Fold this step's microbatch statistics into the averages; keep its figures for
         ``diagnostics``."""
         for name, figs in self._step_figures.items():
-            m = float(sum(f[0] for f in figs)) / len(figs)
+            m = sum(float(coef.m) / S ** 2 for coef, _, S in figs) / len(figs)
             if self.ema is not None and math.isfinite(m) and m > 0:
                 # a step without gradient for the layer (m = 0) or with an overflow is no history
                 old = self._m.get(name)
@@ -354,8 +352,9 @@ class ISOPO(torch.optim.Optimizer):
         if self._diagnostics is None:
             self._diagnostics = {}
             for name, figs in self._last_figures.items():
-                figs = [(float(m), float(rho), float(ratio), condition_number(spec, self.mode))
-                        for m, rho, ratio, spec in figs]
+                figs = [(float(coef.m) / S ** 2, float(coef.rho) / S ** 2,
+                         float(coef.c.norm() / A.norm()) * (S if self.mode == "fisher" else 1.0),
+                         condition_number(coef.spectrum, self.mode)) for coef, A, S in figs]
                 k = len(figs)
                 self._diagnostics[name] = {
                     "m": sum(f[0] for f in figs) / k, "rho": sum(f[1] for f in figs) / k,
