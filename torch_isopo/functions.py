@@ -219,10 +219,11 @@ class NormAffineFn(Function):
         use = ctx.use
         dh = dy * weight if ctx.needs_input_grad[0] else None
         dt = work_dtype(dy)
-        d = dy.reshape(-1, dy.shape[-1]).to(dt)
-        rows = d * h.reshape(d.shape).to(dt) if use.weight else d
+        D = dy.shape[-1]
+        d = dy.to(dt)
+        rows = (d * h.to(dt)).reshape(-1, D) if use.weight else d.reshape(-1, D)
         if use.weight and use.bias:
-            rows = torch.cat([rows, d], 1)
+            rows = torch.cat([rows, d.reshape(-1, D)], 1)
         use.pending.add(explicit_use(rows, use.smap, d, use.pending.isopo.mode == "fisher"))
         return dh, None, None, None
 
