@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models import VOCAB, llama, lm_losses
+import torch_isopo.optimizer
 from torch_isopo import ISOPO
 from torch_isopo.layers import PatchedForward
 from torch_isopo.reference import reference_gradients
@@ -131,6 +132,27 @@ def test_graph_remembers_its_microbatch(data, ckpt, where):
     _assert_grads(m, expected)
     _assert_clean(m, opt, hooks)
     _fresh_step_matches(m, opt, X, A)
+
+
+def test_plain_checkpointed_backward_searches_nothing(data, monkeypatch):
+    """Once no microbatch's graph is alive, the recompute of a plain checkpointed graph runs the
+    plain forward without searching the graph: outside blocks ISOPO costs nothing, bit for bit."""
+    model, X, A = data
+    model.ckpt = True
+    plain = copy.deepcopy(model)
+    m, opt, hooks = _make(model, copy_model=False)
+    with opt.microbatch(A):
+        _losses(m, X).sum().backward()
+    m.zero_grad()
+
+    def no_search(node, isopo):
+        raise AssertionError("searched a graph built outside any microbatch")
+    monkeypatch.setattr(torch_isopo.optimizer, "graph_microbatch", no_search)
+    _losses(m, X).sum().backward()
+    _losses(plain, X).sum().backward()
+    for p, q in zip(m.parameters(), plain.parameters()):
+        assert torch.equal(p.grad, q.grad)
+    _assert_clean(m, opt, hooks)
 
 
 def test_checkpointed_llama_backward_after_the_block():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -167,6 +168,7 @@ class ISOPO(torch.optim.Optimizer):
         self._patch_step_function()
         self.layers: list[Layer] = find_layers(model)
         self._active: _Microbatch | None = None
+        self._graphs = weakref.WeakSet()   # microbatches whose graphs may still run backward
         self._produced: dict[int, list[Tensor]] = {}   # gradients the gates made, per parameter
         self._produced_task: int | None = None          # ... in this backward (graph task)
         self._m: dict[str, float] = {}                 # EMA of m per layer
@@ -269,6 +271,7 @@ class ISOPO(torch.optim.Optimizer):
             raise ValueError(f"sample_dim must be 0 or 1, got {sample_dim}")
         self._produced.clear()
         self._active = mb = _Microbatch(self, A, seg, sample_dim)
+        self._graphs.add(mb)
         try:
             yield self
         finally:
@@ -281,7 +284,9 @@ class ISOPO(torch.optim.Optimizer):
         a backward (an activation-checkpoint recompute), the one whose graph is back-propagated,
         so that the recompute repeats the ops of the original forward."""
         node = torch._C._current_autograd_node()
-        mb = None if node is None else graph_microbatch(node, self)
+        if node is None or not self._graphs:       # no graph of ours to search
+            return self._active
+        mb = graph_microbatch(node, self)
         return mb if mb is not None else self._active
 
     # -- per-layer work, called from a gate's backward ---------------------------------------
