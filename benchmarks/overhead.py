@@ -126,8 +126,10 @@ def time_methods(args, dtype):
             sync(args.device)
             wall[method].append(time.perf_counter() - t)
             cpu[method].append(time.process_time() - c)
+    def paired(d):  # per round, time / REINFORCE's time in the same round: robust to drift
+        return {k: statistics.median(a / b for a, b in zip(v, d["reinforce"])) for k, v in d.items()}
     median = lambda d: {k: statistics.median(v) for k, v in d.items()}
-    return median(wall), median(cpu)
+    return median(wall), median(cpu), paired(wall), paired(cpu)
 
 
 def peak_memory(args, method):
@@ -176,7 +178,7 @@ def main():
     p.add_argument("--size", choices=SIZES, default="small")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
     p.add_argument("--memory-of", choices=METHODS, help=argparse.SUPPRESS)
@@ -184,19 +186,20 @@ def main():
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if args.memory_of:
         return measure_one(args, dtype)
-    times, cpu = time_methods(args, dtype)
+    times, cpu, rt, rc = time_methods(args, dtype)
     mems = {m: peak_memory(args, m) for m in args.methods}
-    base_t, base_c, base_m = times["reinforce"], cpu["reinforce"], mems["reinforce"]
-    print(f"{args.size} model, {args.device}, {args.dtype}, median of {args.repeats} interleaved "
-          f"steps; cpu s = process CPU time (robust to other load on the machine)")
+    base_m = mems["reinforce"]
+    print(f"{args.size} model, {args.device}, {args.dtype}, {args.repeats} interleaved rounds; "
+          "step s / cpu s: medians of wall and process CPU time; × time / × cpu: median over "
+          "rounds of the ratio to REINFORCE in the same round")
     print(f"{'method':<16}{'step s':>8}{'× time':>8}{'cpu s':>8}{'× cpu':>7}{'peak MiB':>10}"
           f"{'× mem':>7}")
     for m in args.methods:
-        print(f"{m:<16}{times[m]:>8.3f}{times[m] / base_t:>8.2f}{cpu[m]:>8.3f}"
-              f"{cpu[m] / base_c:>7.2f}{mems[m] / 2**20:>10.1f}{mems[m] / base_m:>7.2f}")
+        print(f"{m:<16}{times[m]:>8.3f}{rt[m]:>8.2f}{cpu[m]:>8.3f}{rc[m]:>7.2f}"
+              f"{mems[m] / 2**20:>10.1f}{mems[m] / base_m:>7.2f}")
     if "reference-style" in times and "ntk" in times:
-        print(f"reference-style / ntk: {times['reference-style'] / times['ntk']:.2f}× (time), "
-              f"{cpu['reference-style'] / cpu['ntk']:.2f}× (cpu)")
+        print(f"reference-style / ntk: {rt['reference-style'] / rt['ntk']:.2f}× (time), "
+              f"{rc['reference-style'] / rc['ntk']:.2f}× (cpu)")
 
 
 if __name__ == "__main__":
