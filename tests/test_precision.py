@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from torch_isopo import ISOPO
+from torch_isopo.transforms import fisher_coefficients, fisher_nu2
 
 N = 8
 
@@ -172,18 +173,29 @@ def test_fp16_holds_any_advantage_scale(mode, size):
     assert err < 2e-2
 
 
-def test_float32_kernel_overflow_gives_nan_not_a_wrong_gradient():
-    """K is formed in float32 for float32 models: per-sample gradients of norm ~1e20 overflow
-    it. The gradient is then NaN (a scaler skips), never a finite wrong value; in float64 it is
-    exact."""
+@pytest.mark.parametrize("mode", ["ntk", "fisher"])
+def test_float32_kernel_overflow_gives_nan_not_a_wrong_gradient(mode):
+    """K and the Fisher sums are formed in float32 for float32 models: per-sample gradients of
+    norm ~1e20 overflow them. The gradient is then NaN (a scaler skips), never a finite wrong
+    value; in float64 it is finite."""
     model = nn.Linear(3, 2)
     X = torch.randn(4, 3) * 1e10
     for dtype in (torch.float32, torch.float64):
         m = copy.deepcopy(model).to(dtype)
-        opt = ISOPO(m, torch.optim.SGD(m.parameters(), lr=0.1), mode="ntk", ema=None)
+        opt = ISOPO(m, torch.optim.SGD(m.parameters(), lr=0.1), mode=mode, ema=None)
         with opt.microbatch(torch.randn(4)):
             (m(X.to(dtype)) * 1e10).sum().backward()
         finite = torch.isfinite(m.weight.grad).all()
         assert bool(finite) == (dtype == torch.float64)
         if dtype == torch.float32:
             assert torch.isnan(m.weight.grad).all() and torch.isnan(m.bias.grad).all()
+
+
+@pytest.mark.parametrize("dots, norms", [([[1.0, float("inf")]], [1.0]),
+                                         ([[1.0, 2.0]], [float("inf")])],
+                         ids=["products", "norms"])
+def test_overflowed_fisher_statistics_give_nan_not_zero(dots, norms):
+    """ν² from overflowed probe products or norms is NaN, so ``c`` is NaN, never a silent 0."""
+    nu2 = fisher_nu2(torch.tensor(dots), torch.tensor(norms))
+    for damping in (0.0, 0.5):
+        assert torch.isnan(fisher_coefficients(nu2, torch.ones(2), damping).c).all()

@@ -57,8 +57,8 @@ def fisher_coefficients(nu2: Tensor, A: Tensor, damping: float, m_used: float | 
     m = nu2.mean()
     rho = _statistic(m, damping, m_used)
     denom = torch.sqrt(nu2 + rho)
-    safe = denom > 0
-    c = torch.where(safe, A / torch.where(safe, denom, torch.ones_like(denom)), torch.zeros_like(A))
+    zero = denom == 0             # not NaN: overflowed statistics must give a NaN c, not zero
+    c = torch.where(zero, torch.zeros_like(A), A / torch.where(zero, torch.ones_like(denom), denom))
     return Coefficients(c, m, rho, nu2)
 
 
@@ -67,7 +67,8 @@ def fisher_nu2(dots: Tensor, sq_norms: Tensor) -> Tensor:
     (zero when no probe has a non-zero piece; NaN when the products overflowed)."""
     dots, total = dots.to(torch.float64), sq_norms.to(torch.float64).sum()
     nu2 = (dots ** 2).sum(0) / torch.where(total > 0, total, torch.ones_like(total))
-    return torch.where(total != 0, nu2, torch.zeros_like(nu2))
+    nu2 = torch.where(total != 0, nu2, torch.zeros_like(nu2))
+    return torch.where(torch.isinf(nu2) | torch.isinf(total), torch.full_like(nu2, math.nan), nu2)
 
 
 def condition_number(spectrum: Tensor, mode: str) -> float:
