@@ -1,6 +1,6 @@
 """CartPole with an MLP policy: ISOPO against REINFORCE, one advantage per episode.
 
-    python examples/cartpole.py                        # ISOPO (ntk) and REINFORCE
+    python examples/cartpole.py            # ISOPO (ntk) and REINFORCE, 3 seeds each: ~2 min
     python examples/cartpole.py --methods fisher ntk reinforce --steps 80
 
 Each step plays ``episodes`` episodes of CartPole-v1. An episode is one sample: its
@@ -73,15 +73,15 @@ def main(argv=None) -> dict:
     p.add_argument("--methods", nargs="+", default=["ntk", "reinforce"],
                    choices=["ntk", "fisher", "reinforce"])
     p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--episodes", type=int, default=16, help="episodes per step")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=3, help="runs per method, seeds 0, 1, ...")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="cartpole.png")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     task = CartPoleTask(args.episodes)
-    return compare(task, args.methods, args.steps, args.lr, args.seed, args.out)
+    return compare(task, args.methods, args.steps, args.lr, args.seeds, args.out)
 
 
 if __name__ == "__main__":

@@ -81,24 +81,36 @@ def final_reward(hist: dict) -> float:
 
 
 def report(task, runs: dict, out: str) -> None:
-    """Print a results table and save learning curves (reward vs samples and vs seconds)."""
+    """Print a results table (mean over seeds) and save the learning curves (mean and range)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    print(f"\n| method | final reward | {task.unit} to {task.target:g} | wall s to "
-          f"{task.target:g} | wall s | CPU s |\n|---|---|---|---|---|---|")
-    for name, hist in runs.items():
-        samples, seconds = (first_reach(hist, task.target, k) for k in ("samples", "seconds"))
-        print(f"| {name} | {final_reward(hist):.3f} | "
-              f"{'never' if math.isnan(samples) else f'{samples:.0f}'} | "
-              f"{'never' if math.isnan(seconds) else f'{seconds:.1f}'} | "
-              f"{hist['seconds'][-1]:.1f} | {hist['cpu'][-1]:.1f} |")
+    def mean(values, digits=1):
+        hit = [v for v in values if not math.isnan(v)]
+        text = f"{sum(hit) / len(hit):.{digits}f}" if hit else "never"
+        return text if len(hit) == len(values) else f"{text} ({len(hit)}/{len(values)} seeds)"
+
+    print(f"\nMean over {len(next(iter(runs.values())))} seeds:\n\n"
+          f"| method | final reward | {task.unit} to {task.target:g} | wall s to {task.target:g} "
+          f"| wall s | CPU s |\n|---|---|---|---|---|---|")
+    for name, hists in runs.items():
+        finals = [final_reward(h) for h in hists]
+        digits = 1 if task.target > 10 else 3
+        print(f"| {name} | {mean(finals, digits)} (min {min(finals):.{digits}f}) | "
+              f"{mean([first_reach(h, task.target, 'samples') for h in hists], 0)} | "
+              f"{mean([first_reach(h, task.target, 'seconds') for h in hists])} | "
+              f"{mean([h['seconds'][-1] for h in hists])} | {mean([h['cpu'][-1] for h in hists])} |")
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
-    for name, hist in runs.items():
+    for i, (name, hists) in enumerate(runs.items()):
+        R = np.array([smooth(h["reward"]) for h in hists])
         for ax, key in zip(axes, ("samples", "seconds")):
-            ax.plot(hist[key], smooth(hist["reward"]), label=name)
-    axes[0].set(xlabel=task.unit, ylabel="reward (5-step mean)", title=task.name)
+            x = np.mean([h[key] for h in hists], 0)
+            ax.plot(x, R.mean(0), color=f"C{i}", label=name)
+            ax.fill_between(x, R.min(0), R.max(0), color=f"C{i}", alpha=0.2)
+    axes[0].set(xlabel=task.unit, ylabel="reward (5-step mean)",
+                title=f"{task.name}: mean and range of {len(hists)} seeds")
     axes[1].set(xlabel="wall-clock seconds (sampling + update)")
     for ax in axes:
         ax.axhline(task.target, color="grey", lw=0.8, ls=":")
@@ -109,16 +121,19 @@ def report(task, runs: dict, out: str) -> None:
     print(f"\nlearning curves: {out}")
 
 
-def compare(task, methods: list[str], steps: int, lr: float, seed: int, out: str) -> dict:
-    """Train one policy per method at the same budget, with a progress bar; table and plot."""
+def compare(task, methods: list[str], steps: int, lr: float, seeds: int, out: str) -> dict:
+    """Train each method from the same ``seeds`` at the same budget, with progress bars; print a
+    table and save a plot. Returns ``{method name: [history per seed]}``."""
     from tqdm import tqdm
 
     for method in methods:        # one untimed step each: first-call imports and allocations
-        train(task, method, 1, lr, seed)
+        train(task, method, 1, lr)
     runs = {}
     for method in methods:
         name = "REINFORCE" if method == "reinforce" else f"ISOPO {method}"
-        with tqdm(total=steps, desc=name) as bar:
-            runs[name] = train(task, method, steps, lr, seed, bar)
+        runs[name] = []
+        for seed in range(seeds):
+            with tqdm(total=steps, desc=f"{name}, seed {seed}") as bar:
+                runs[name].append(train(task, method, steps, lr, seed, bar))
     report(task, runs, out)
     return runs

@@ -15,10 +15,10 @@ def test_tiny_lm(tmp_path):
     import tiny_lm
 
     out = tmp_path / "tiny_lm.png"
-    runs = tiny_lm.main(["--steps", "3", "--prompts", "4", "--group", "4", "--threads", "1",
+    runs = tiny_lm.main(["--steps", "3", "--prompts", "4", "--group", "4", "--seeds", "1",
                          "--out", str(out)])
     assert set(runs) == {"ISOPO ntk", "REINFORCE"}
-    assert all(len(h["reward"]) == 3 for h in runs.values())
+    assert all(len(h["reward"]) == 3 for hists in runs.values() for h in hists)
     assert out.stat().st_size > 0
 
 
@@ -26,7 +26,7 @@ def test_cartpole(tmp_path):
     import cartpole
 
     out = tmp_path / "cartpole.png"
-    runs = cartpole.main(["--steps", "3", "--episodes", "4", "--out", str(out)])
+    runs = cartpole.main(["--steps", "3", "--episodes", "4", "--seeds", "2", "--out", str(out)])
     assert set(runs) == {"ISOPO ntk", "REINFORCE"}
     assert out.stat().st_size > 0
 
