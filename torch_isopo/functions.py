@@ -59,7 +59,7 @@ def _autocast_dtype(t: Tensor) -> torch.dtype | None:
 
 
 def _cast(dtype, *ts):
-    return tuple(t if t is None or dtype is None else t.to(dtype) for t in ts)
+    return tuple(None if t is None else t.to(dtype) for t in ts)
 
 
 class LinearFn(Function):

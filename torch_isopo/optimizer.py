@@ -26,7 +26,7 @@ class _Pending:
     whenever that graph's backward runs."""
 
     def __init__(self, isopo: "ISOPO", layer: Layer, mb: "_Microbatch", params: list):
-        self.isopo, self.layer, self.mb, self.A, self.n = isopo, layer, mb, mb.A, mb.n
+        self.isopo, self.layer, self.mb, self.n = isopo, layer, mb, mb.n
         self.params = params          # the parameter tensors the gate received
         self.uses: list = []
         self.task = None              # the backward (autograd graph task) the uses came from
