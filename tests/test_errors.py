@@ -21,7 +21,7 @@ def _assert_untouched(model, opt, snap):
         assert torch.equal(p, q)
         assert (p.grad is None and g is None) or torch.equal(p.grad, g)
     assert str(opt.optimizer.state_dict()) == str(state)
-    assert opt._active is None
+    assert opt._attachment.active is None
 
 
 @pytest.fixture
@@ -112,7 +112,7 @@ def test_parameter_used_outside_its_module_is_an_error():
         with opt.microbatch(torch.randn(5)):
             model(torch.randn(5, 4)).sum().backward()
     assert model.head.weight.grad is None
-    assert opt._active is None
+    assert opt._attachment.active is None
     model.zero_grad()
     model(torch.randn(5, 4)).sum().backward()          # outside a microbatch: plain autograd
     assert model.head.weight.grad is not None

@@ -11,9 +11,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models import VOCAB, llama, lm_losses
-import torch_isopo.optimizer
+import torch_isopo.attach
 from torch_isopo import ISOPO
-from torch_isopo.layers import PatchedForward
+from torch_isopo.attach import PatchedForward
 from torch_isopo.reference import reference_gradients
 
 
@@ -49,8 +49,8 @@ def _hooks(model):
 
 
 def _assert_clean(model, opt, hooks):
-    assert opt._active is None
-    assert opt._produced == {}
+    assert opt._attachment.active is None
+    assert opt._ledger.made == {}
     assert _hooks(model) == hooks
     for layer in opt.layers:
         for e in layer.entries:
@@ -147,7 +147,7 @@ def test_plain_checkpointed_backward_searches_nothing(data, monkeypatch):
 
     def no_search(node, isopo):
         raise AssertionError("searched a graph built outside any microbatch")
-    monkeypatch.setattr(torch_isopo.optimizer, "graph_microbatch", no_search)
+    monkeypatch.setattr(torch_isopo.attach, "graph_microbatch", no_search)
     _losses(m, X).sum().backward()
     _losses(plain, X).sum().backward()
     for p, q in zip(m.parameters(), plain.parameters()):

@@ -180,3 +180,35 @@ def test_bf16_autocast_close_to_fp32():
         assert all(p.grad.dtype == torch.float32 for p in m.parameters())
     err = float((grads[0] - grads[1]).norm() / grads[0].norm())
     assert err < 0.05
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copy_and_pickle_give_an_attached_equivalent(how):
+    """A copy carries the model, the inner optimizer, the settings and the statistics, and it
+    trains its own copy of the model exactly as the original trains the original."""
+    import pickle
+    torch.manual_seed(0)
+    model, opt = _setup(ema=0.9, mode="fisher", damping=0.3)
+    _train_step(model, opt)
+    twin = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    assert isinstance(twin, ISOPO) and twin.model is not model
+    assert (twin.mode, twin.damping, twin.ema) == ("fisher", 0.3, 0.9)
+    assert twin._m == opt._m and twin._m
+    assert {id(p) for g in twin.param_groups for p in g["params"]} == {
+        id(p) for p in twin.model.parameters()}
+    for o in (opt, twin):
+        torch.manual_seed(1)
+        _train_step(o.model, o)
+    for p, q in zip(model.parameters(), twin.model.parameters()):
+        assert torch.equal(p, q)
+    twin.detach()                      # the copy's patches are its own
+    _train_step(model, opt)
+
+
+def test_factory_instances_copy():
+    model = MLPPolicy()
+    cls = ISOPO.factory(model, torch.optim.SGD, mode="ntk")
+    opt = cls(model.parameters(), lr=0.1)
+    twin = copy.deepcopy(opt)
+    assert isinstance(twin, ISOPO) and twin.model is not model
+    _train_step(twin.model, twin)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from torch_isopo import ISOPO
-from torch_isopo.transforms import fisher_coefficients, fisher_nu2
+from torch_isopo.coefficients import fisher_coefficients, fisher_nu2
 
 N = 8
 

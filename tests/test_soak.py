@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from torch_isopo import ISOPO
-from torch_isopo.optimizer import _Microbatch, _Pending
+from torch_isopo.microbatch import LayerRecord, Microbatch
 
 STEPS, MICROBATCHES, N, L, VOCAB = 1000, 4, 2, 3, 16
 
@@ -50,7 +50,7 @@ def _live():
     """Live tensors and ISOPO records, then all objects that survive a collection."""
     objs = gc.get_objects()
     tensors = sum(isinstance(o, torch.Tensor) for o in objs)
-    records = sum(isinstance(o, (_Pending, _Microbatch)) for o in objs)
+    records = sum(isinstance(o, (LayerRecord, Microbatch)) for o in objs)
     del objs
     gc.collect()
     return tensors, records, len(gc.get_objects())
@@ -100,7 +100,7 @@ def test_a_thousand_steps_keep_memory_flat():
         assert r == r0 == 0, f"ISOPO records alive at step {at}: {r}"
         assert o - o0 < 100, f"objects grew by {o - o0} from step 100 to {at}"
         assert rss - rss0 < 16 * 2**20, f"resident memory grew by {(rss - rss0) / 2**20:.1f} MiB"
-    assert opt._produced == {} and opt._step_figures == {} and opt._active is None
+    assert opt._ledger.made == {} and opt._step_figures == {} and opt._attachment.active is None
     assert [len(p._backward_hooks or {}) for p in model.parameters()] == hooks
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert set(opt._m) == {layer.name for layer in opt.layers}

@@ -4,94 +4,25 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-import weakref
-from collections import OrderedDict
 
 import torch
-from torch import Tensor, nn
-from torch.utils.weak import WeakIdKeyDictionary
+from torch import nn
 
-from . import engine
-from .functions import Gate, graph_microbatch
-from .layers import Layer, PatchedForward, find_layers
-from .samples import SampleMap, expand_shared, sample_map
-from .transforms import condition_number
+from . import _compat
+from .attach import Attachment, Ledger, attach, detach
+from .coefficients import condition_number
+from .finish import Settings
+from .layers import Layer, find_layers
+from .microbatch import Microbatch, check_advantages, check_segments
 
 MODES = ("ntk", "fisher", "reinforce")
 
 
-class _Pending:
-    """One layer's uses within one backward of one microbatch's graph, collected until the
-    layer's gate runs. It travels with the graph and remembers its microbatch, wherever and
-    whenever that graph's backward runs."""
+class _Unset:
+    """Stands in for the inner optimizer while ``Optimizer.__init__`` sets up the wrapper."""
 
-    def __init__(self, isopo: "ISOPO", layer: Layer, mb: "_Microbatch", params: list):
-        self.isopo, self.layer, self.mb, self.n = isopo, layer, mb, mb.n
-        self.params = params          # the parameter tensors the gate received
-        self.uses: list = []
-        self.task = None              # the backward (autograd graph task) the uses came from
-
-    def add(self, use) -> None:
-        task = torch._C._current_graph_task_id()
-        if task != self.task:         # a new backward: drop what an interrupted one left
-            self.uses, self.task = [], task
-        self.uses.append(use)
-
-    def finish(self) -> tuple:
-        uses = self.uses if self.task == torch._C._current_graph_task_id() else []
-        self.uses = []
-        if not uses:
-            return (None,) * len(self.params)
-        return self.isopo._finish(self.layer, uses, self.mb, self.params)
-
-
-class _Microbatch:
-    """State of one ``with opt.microbatch(...)`` block."""
-
-    def __init__(self, isopo, A: Tensor, segments: Tensor | None, sample_dim: int):
-        self.isopo, self.A, self.n = isopo, A, A.numel()
-        self.segments, self.sample_dim = segments, sample_dim
-        self._gates: dict[int, tuple] | None = {}
-        self._maps: dict[tuple, SampleMap] = {}
-        self._advantages: dict[str, tuple] = {}
-
-    def close(self) -> None:
-        """The block has ended: only the graph keeps the gates alive. A forward run for this
-        microbatch later (a checkpoint recompute) gets gates of its own, kept by nothing here,
-        so no reference cycle outlives the graph."""
-        self._gates = None
-
-    def gate(self, layer: Layer) -> tuple:
-        """The layer's parameters as seen by this microbatch's graph (one gate per layer)."""
-        key = id(layer)
-        found = None if self._gates is None else self._gates.get(key)
-        if found is None:
-            params = layer.live_params()
-            self.isopo._watch(layer, params)
-            pending = _Pending(self.isopo, layer, self, params)
-            found = (pending, Gate.apply(pending, *params))
-            if self._gates is not None:
-                self._gates[key] = found
-        return found
-
-    def advantages(self, device) -> tuple[Tensor, float, float]:
-        """``(A', back, S)`` on ``device``, read once per microbatch: ``A = A' · back`` (see
-        ``_unit_advantages``) and ``S`` the loss scale, so the backward never waits on the device."""
-        key = str(device)
-        if key not in self._advantages:
-            A, back = _unit_advantages(self.A)
-            self._advantages[key] = (A.to(device), back, self.isopo._loss_scale())
-        return self._advantages[key]
-
-    def expand_shared(self, t: Tensor, features: bool) -> Tensor:
-        return expand_shared(t, self.n, self.segments, self.sample_dim, t.dim() - int(features))
-
-    def sample_map(self, shape, where: str, device) -> SampleMap:
-        key = (tuple(shape), str(device))
-        if key not in self._maps:
-            self._maps[key] = sample_map(shape, self.n, self.segments, self.sample_dim, where,
-                                         device)
-        return self._maps[key]
+    def add_param_group(self, param_group: dict) -> None:
+        pass
 
 
 class ISOPO(torch.optim.Optimizer):
@@ -153,31 +84,22 @@ class ISOPO(torch.optim.Optimizer):
             raise ValueError(f"unknown route {route!r}; choose 'auto', 'gram' or 'materialise'")
         if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
             raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
+        self.optimizer = _Unset()
+        super().__init__([{"params": []}], {})    # hook registries and step profiling, as torch sets them
         self.optimizer = optimizer
         self.model = model
         self.mode, self.damping, self.ema = mode, damping, None if ema is None else float(ema)
         self.fisher_probes, self.route, self.memory_budget = fisher_probes, route, int(memory_budget)
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.grad_scaler = grad_scaler
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        self._patch_step_function()
         self.layers: list[Layer] = find_layers(model)
-        self._active: _Microbatch | None = None
-        self._graphs = weakref.WeakSet()   # microbatches whose graphs may still run backward
-        self._produced: dict[int, list[Tensor]] = {}   # gradients the gates made, per parameter
-        self._produced_task: int | None = None          # ... in this backward (graph task)
+        self._attachment = Attachment()
+        self._ledger = Ledger(self._attachment)
         self._m: dict[str, float] = {}                 # EMA of m per layer
         self._step_figures: dict[str, list] = {}       # this step's microbatch figures
         self._last_figures: dict[str, list] = {}       # the last step's, for diagnostics
         self._diagnostics: dict[str, dict[str, float]] | None = None
-        self._restore: list = []
-        self._watched = WeakIdKeyDictionary()          # parameters swapped in for a forward
-        self._attach()
+        self._undo = attach(self.layers, self._attachment, self._ledger)
 
     @classmethod
     def factory(cls, model: nn.Module, optimizer_cls, **isopo_kwargs) -> type:
@@ -241,7 +163,7 @@ class ISOPO(torch.optim.Optimizer):
         """Zero the gradients and forget the statistics of the microbatches that made them (a
         step the loss scaler skipped must not count)."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
-        self._step_figures = {}
+        self._step_figures.clear()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -261,82 +183,36 @@ class ISOPO(torch.optim.Optimizer):
                 sequences or episodes of several rows.
             sample_dim: the sample axis (0 or 1) of ≥3-D layer inputs, e.g. 1 for ``(L, B, d)``.
         """
-        if self._active is not None:
+        if self._attachment.active is not None:
             raise RuntimeError("ISOPO microbatch contexts cannot be nested")
-        if not self._restore:
+        if not self._undo:
             raise RuntimeError("this ISOPO optimizer was detached from its model")
-        A = _check_advantages(advantages)
-        seg = _check_segments(segments, A.numel())
+        A = check_advantages(advantages)
+        seg = check_segments(segments, A.numel())
         if sample_dim not in (0, 1):
             raise ValueError(f"sample_dim must be 0 or 1, got {sample_dim}")
-        self._produced.clear()
-        self._active = mb = _Microbatch(self, A, seg, sample_dim)
-        self._graphs.add(mb)
+        self._ledger.clear()
+        mb = Microbatch(self._attachment, A, seg, sample_dim, self._settings(),
+                        self._m if self.ema is not None else None, self._step_figures,
+                        self._ledger, self._loss_scale)
+        self._attachment.active = mb
+        self._attachment.graphs.add(mb)
         try:
             yield self
         finally:
-            self._active = None
-            self._produced.clear()
+            self._attachment.active = None
+            self._ledger.clear()
             mb.close()
 
-    def _forward_microbatch(self) -> _Microbatch | None:
-        """The microbatch a module's forward belongs to: the open one; for a forward run inside
-        a backward (an activation-checkpoint recompute), the one whose graph is back-propagated,
-        so that the recompute repeats the ops of the original forward."""
-        node = torch._C._current_autograd_node()
-        if node is None or not self._graphs:       # no graph of ours to search
-            return self._active
-        mb = graph_microbatch(node, self)
-        return mb if mb is not None else self._active
-
-    # -- per-layer work, called from a gate's backward ---------------------------------------
-    def _config(self) -> engine.Config:
-        return engine.Config(self.mode, self.damping, self.fisher_probes, self.route,
-                             self.memory_budget, self.generator)
+    def _settings(self) -> Settings:
+        return Settings(self.mode, self.damping, self.fisher_probes, self.route,
+                        self.memory_budget, self.generator)
 
     def _loss_scale(self) -> float:
         s = self.grad_scaler
         return 1.0 if s is None or not s.is_enabled() else float(s.get_scale())
 
-    def _finish(self, layer: Layer, uses: list, mb: _Microbatch, params: list) -> tuple:
-        cfg = self._config()
-        A, back, S = mb.advantages(params[0].device)
-        m_used = self._m.get(layer.name) if self.ema is not None else None
-        if m_used is not None:
-            m_used *= S * S               # the averages are kept in units of the unscaled loss
-        if self.mode == "fisher":
-            back *= S                     # the fisher gradient ignores the loss scale: restore it
-        if layer.kind == "factor":
-            weight_idx = next((e.weight for e in layer.entries if e.weight is not None), None)
-            shape = params[weight_idx].shape if weight_idx is not None else None
-            W, B, coef = engine.finish_factor(uses, shape, A, cfg, m_used)
-            grads = [None] * len(params)
-            if weight_idx is not None:
-                grads[weight_idx] = W
-            for e in layer.entries:
-                if e.bias is not None:
-                    grads[e.bias] = B
-        else:
-            flat, coef = engine.finish_explicit(uses, A, cfg, m_used)
-            grads, start = [], 0
-            for p in params:
-                grads.append(flat[start:start + p.numel()].view_as(p))
-                start += p.numel()
-        task = torch._C._current_graph_task_id()
-        if task != self._produced_task:
-            self._produced, self._produced_task = {}, task
-        out = []
-        for p, g in zip(params, grads):
-            if g is not None:
-                g = g.to(p.dtype)
-                g = (g if back == 1.0 else g * back).contiguous()
-            if g is not None:
-                self._produced.setdefault(id(p), []).append(g)
-            out.append(g)
-        if self.mode != "reinforce":      # tensors, read at step() and when logged
-            self._step_figures.setdefault(layer.name, []).append((coef, A, S))
-        return tuple(out)
-
+    # -- statistics and diagnostics ------------------------------------------------------------
     def _end_step(self) -> None:
         """Fold this step's microbatch statistics into the averages; keep its figures for
         ``diagnostics``."""
@@ -346,7 +222,8 @@ class ISOPO(torch.optim.Optimizer):
                 # a step without gradient for the layer (m = 0) or with an overflow is no history
                 old = self._m.get(name)
                 self._m[name] = m if old is None else self.ema * old + (1 - self.ema) * m
-        self._last_figures, self._step_figures = self._step_figures, {}
+        self._last_figures = dict(self._step_figures)
+        self._step_figures.clear()
         self._diagnostics = None
 
     @property
@@ -367,119 +244,47 @@ class ISOPO(torch.optim.Optimizer):
                     "microbatches": k}
         return self._diagnostics
 
-    # -- hooks ---------------------------------------------------------------------------------
-    def _attach(self) -> None:
-        for layer in self.layers:
-            for entry in layer.entries:
-                m = entry.module
-                own = m.__dict__.get("forward")
-                m.forward = PatchedForward(self, layer, entry, own)
-                self._restore.append(("forward", m, own))
-            for p, name in zip(layer.params, layer.param_names):
-                h = p.register_hook(self._checker(p, name))
-                self._restore.append(("hook", h, None))
-
-    def _watch(self, layer: Layer, params: list) -> None:
-        """Check the gradients of parameters that a wrapper registers for the forward (FSDP2's
-        unsharded ones) like those of the parameters found at attach time."""
-        for p, own, name in zip(params, layer.params, layer.param_names):
-            if p is not own and p.is_leaf and p.requires_grad and p not in self._watched:
-                self._watched[p] = p.register_hook(self._checker(p, name))
-
-    def _checker(self, p: Tensor, name: str):
-        def check(grad):
-            made = None
-            if self._produced_task == torch._C._current_graph_task_id():
-                made = self._produced.pop(id(p), None)
-            if made is None and self._active is None:
-                return None                    # a graph built outside any microbatch
-            if made is not None and len(made) > 1:
-                error = (f"ISOPO: one backward reached parameter '{name}' through the graphs of "
-                         f"{len(made)} microbatches; run one backward per microbatch")
-            elif made is None or grad is not made[0]:
-                error = (f"ISOPO: parameter '{name}' received a gradient that did not come from "
-                         "its module's forward (used directly, e.g. by a fused kernel, or a graph "
-                         "built outside any microbatch was back-propagated inside one); ISOPO "
-                         "cannot attribute it to samples")
-            else:
-                return None
-            self._produced.clear()             # this backward stops here: leave nothing behind
-            raise RuntimeError(error)
-        return check
-
     def detach(self) -> None:
         """Remove every patch and hook: the model is exactly as before ISOPO was attached."""
-        for kind, obj, old in reversed(self._restore):
-            if kind == "hook":
-                obj.remove()
-            elif old is None:
-                del obj.forward
-            else:
-                obj.forward = old
-        self._restore = []
-        for handle in self._watched.values():
-            handle.remove()
-        self._watched = WeakIdKeyDictionary()
+        detach(self._undo, self._ledger)
+        self._undo = []
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        for hook in self._optimizer_state_dict_pre_hooks.values():
+        for hook in _compat.optimizer_hooks(self, "state_dict_pre"):
             hook(self)
         sd = self.optimizer.state_dict()
         sd["isopo"] = {"m": dict(self._m), "generator": self.generator.get_state()}
-        for hook in self._optimizer_state_dict_post_hooks.values():
+        for hook in _compat.optimizer_hooks(self, "state_dict_post"):
             sd = hook(self, sd) or sd
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+        for hook in _compat.optimizer_hooks(self, "load_state_dict_pre"):
             state_dict = hook(self, state_dict) or state_dict
         sd = dict(state_dict)
         extra = sd.pop("isopo", None)
         self.optimizer.load_state_dict(sd)
         if extra is not None:
-            self._m = {k: float(v) for k, v in extra["m"].items()}
+            self._m.clear()
+            self._m.update({k: float(v) for k, v in extra["m"].items()})
             self.generator.set_state(extra["generator"])
-        for hook in self._optimizer_load_state_dict_post_hooks.values():
+        for hook in _compat.optimizer_hooks(self, "load_state_dict_post"):
             hook(self)
+
+    def __getstate__(self) -> dict:
+        """A copy or pickle carries the model, the inner optimizer, the settings and the
+        statistics; it attaches itself to the copied model."""
+        settings = {k: getattr(self, k) for k in ("mode", "damping", "ema", "fisher_probes",
+                                                   "generator", "route", "memory_budget",
+                                                   "grad_scaler")}
+        return {"model": self.model, "optimizer": self.optimizer, "settings": settings,
+                "m": dict(self._m)}
+
+    def __setstate__(self, state: dict) -> None:
+        ISOPO.__init__(self, state["model"], state["optimizer"], **state["settings"])
+        self._m.update(state["m"])
 
     def __repr__(self) -> str:
         return (f"ISOPO(mode={self.mode!r}, damping={self.damping}, ema={self.ema}, "
                 f"layers={len(self.layers)}, optimizer={self.optimizer!r})")
-
-
-def _unit_advantages(A: Tensor) -> tuple[Tensor, float]:
-    """``(A / 2^e, 2^e)`` with ``|A / 2^e| < 1`` for very large or small advantages (exact;
-    ordinary ones are kept): ``c`` is linear in ``A``, and fp16 activations can hold neither."""
-    amax = float(A.abs().max())
-    if amax == 0 or 2.0 ** -8 <= amax <= 2.0 ** 8:
-        return A, 1.0
-    e = math.frexp(amax)[1]
-    return A * 2.0 ** -e, 2.0 ** e
-
-
-def _check_advantages(advantages) -> Tensor:
-    A = torch.as_tensor(advantages)
-    if A.dim() != 1 or A.numel() == 0:
-        raise ValueError(f"advantages must be a 1-D tensor with one value per sample, got shape "
-                         f"{tuple(A.shape)}")
-    if A.is_complex() or A.dtype == torch.bool:
-        raise TypeError(f"advantages must be real numbers, got {A.dtype}")
-    A = A.detach().to("cpu", torch.float64)
-    if not torch.isfinite(A).all():
-        raise ValueError("advantages must be finite; got NaN or inf at positions "
-                         f"{torch.nonzero(~torch.isfinite(A)).flatten().tolist()}")
-    return A
-
-
-def _check_segments(segments, n: int) -> Tensor | None:
-    if segments is None:
-        return None
-    seg = torch.as_tensor(segments)
-    if seg.is_floating_point() or seg.is_complex() or seg.dtype == torch.bool:
-        raise TypeError(f"segments must be an integer tensor of sample ids, got {seg.dtype}")
-    seg = seg.reshape(-1).long()
-    if seg.numel() and (int(seg.min()) < 0 or int(seg.max()) >= n):
-        raise ValueError(f"segments must hold sample ids in [0, {n}) for {n} advantages, got "
-                         f"values in [{int(seg.min())}, {int(seg.max())}]")
-    return seg

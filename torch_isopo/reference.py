@@ -1,4 +1,5 @@
-"""A slow ISOPO that is obviously right: per-sample ``torch.autograd.grad`` and the SPEC formulas.
+"""A slow ISOPO that is obviously right: per-sample ``torch.autograd.grad`` and the formulas of
+docs/math.md.
 
 It shares nothing with the fast path except the grouping of parameters into layers. Use it on
 a float64 copy of a small model to check the fast path, or to read what ISOPO computes.
@@ -6,12 +7,13 @@ a float64 copy of a small model to check the fast path, or to read what ISOPO co
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from .layers import find_layers
+from .layers import GenericRuleWarning, find_layers
 
 
 def _row_samples(shape, n, segments, sample_dim):
@@ -39,13 +41,38 @@ def reference_gradients(model: nn.Module, sample_losses: Callable[[], Tensor], a
     """
     A = torch.as_tensor(advantages, dtype=torch.float64)
     n = A.numel()
-    layers = find_layers(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GenericRuleWarning)
+        layers = find_layers(model)
+    losses, calls = _record_calls(layers, sample_losses, n, segments, sample_dim)
+    grads, stats = {}, {}
+    for layer in layers:
+        params = layer.params
+        G = torch.stack([_flat(torch.autograd.grad(losses[i], params, retain_graph=True,
+                                                   allow_unused=True), params)
+                         for i in range(n)]).double()
+        pieces = None
+        if mode == "fisher":
+            pieces = torch.cat([_pieces(layer, e, call, losses, n, segments, sample_dim)
+                                for e in layer.entries for call in calls.get(id(e), [])])
+        c, stats[layer.name] = _coefficients(mode, G, pieces, A, damping,
+                                             None if not m else m.get(layer.name))
+        flat = c.to(G.dtype) @ G
+        start = 0
+        for p in params:
+            grads[p] = flat[start:start + p.numel()].view_as(p).to(p.dtype)
+            start += p.numel()
+    return grads, {k: v for k, v in stats.items() if v is not None}
+
+
+def _record_calls(layers, sample_losses, n, segments, sample_dim):
+    """Run the forward, recording every layer module's call: ``(losses, {entry: [calls]})``."""
     calls: dict[int, list] = {}
     handles = []
     for layer in layers:
         for e in layer.entries:
             def pre(mod, args, kwargs, e=e):
-                args = _expand_shared(args, e.rule, n, segments, sample_dim)
+                args = _expand_shared(args, e.rule.name, n, segments, sample_dim)
                 calls.setdefault(id(e), []).append([args, kwargs, None])
                 return args, kwargs
 
@@ -54,39 +81,30 @@ def reference_gradients(model: nn.Module, sample_losses: Callable[[], Tensor], a
             handles.append(e.module.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(e.module.register_forward_hook(post, with_kwargs=True))
     try:
-        losses = sample_losses()
+        return sample_losses(), calls
     finally:
         for h in handles:
             h.remove()
-    grads, stats = {}, {}
-    for layer in layers:
-        params = layer.params
-        G = torch.stack([_flat(torch.autograd.grad(losses[i], params, retain_graph=True,
-                                                   allow_unused=True), params)
-                         for i in range(n)]).double()
-        if mode == "reinforce":
-            c = A
-        elif mode == "ntk":
-            K = G @ G.T
-            stats[layer.name] = float(K.trace()) / n
-            rho = damping * (m[layer.name] if m and layer.name in m else stats[layer.name])
-            c = rho * torch.linalg.solve(K + rho * torch.eye(n, dtype=K.dtype), A) if rho > 0 else A
-        else:
-            pieces = torch.cat([_pieces(layer, e, call, losses, n, segments, sample_dim)
-                                for e in layer.entries for call in calls.get(id(e), [])])
-            dots = pieces @ G.T
-            total = (pieces ** 2).sum()
-            nu2 = (dots ** 2).sum(0) / total if total > 0 else torch.zeros(n, dtype=G.dtype)
-            stats[layer.name] = float(nu2.mean())
-            rho = damping * (m[layer.name] if m and layer.name in m else stats[layer.name])
-            den = torch.sqrt(nu2 + rho)
-            c = torch.where(den > 0, A / torch.where(den > 0, den, 1.0), 0.0)
-        flat = c.to(G.dtype) @ G
-        start = 0
-        for p in params:
-            grads[p] = flat[start:start + p.numel()].view_as(p).to(p.dtype)
-            start += p.numel()
-    return grads, stats
+
+
+def _coefficients(mode, G, pieces, A, damping, m_given):
+    """``(c, m)`` of the layer by the formulas of docs/math.md (``m`` None for reinforce)."""
+    n = A.numel()
+    if mode == "reinforce":
+        return A, None
+    if mode == "ntk":
+        K = G @ G.T
+        m = float(K.trace()) / n
+        rho = damping * (m if m_given is None else m_given)
+        c = rho * torch.linalg.solve(K + rho * torch.eye(n, dtype=K.dtype), A) if rho > 0 else A
+        return c, m
+    dots = pieces @ G.T
+    total = (pieces ** 2).sum()
+    nu2 = (dots ** 2).sum(0) / total if total > 0 else torch.zeros(n, dtype=G.dtype)
+    m = float(nu2.mean())
+    rho = damping * (m if m_given is None else m_given)
+    den = torch.sqrt(nu2 + rho)
+    return torch.where(den > 0, A / torch.where(den > 0, den, 1.0), 0.0), m
 
 
 def _expand_shared(args, rule, n, segments, sample_dim):
@@ -118,7 +136,7 @@ def _pieces(layer, entry, call, losses, n, segments, sample_dim):
     fresh = entry.module.forward(*[det(a) for a in args], **{k: det(v) for k, v in kwargs.items()})
     fresh = [o for o in (fresh if isinstance(fresh, (tuple, list)) else [fresh])
              if isinstance(o, Tensor) and o.requires_grad]
-    per_token = layer.kind != "generic"
+    per_token = layer.rule != "generic"
     rows = []
     maps = [_row_samples(o.shape[:-1], n, segments, sample_dim) for o in fresh]
     groups = int(maps[0][1].max()) + 1 if per_token else n

@@ -67,7 +67,7 @@ def sample_map(token_shape: torch.Size, n: int, segments: Tensor | None, sample_
                where: str, device: torch.device) -> SampleMap:
     """Build the row → sample map of one layer input, or raise a clear error.
 
-    Rules (SPEC §2): with ``segments``, one id per token (the first two dims of a ≥2-D token
+    Rules (docs/layers.md, "Samples"): with ``segments``, one id per token (the first two dims of a ≥2-D token
     shape, or each row of a 1-D one); otherwise a ≥2-D token shape has its samples along
     ``sample_dim`` (0 or 1) and a 1-D token shape has one sample per row.
     """

@@ -1,4 +1,4 @@
-"""The ISOPO transforms: per-layer statistics → new per-sample coefficients ``c`` (SPEC §1).
+"""The K/ρ/c math: per-layer statistics → new per-sample coefficients ``c`` (docs/math.md).
 
 Pure functions on small float64 tensors; they know nothing about layers or autograd. They run on
 the gradients' device and never wait for it (no host sync): the figures for logging stay tensors

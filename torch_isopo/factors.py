@@ -1,10 +1,10 @@
-"""Per-sample gradient algebra for layers whose per-token gradient pieces are outer products.
+"""Per-sample gradient algebra for layers whose per-row gradient pieces are outer products.
 
 A linear layer's gradient is a sum over rows r of pieces ``U_r ⊗ V_r`` in the weight's own
 layout (rows × cols), plus a bias piece ``δ_r``. For ``nn.Linear`` ``U = Δ`` (output gradients)
 and ``V = a`` (inputs); for Hugging Face ``Conv1D`` ``U = a`` and ``V = Δ``; for ``nn.Embedding``
 ``U`` is the one-hot token id (stored as an index) and ``V = Δ``. Everything ISOPO needs is
-expressed with these factors (SPEC §4):
+expressed with these factors (docs/performance.md, "Cost per linear layer"):
 
 * ``K = Sᵀ((UUᵀ) ⊙ (VVᵀ))S`` (token Gram route), or ``K = G Gᵀ`` with the per-sample gradients
   ``G_i = Σ_{r∈i} U_r V_rᵀ`` materialised in chunks over weight rows (materialise route);
@@ -29,22 +29,18 @@ class FactorUse:
 
     U: Tensor            # (rows, P) dense, or (rows,) long index into the P weight rows
     V: Tensor            # (rows, Q) dense
+    delta: Tensor        # (rows, p) the output gradients: the bias pieces (U or V itself)
     smap: SampleMap
-    delta: str           # "U" or "V": the side holding the output gradient
     weight: bool         # the weight is trainable
-    bias: bool           # this use has a trainable bias (its per-row piece is the Δ row)
+    bias: bool           # this use has a trainable bias
 
     @property
     def indexed(self) -> bool:
         return self.U.dim() == 1
 
-    @property
-    def Delta(self) -> Tensor:
-        return self.U if self.delta == "U" else self.V
-
 
 def work_dtype(t: Tensor) -> torch.dtype:
-    """Grams and solves run in float64 for float64 inputs, else in float32 (SPEC §4)."""
+    """Grams and solves run in float64 for float64 inputs, else in float32, also under autocast."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
@@ -77,7 +73,7 @@ def piece_dots(u: FactorUse, rows: slice | Tensor, w: FactorUse, dtype: torch.dt
     if u.weight and w.weight:
         out = side_dots(u.U[rows], w.U, dtype) * side_dots(u.V[rows], w.V, dtype)
     if bias and u.bias and w is u:
-        out = out + side_dots(u.Delta[rows], w.Delta, dtype)
+        out = out + side_dots(u.delta[rows], w.delta, dtype)
     return out
 
 
@@ -136,7 +132,7 @@ def materialised_gradients(uses: list[FactorUse], n: int, P: int, Q: int, rows: 
 
 def bias_gradients(uses: list[FactorUse], n: int, dtype: torch.dtype) -> Tensor | None:
     """Per-sample bias gradients ``(n, p)``: the Δ rows summed per sample."""
-    parts = [u.smap.reduce(u.Delta.to(dtype), 0) for u in uses if u.bias]
+    parts = [u.smap.reduce(u.delta.to(dtype), 0) for u in uses if u.bias]
     return sum(parts) if parts else None
 
 
@@ -154,14 +150,14 @@ def contract(uses: list[FactorUse], c: Tensor, P: int, Q: int):
                 part = u.U.T @ (u.V * scale)
             W = part if W is None else W + part
         if u.bias:
-            part = (u.Delta * scale).sum(0)
+            part = (u.delta * scale).sum(0)
             B = part if B is None else B + part
     return W, B
 
 
 def fisher_candidates(uses: list[FactorUse]) -> list[Tensor]:
-    """Per use, which tokens have a non-zero output gradient (SPEC §1, probe positions)."""
-    return [u.Delta.reshape(u.smap.tokens, -1).abs().sum(1) > 0 for u in uses]
+    """Per use, which tokens have a non-zero output gradient: the candidate probe positions."""
+    return [u.delta.reshape(u.smap.tokens, -1).abs().sum(1) > 0 for u in uses]
 
 
 def fisher_products(uses: list[FactorUse], probes: list[tuple[Tensor, Tensor]], n: int,
@@ -209,5 +205,5 @@ def token_norms(u: FactorUse, rows: Tensor, dtype: torch.dtype) -> Tensor:
     if u.weight:
         out = (_self_dots(u.U[rows], dtype) * _self_dots(u.V[rows], dtype)).sum((1, 2))
     if u.bias:
-        out = out + _self_dots(u.Delta[rows], dtype).sum((1, 2))
+        out = out + _self_dots(u.delta[rows], dtype).sum((1, 2))
     return out

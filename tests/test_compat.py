@@ -1,0 +1,61 @@
+"""Every private PyTorch interface ISOPO uses still exists and behaves as relied on.
+
+A failure here names the interface a PyTorch release changed; ``torch_isopo/_compat.py`` says
+what each is for.
+"""
+import torch
+
+from torch_isopo import _compat
+from torch_isopo.gate import Gate
+
+
+def test_graph_task_id_tells_backward_passes_apart():
+    seen = []
+    x = torch.randn(3, requires_grad=True)
+    y = x * 2
+    y.register_hook(lambda g: seen.append(_compat.graph_task_id()))
+    assert _compat.graph_task_id() == -1, "torch._C._current_graph_task_id outside a backward"
+    y.sum().backward(retain_graph=True)
+    y.sum().backward()
+    assert len(seen) == 2 and seen[0] >= 0 and seen[0] != seen[1], (
+        "torch._C._current_graph_task_id no longer identifies the running backward")
+
+
+def test_autograd_node_is_the_running_node():
+    found = []
+    x = torch.randn(3, requires_grad=True)
+    y = x.exp()
+    y.register_hook(lambda g: found.append(_compat.autograd_node()))
+    assert _compat.autograd_node() is None
+    y.sum().backward()
+    assert found and found[0] is not None and hasattr(found[0], "next_functions"), (
+        "torch._C._current_autograd_node no longer returns the running autograd node")
+
+
+def test_node_type_recognises_a_functions_nodes():
+    x = torch.randn(2, requires_grad=True)
+    y, = Gate.apply(None, x)
+    assert isinstance(y.grad_fn, _compat.node_type(Gate)), (
+        "Function._backward_cls is no longer the class of a custom Function's graph nodes")
+
+
+def test_optimizer_hook_registries():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    for kind, register in [("state_dict_pre", opt.register_state_dict_pre_hook),
+                           ("state_dict_post", opt.register_state_dict_post_hook),
+                           ("load_state_dict_pre", opt.register_load_state_dict_pre_hook),
+                           ("load_state_dict_post", opt.register_load_state_dict_post_hook)]:
+        hook = lambda *a: None  # noqa: E731
+        register(hook)
+        assert _compat.optimizer_hooks(opt, kind) == [hook], (
+            f"torch.optim.Optimizer no longer keeps {kind} hooks in _optimizer_{kind}_hooks")
+
+
+def test_swapped_parameters_and_pytree():
+    lin = torch.nn.Linear(2, 2)
+    w = torch.ones(2, 2)
+    with _compat.swapped_parameters([(lin, "weight")], [w]):
+        assert lin.weight is w, "module._parameters no longer backs module attributes"
+    assert isinstance(lin.weight, torch.nn.Parameter)
+    leaves, spec = _compat.tree_flatten(((1, torch.ones(1)), {"k": torch.zeros(2)}))
+    assert len(leaves) == 3 and _compat.tree_unflatten(leaves, spec)[1]["k"].shape == (2,)

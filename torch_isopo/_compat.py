@@ -1,0 +1,61 @@
+"""Every private PyTorch interface ISOPO relies on, each with why and where torch itself uses it.
+
+``tests/test_compat.py`` calls each of them, so a PyTorch release that drops one fails there with
+the name of what went missing, not somewhere deep inside a backward.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from torch.autograd import Function
+from torch.utils import _pytree
+
+# Nested containers of tensors (a module's arguments and outputs): the flattening torch's own
+# ``torch.func`` and ``torch.utils.checkpoint`` use. There is no public alias.
+tree_flatten = _pytree.tree_flatten
+tree_unflatten = _pytree.tree_unflatten
+
+
+def graph_task_id() -> int:
+    """Which backward pass is running (-1 outside any): tells a gate's uses of one backward from
+    those an interrupted earlier backward left. ``torch.utils.checkpoint`` and FSDP2 use it."""
+    return torch._C._current_graph_task_id()
+
+
+def autograd_node():
+    """The autograd node whose backward is running, or None: a forward run inside a backward (an
+    activation-checkpoint recompute) finds its graph from it. ``torch.autograd.graph`` uses it."""
+    return torch._C._current_autograd_node()
+
+
+def node_type(fn: type[Function]) -> type:
+    """The class of the graph nodes a custom ``Function`` creates, to recognise them while walking
+    ``next_functions``. ``torch.autograd.function`` builds it as ``_backward_cls``."""
+    return fn._backward_cls
+
+
+def optimizer_hooks(optimizer: torch.optim.Optimizer, kind: str) -> list:
+    """The hooks registered with ``register_state_dict_{pre,post}_hook`` or
+    ``register_load_state_dict_{pre,post}_hook``: ``ISOPO`` delegates (load_)state_dict to its
+    inner optimizer and runs its own hooks around it, as ``Optimizer.state_dict`` does."""
+    return list(getattr(optimizer, f"_optimizer_{kind}_hooks").values())
+
+
+@contextlib.contextmanager
+def swapped_parameters(places: list[tuple[nn.Module, str]], tensors: list):
+    """Let modules hold other tensors in place of some of their parameters for a while.
+
+    A black-box recompute runs the module's own forward with gated or detached parameters; the
+    public ``torch.func.functional_call`` would call the module (its patched forward and its
+    hooks) instead. Like ``torch.nn.utils.stateless``, this writes ``module._parameters``.
+    """
+    saved = [(m, a, m._parameters[a]) for m, a in places]
+    for (m, a), t in zip(places, tensors):
+        m._parameters[a] = t
+    try:
+        yield
+    finally:
+        for m, a, p in reversed(saved):
+            m._parameters[a] = p

@@ -1,0 +1,142 @@
+"""What ISOPO adds to a model, and takes away again: patched forwards and gradient checks.
+
+``Attachment`` knows the open microbatch and the microbatches whose graphs may still run
+backward; ``PatchedForward`` replaces a layer module's forward and runs its rule inside a
+microbatch; ``Ledger`` checks that every gradient a parameter receives inside a microbatch is the
+one its gate made.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+from . import _compat
+from .gate import graph_microbatch
+
+
+class Attachment:
+    """The open microbatch and those whose graphs may still be back-propagated."""
+
+    def __init__(self):
+        self.active = None
+        self.graphs = weakref.WeakSet()
+
+    def forward_microbatch(self):
+        """The microbatch a module's forward belongs to: the open one; for a forward run inside
+        a backward (an activation-checkpoint recompute), the one whose graph is back-propagated,
+        so that the recompute repeats the ops of the original forward."""
+        node = _compat.autograd_node()
+        if node is None or not self.graphs:        # no graph of ours to search
+            return self.active
+        mb = graph_microbatch(node, self)
+        return mb if mb is not None else self.active
+
+
+class PatchedForward:
+    """A module's forward while ISOPO is attached: the original one outside a microbatch (or
+    without grad), its rule's inside. A copy or pickle of the module gets its plain forward back,
+    so ``copy.deepcopy(model)`` (a reference policy, say) is an ordinary model."""
+
+    def __init__(self, attachment: Attachment, layer, entry, own):
+        module = entry.module
+        self.attachment, self.layer, self.entry, self.own = attachment, layer, entry, own
+        self.orig = own if own is not None else type(module).forward.__get__(module)
+        self.__wrapped__ = self.orig
+
+    def __call__(self, *args, **kwargs):
+        mb = self.attachment.forward_microbatch() if torch.is_grad_enabled() else None
+        if mb is None:
+            return self.orig(*args, **kwargs)
+        return self.entry.rule.forward(mb, self.layer, self.entry, self.orig, args, kwargs)
+
+    def __reduce__(self):
+        return _plain_forward, (self.entry.module, self.own)
+
+
+def _plain_forward(module, own):
+    return own if own is not None else type(module).forward.__get__(module)
+
+
+class Ledger:
+    """The gradients the gates made in the current backward, per parameter: a parameter hook
+    compares what the parameter receives with them."""
+
+    def __init__(self, attachment: Attachment):
+        self.attachment = attachment
+        self.made: dict[int, list[Tensor]] = {}
+        self.task: int | None = None               # the backward (graph task) they belong to
+        self.watched = WeakIdKeyDictionary()       # parameters swapped in for a forward
+
+    def clear(self) -> None:
+        self.made.clear()
+
+    def record(self, params: list[Tensor], grads: tuple) -> None:
+        task = _compat.graph_task_id()
+        if task != self.task:
+            self.made, self.task = {}, task
+        for p, g in zip(params, grads):
+            if g is not None:
+                self.made.setdefault(id(p), []).append(g)
+
+    def watch(self, layer, params: list[Tensor]) -> None:
+        """Check the gradients of parameters that a wrapper registers for the forward (FSDP2's
+        unsharded ones) like those of the parameters found at attach time."""
+        for p, own, name in zip(params, layer.params, layer.param_names):
+            if p is not own and p.is_leaf and p.requires_grad and p not in self.watched:
+                self.watched[p] = p.register_hook(self.checker(p, name))
+
+    def checker(self, p: Tensor, name: str):
+        def check(grad):
+            made = None
+            if self.task == _compat.graph_task_id():
+                made = self.made.pop(id(p), None)
+            if made is None and self.attachment.active is None:
+                return None                    # a graph built outside any microbatch
+            if made is not None and len(made) > 1:
+                error = (f"ISOPO: one backward reached parameter '{name}' through the graphs of "
+                         f"{len(made)} microbatches; run one backward per microbatch")
+            elif made is None or grad is not made[0]:
+                error = (f"ISOPO: parameter '{name}' received a gradient that did not come from "
+                         "its module's forward (used directly, e.g. by a fused kernel, or a graph "
+                         "built outside any microbatch was back-propagated inside one); ISOPO "
+                         "cannot attribute it to samples")
+            else:
+                return None
+            self.made.clear()                  # this backward stops here: leave nothing behind
+            raise RuntimeError(error)
+        return check
+
+    def unwatch(self) -> None:
+        for handle in self.watched.values():
+            handle.remove()
+        self.watched = WeakIdKeyDictionary()
+
+
+def attach(layers, attachment: Attachment, ledger: Ledger) -> list:
+    """Patch every layer module's forward and hook every layer parameter; returns what
+    ``detach`` needs to undo it."""
+    undo = []
+    for layer in layers:
+        for entry in layer.entries:
+            m = entry.module
+            own = m.__dict__.get("forward")
+            m.forward = PatchedForward(attachment, layer, entry, own)
+            undo.append(("forward", m, own))
+        for p, name in zip(layer.params, layer.param_names):
+            undo.append(("hook", p.register_hook(ledger.checker(p, name)), None))
+    return undo
+
+
+def detach(undo: list, ledger: Ledger) -> None:
+    """Remove every patch and hook ``attach`` made: the model is exactly as before."""
+    for kind, obj, old in reversed(undo):
+        if kind == "hook":
+            obj.remove()
+        elif old is None:
+            del obj.forward
+        else:
+            obj.forward = old
+    ledger.unwatch()

@@ -1,0 +1,47 @@
+"""The gate: the autograd op whose backward makes a layer's ISOPO gradient.
+
+Every layer's trainable parameters pass through one ``Gate`` per microbatch. Each use of the layer
+(one forward call of one of its modules, run by its rule) is an op whose backward returns only the
+input gradient and hands the layer's per-sample material to the gate's record. Autograd runs the
+gate's backward after all uses, and it returns the finished ISOPO gradient, so clipping, loss
+scalers, DDP and FSDP all see it. Nothing here keeps state outside the graph.
+"""
+from __future__ import annotations
+
+import collections
+
+from torch.autograd import Function
+
+from . import _compat
+
+
+class Gate(Function):
+    """Identity on the layer's parameters; its backward is where the ISOPO gradient is made."""
+
+    @staticmethod
+    def forward(ctx, record, *params):
+        ctx.set_materialize_grads(False)
+        ctx.record = record
+        return tuple(p.view_as(p) for p in params)
+
+    @staticmethod
+    def backward(ctx, *_):
+        return (None, *ctx.record.finish())
+
+
+_GATE_NODE = _compat.node_type(Gate)
+
+
+def graph_microbatch(node, owner):
+    """The microbatch of optimizer ``owner`` that built the graph of autograd ``node``: that of the
+    nearest of its gates below it (breadth first), or None for a graph built outside them."""
+    todo, seen = collections.deque([node]), {node}
+    while todo:
+        fn = todo.popleft()
+        if isinstance(fn, _GATE_NODE) and fn.record.mb.owner is owner:
+            return fn.record.mb
+        for nxt, _ in fn.next_functions:
+            if nxt is not None and nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return None

@@ -1,0 +1,160 @@
+"""The state of one ``with opt.microbatch(...)`` block, and each layer's record of its uses.
+
+Everything a layer needs in its backward travels down from here (settings, advantages, the
+statistics to damp with, where to leave its figures): nothing below calls back into the optimizer.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import _compat
+from .finish import Settings, layer_gradients
+from .gate import Gate
+from .samples import SampleMap, expand_shared, sample_map
+
+
+class LayerRecord:
+    """One layer's uses within one backward of one microbatch's graph, collected until the layer's
+    gate runs. It travels with the graph and remembers its microbatch, wherever and whenever that
+    graph's backward runs."""
+
+    def __init__(self, layer, mb: "Microbatch", params: list[Tensor]):
+        self.layer, self.mb, self.n = layer, mb, mb.n
+        self.params = params          # the parameter tensors the gate received
+        self.uses: list = []
+        self.task = None              # the backward (autograd graph task) the uses came from
+
+    @property
+    def wants_pieces(self) -> bool:
+        """Whether the uses must carry per-token Fisher pieces."""
+        return self.mb.settings.mode == "fisher"
+
+    def add(self, use) -> None:
+        task = _compat.graph_task_id()
+        if task != self.task:         # a new backward: drop what an interrupted one left
+            self.uses, self.task = [], task
+        self.uses.append(use)
+
+    def finish(self) -> tuple:
+        """The layer's ISOPO gradients, one per gated parameter (the gate's backward)."""
+        uses = self.uses if self.task == _compat.graph_task_id() else []
+        self.uses = []
+        if not uses:
+            return (None,) * len(self.params)
+        mb, cfg = self.mb, self.mb.settings
+        A, back, S = mb.advantages(self.params[0].device)
+        m_used = None if mb.stats is None else mb.stats.get(self.layer.name)
+        if m_used is not None:
+            m_used *= S * S               # the averages are kept in units of the unscaled loss
+        if cfg.mode == "fisher":
+            back *= S                     # the fisher gradient ignores the loss scale: restore it
+        grads, coef = layer_gradients(self.layer, uses, self.params, A, cfg, m_used)
+        out = tuple(None if g is None else _scaled(g.to(p.dtype), back).contiguous()
+                    for g, p in zip(grads, self.params))
+        mb.ledger.record(self.params, out)
+        if cfg.mode != "reinforce":       # tensors, read at step() and when logged
+            mb.figures.setdefault(self.layer.name, []).append((coef, A, S))
+        return out
+
+
+class Microbatch:
+    """State of one ``with opt.microbatch(...)`` block.
+
+    ``owner`` identifies the optimizer (a checkpoint recompute looks for its own microbatches),
+    ``stats`` holds the moving averages of ``m`` (None without ``ema``), ``figures`` collects each
+    layer's coefficients for the step, ``ledger`` checks that every gradient came from a gate and
+    ``loss_scale()`` reads the loss scaler, once per microbatch.
+    """
+
+    def __init__(self, owner, A: Tensor, segments: Tensor | None, sample_dim: int,
+                 settings: Settings, stats: dict | None, figures: dict, ledger, loss_scale):
+        self.owner, self.A, self.n = owner, A, A.numel()
+        self.segments, self.sample_dim = segments, sample_dim
+        self.settings, self.stats, self.figures, self.ledger = settings, stats, figures, ledger
+        self._loss_scale = loss_scale
+        self._gates: dict[int, tuple] | None = {}
+        self._maps: dict[tuple, SampleMap] = {}
+        self._advantages: dict[str, tuple] = {}
+
+    def close(self) -> None:
+        """The block has ended: only the graph keeps the gates alive. A forward run for this
+        microbatch later (a checkpoint recompute) gets gates of its own, kept by nothing here,
+        so no reference cycle outlives the graph."""
+        self._gates = None
+
+    def gate(self, layer) -> tuple:
+        """``(record, gated params)``: the layer's parameters as this microbatch's graph sees them
+        (one gate per layer and microbatch)."""
+        key = id(layer)
+        found = None if self._gates is None else self._gates.get(key)
+        if found is None:
+            params = layer.live_params()
+            self.ledger.watch(layer, params)
+            record = LayerRecord(layer, self, params)
+            found = (record, Gate.apply(record, *params))
+            if self._gates is not None:
+                self._gates[key] = found
+        return found
+
+    def advantages(self, device) -> tuple[Tensor, float, float]:
+        """``(A', back, S)`` on ``device``, read once per microbatch: ``A = A' · back`` (see
+        ``unit_advantages``) and ``S`` the loss scale, so the backward never waits on the device."""
+        key = str(device)
+        if key not in self._advantages:
+            A, back = unit_advantages(self.A)
+            self._advantages[key] = (A.to(device), back, self._loss_scale())
+        return self._advantages[key]
+
+    def expand_shared(self, t: Tensor, features: bool) -> Tensor:
+        return expand_shared(t, self.n, self.segments, self.sample_dim, t.dim() - int(features))
+
+    def sample_map(self, shape, where: str, device) -> SampleMap:
+        key = (tuple(shape), str(device))
+        if key not in self._maps:
+            self._maps[key] = sample_map(shape, self.n, self.segments, self.sample_dim, where,
+                                         device)
+        return self._maps[key]
+
+
+def _scaled(g: Tensor, back: float) -> Tensor:
+    return g if back == 1.0 else g * back
+
+
+def unit_advantages(A: Tensor) -> tuple[Tensor, float]:
+    """``(A / 2^e, 2^e)`` with ``|A / 2^e| < 1`` for very large or small advantages (exact;
+    ordinary ones are kept): ``c`` is linear in ``A``, and fp16 activations can hold neither."""
+    amax = float(A.abs().max())
+    if amax == 0 or 2.0 ** -8 <= amax <= 2.0 ** 8:
+        return A, 1.0
+    e = math.frexp(amax)[1]
+    return A * 2.0 ** -e, 2.0 ** e
+
+
+def check_advantages(advantages) -> Tensor:
+    A = torch.as_tensor(advantages)
+    if A.dim() != 1 or A.numel() == 0:
+        raise ValueError(f"advantages must be a 1-D tensor with one value per sample, got shape "
+                         f"{tuple(A.shape)}")
+    if A.is_complex() or A.dtype == torch.bool:
+        raise TypeError(f"advantages must be real numbers, got {A.dtype}")
+    A = A.detach().to("cpu", torch.float64)
+    if not torch.isfinite(A).all():
+        raise ValueError("advantages must be finite; got NaN or inf at positions "
+                         f"{torch.nonzero(~torch.isfinite(A)).flatten().tolist()}")
+    return A
+
+
+def check_segments(segments, n: int) -> Tensor | None:
+    if segments is None:
+        return None
+    seg = torch.as_tensor(segments)
+    if seg.is_floating_point() or seg.is_complex() or seg.dtype == torch.bool:
+        raise TypeError(f"segments must be an integer tensor of sample ids, got {seg.dtype}")
+    seg = seg.reshape(-1).long()
+    if seg.numel() and (int(seg.min()) < 0 or int(seg.max()) >= n):
+        raise ValueError(f"segments must hold sample ids in [0, {n}) for {n} advantages, got "
+                         f"values in [{int(seg.min())}, {int(seg.max())}]")
+    return seg

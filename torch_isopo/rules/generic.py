@@ -1,0 +1,169 @@
+"""The generic rule: a module with its own parameters and no dedicated rule, as a black box.
+
+Its forward runs as one op that saves the inputs; the backward recomputes the module (with the
+random state of its forward, so dropout repeats) and takes exact per-sample gradients of its
+parameters from one vector-Jacobian product per sample. The recompute machinery is shared with
+rules whose per-sample material needs the module's own forward (per-feature norms).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+from torch.autograd import Function
+
+from .. import _compat
+from ..factors import work_dtype
+from ..finish import ExplicitUse
+from . import Rule
+
+_TENSOR = object()  # placeholder for a tensor argument in ``RecomputeUse.in_consts``
+
+
+class RecomputeUse:
+    """What a recomputed module's backward needs: how to call it and how to split its outputs.
+
+    ``material(use, inputs, params, pairs)`` makes the per-sample material from the recomputed
+    graph; ``pairs`` are ``(output, output gradient, sample map)`` of the differentiable outputs.
+    """
+
+    def __init__(self, record, mb, entry, orig, args, kwargs, material, rng: bool):
+        leaves, self.in_spec = _compat.tree_flatten((args, kwargs))
+        self.record, self.mb, self.entry, self.orig = record, mb, entry, orig
+        self.material, self.rng = material, rng
+        self.inputs = [t for t in leaves if isinstance(t, Tensor)]
+        self.in_consts = [_TENSOR if isinstance(t, Tensor) else t for t in leaves]
+        self.out_maps, self.out_consts, self.out_spec = [], [], None
+
+    def set_outputs(self, leaves, spec) -> None:
+        """Record the output structure and map every float output's rows to samples."""
+        where = f"module '{self.entry.name}' output"
+        self.out_maps = [self.mb.sample_map(t.shape[:-1], where, t.device)
+                         if t.is_floating_point() else None
+                         for t in leaves if isinstance(t, Tensor)]
+        self.out_consts = [_TENSOR if isinstance(t, Tensor) else t for t in leaves]
+        self.out_spec = spec
+
+    def call(self, inputs, params):
+        """The module's own forward on ``inputs``, with the layer's parameters set to ``params``."""
+        it = iter(inputs)
+        a, kw = _compat.tree_unflatten([next(it) if c is _TENSOR else c for c in self.in_consts],
+                                       self.in_spec)
+        slots = self.entry.slots
+        with _compat.swapped_parameters([(m, attr) for m, attr, _ in slots],
+                                        [params[i] for _, _, i in slots]):
+            return self.orig(*a, **kw)
+
+
+class RecomputeFn(Function):
+    """A module run without autograd in the forward and recomputed in the backward."""
+
+    @staticmethod
+    def forward(ctx, use, *flat):
+        n = len(use.inputs)
+        inputs, params = flat[:n], flat[n:]
+        dev = next((t.device for t in flat if isinstance(t, Tensor)), torch.device("cpu"))
+        ctx.autocast = (dev.type, torch.is_autocast_enabled(dev.type),
+                        torch.get_autocast_dtype(dev.type))
+        ctx.rng = torch.get_rng_state() if use.rng else None
+        ctx.cuda_rng = (torch.cuda.get_rng_state(dev) if ctx.rng is not None and dev.type == "cuda"
+                        else None)
+        with torch.no_grad():
+            out = use.call(inputs, params)
+        leaves, spec = _compat.tree_flatten(out)
+        use.set_outputs(leaves, spec)
+        tensors = tuple(t for t in leaves if isinstance(t, Tensor))
+        ctx.mark_non_differentiable(*[t for t in tensors if not t.is_floating_point()])
+        ctx.save_for_backward(*flat)
+        ctx.use = use
+        return tensors
+
+    @staticmethod
+    def backward(ctx, *douts):
+        use = ctx.use
+        n = len(use.inputs)
+        flat = ctx.saved_tensors
+        needs = ctx.needs_input_grad[1:1 + n]
+        xs = [a.detach().requires_grad_(need) for a, need in zip(flat[:n], needs)]
+        ps = [p.detach().requires_grad_() for p in flat[n:]]
+        with _replayed(ctx):
+            outs = [t for t in _compat.tree_flatten(use.call(xs, ps))[0] if isinstance(t, Tensor)]
+        pairs = [(o, g, m) for o, g, m in zip(outs, douts, use.out_maps)
+                 if g is not None and o.requires_grad]
+        need = [x for x, nd in zip(xs, needs) if nd]
+        grads_x = iter(())
+        if need and pairs:
+            grads_x = iter(torch.autograd.grad([o for o, _, _ in pairs], need,
+                                               [g for _, g, _ in pairs], retain_graph=True,
+                                               allow_unused=True))
+        dxs = [next(grads_x) if nd else None for nd in needs]
+        if pairs:
+            use.record.add(use.material(use, xs, ps, pairs))
+        return (None, *dxs, *([None] * len(ps)))
+
+
+@contextlib.contextmanager
+def _replayed(ctx):
+    """Grad mode, the forward's autocast state and, where saved, its random state."""
+    dev, enabled, dtype = ctx.autocast
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(torch.autocast(dev, dtype=dtype, enabled=enabled))
+        if ctx.rng is not None:
+            stack.enter_context(torch.random.fork_rng(
+                devices=[] if ctx.cuda_rng is None else [torch.device(dev)]))
+            torch.set_rng_state(ctx.rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng)
+        yield
+
+
+def recompute(mb, layer, entry, orig, args, kwargs, material, rng: bool):
+    """Run the module as a ``RecomputeFn``: the output, with the module's own structure."""
+    record, gated = mb.gate(layer)
+    leaves, spec = _compat.tree_flatten((args, kwargs))
+    first = next((i for i, t in enumerate(leaves) if isinstance(t, Tensor)), None)
+    if first is not None:
+        leaves[first] = mb.expand_shared(leaves[first], features=True)
+    args, kwargs = _compat.tree_unflatten(leaves, spec)
+    use = RecomputeUse(record, mb, entry, orig, args, kwargs, material, rng)
+    outs = iter(RecomputeFn.apply(use, *use.inputs, *gated))
+    leaves = [next(outs) if c is _TENSOR else c for c in use.out_consts]
+    return _compat.tree_unflatten(leaves, use.out_spec)
+
+
+def explicit_use(rows: Tensor, smap, delta: Tensor, pieces: bool) -> ExplicitUse:
+    """Per-row gradient pieces ``rows (N, D)`` → per-sample gradients and, for the Fisher mode,
+    per-token pieces with the tokens whose output gradient is non-zero."""
+    G = smap.reduce(rows, 0)
+    if not pieces:
+        return ExplicitUse(G, None, None)
+    per_token = rows.view(smap.tokens, smap.inner, -1).sum(1)
+    return ExplicitUse(G, per_token, delta.reshape(smap.tokens, -1).abs().sum(1) > 0)
+
+
+def per_sample_vjp(use, xs, ps, pairs) -> ExplicitUse:
+    """Exact per-sample gradients: one vector-Jacobian product per sample."""
+    n = use.record.n
+    dt = work_dtype(pairs[0][1])
+    outs = [o for o, _, _ in pairs]
+    rows = []
+    for i in range(n):
+        gs = [(g.reshape(m.rows, -1) * (m.ids == i)[:, None].to(g.dtype)).view_as(g)
+              for _, g, m in pairs]
+        grads = torch.autograd.grad(outs, ps, gs, retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).to(dt)
+                               for g, p in zip(grads, ps)]))
+    G = torch.stack(rows)
+    return ExplicitUse(G, G, G.abs().sum(1) > 0)
+
+
+class GenericRule(Rule):
+    """Any module with its own parameters and no dedicated rule (with everything below it)."""
+
+    name = "generic"
+    whole_subtree = True
+
+    def forward(self, mb, layer, entry, orig, args, kwargs):
+        return recompute(mb, layer, entry, orig, args, kwargs, per_sample_vjp, rng=True)

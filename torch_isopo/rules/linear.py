@@ -1,0 +1,108 @@
+"""``nn.Linear`` and Hugging Face ``Conv1D``: weight and bias form one layer.
+
+Per-sample gradients are sums of outer products, ``G_i = Σ_{t∈i} δ_t [a_t; 1]ᵀ``, so the backward
+hands the inputs ``a`` and output gradients ``δ`` to the gate as factors (``factors.FactorUse``)
+and never runs autograd's weight-gradient GEMM: the gate's final ``Σ c_i G_i`` replaces it.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd import Function
+
+from ..factors import FactorUse
+from . import Rule, register
+
+
+@dataclass
+class LinearUse:
+    record: object
+    smap: object
+    transposed: bool     # Conv1D: ``y = x W + b``, the weight stored (in, out)
+    weight: bool         # the weight is trainable
+    bias: bool           # the bias is trainable
+
+
+def _autocast_dtype(x) -> torch.dtype | None:
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev) and x.is_floating_point():
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
+def _linear(x, weight, bias, transposed: bool):
+    if not transposed:
+        return F.linear(x, weight, bias)
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.addmm(bias, flat, weight) if bias is not None else flat @ weight
+    return out.view(*x.shape[:-1], weight.shape[1])
+
+
+class LinearFn(Function):
+    """``y = x Wᵀ + b`` (or ``x W + b`` transposed); the backward hands ``(a, δ)`` to the gate."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, use):
+        dtype = _autocast_dtype(x)
+        if dtype is None:
+            out = _linear(x, weight, bias, use.transposed)
+        else:                        # what autocast would run: the op in its lower precision
+            x, weight, bias = (None if t is None else t.to(dtype) for t in (x, weight, bias))
+            with torch.autocast(x.device.type, enabled=False):
+                out = _linear(x, weight, bias, use.transposed)
+        ctx.save_for_backward(x, weight)
+        ctx.use = use
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        use = ctx.use
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = dy @ weight.T if use.transposed else dy @ weight
+        a, d = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+        U, V = (a, d) if use.transposed else (d, a)
+        use.record.add(FactorUse(U, V, d, use.smap, use.weight, use.bias))
+        return dx, None, None, None
+
+
+def only_input(entry, args, kwargs):
+    if len(args) + len(kwargs) != 1:
+        raise TypeError(f"ISOPO: module '{entry.name}' expects one input")
+    return args[0] if args else next(iter(kwargs.values()))
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    cls = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return cls is not None and isinstance(module, cls) and type(module).forward is cls.forward
+
+
+@register(nn.Linear)
+class LinearRule(Rule):
+    name = "linear"
+    factor = True
+    transposed = False
+
+    def forward(self, mb, layer, entry, orig, args, kwargs):
+        x = mb.expand_shared(only_input(entry, args, kwargs), features=True)
+        record, gated = mb.gate(layer)
+        m = entry.module
+        w = gated[entry.weight] if entry.weight is not None else m.weight
+        b = gated[entry.bias] if entry.bias is not None else m.bias
+        smap = mb.sample_map(x.shape[:-1], f"module '{entry.name}' input", x.device)
+        use = LinearUse(record, smap, self.transposed, entry.weight is not None,
+                        entry.bias is not None)
+        return LinearFn.apply(x, w, b, use)
+
+
+@register(when=_is_conv1d)
+class Conv1DRule(LinearRule):
+    """Hugging Face's ``Conv1D`` (GPT-2): a linear layer with the weight stored transposed."""
+
+    name = "conv1d"
+    transposed = True

@@ -1,0 +1,177 @@
+"""Normalisation layers (LayerNorm, RMSNorm and their Hugging Face ``*Norm`` classes).
+
+Their parameters act per feature. A norm whose output is ``h(x) ⊙ weight + bias`` (checked once,
+with random parameters) runs ``h`` through its own forward (unit weight, zero bias) or a checked
+fast normaliser, and the affine step as one op whose backward gives each token's piece with one
+product. Other per-feature norms (Gemma's ``(1 + w)``) are recomputed in the backward, with each
+token's piece ``δ_t ⊙ ∂y_t/∂θ`` from one forward-mode pass per parameter.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd import Function
+from torch.autograd import forward_ad as fwAD
+
+from .. import _compat
+from ..factors import work_dtype
+from . import Rule, register
+from .generic import explicit_use, recompute
+
+
+@dataclass
+class NormUse:
+    record: object
+    smap: object
+    weight: bool
+    bias: bool
+
+
+class NormAffineFn(Function):
+    """``y = h ⊙ weight + bias``: the affine step of a normalisation layer."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, use):
+        y = h * weight
+        if bias is not None:
+            y = y + bias
+        ctx.save_for_backward(h, weight)
+        ctx.use = use
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        h, weight = ctx.saved_tensors
+        use = ctx.use
+        dh = dy * weight if ctx.needs_input_grad[0] else None
+        dt = work_dtype(dy)
+        D = dy.shape[-1]
+        d = dy.to(dt)
+        rows = (d * h.to(dt)).reshape(-1, D) if use.weight else d.reshape(-1, D)
+        if use.weight and use.bias:
+            rows = torch.cat([rows, d.reshape(-1, D)], 1)
+        use.record.add(explicit_use(rows, use.smap, d, use.record.wants_pieces))
+        return dh, None, None, None
+
+
+def _is_norm(module: nn.Module) -> bool:
+    named = isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(
+        ("RMSNorm", "LayerNorm"))
+    return (named and not any(p.requires_grad for c in module.children() for p in c.parameters())
+            and all(p.dim() == 1 for p in module.parameters(recurse=False)))
+
+
+@register(when=_is_norm)
+class NormRule(Rule):
+    name = "norm"
+
+    def forward(self, mb, layer, entry, orig, args, kwargs):
+        if "affine" not in entry.cache:
+            entry.cache["affine"] = _is_affine(entry, orig, args, kwargs)
+        if not entry.cache["affine"]:
+            out = recompute(mb, layer, entry, orig, args, kwargs, _forward_mode_pieces, rng=False)
+            _check_per_feature(entry, layer, mb, args, out)
+            return out
+        record, gated = mb.gate(layer)
+        if args:
+            args = (mb.expand_shared(args[0], features=True), *args[1:])
+        own = dict(entry.module.named_parameters(recurse=False))
+        normalise = entry.cache.get("normalise")
+        if normalise is not None and len(args) == 1 and not kwargs:
+            h = normalise(args[0])
+        else:
+            with _set(entry.module, {a: None if own.get(a) is None else _unit(a, own[a])
+                                     for a in ("weight", "bias")}):
+                h = orig(*args, **kwargs)
+        live = {attr: gated[i] for _, attr, i in entry.slots}
+        w = live.get("weight", own.get("weight"))
+        b = live.get("bias", own.get("bias"))
+        smap = mb.sample_map(h.shape[:-1], f"module '{entry.name}' output", h.device)
+        return NormAffineFn.apply(h, w, b, NormUse(record, smap, "weight" in live, "bias" in live))
+
+
+def _unit(attr: str, p: Tensor) -> Tensor:
+    return (torch.ones_like if attr == "weight" else torch.zeros_like)(p, requires_grad=False)
+
+
+def _set(module, tensors: dict):
+    """Give the module other tensors for its ``weight``/``bias`` parameters for a while."""
+    given = {a: t for a, t in tensors.items() if t is not None}
+    return _compat.swapped_parameters([(module, a) for a in given], list(given.values()))
+
+
+def _check_per_feature(entry, layer, mb, args, out) -> None:
+    x = mb.expand_shared(args[0], features=True) if args and isinstance(args[0], Tensor) else None
+    if not (isinstance(out, Tensor) and x is not None and out.shape == x.shape
+            and all(layer.params[i].numel() == x.shape[-1] for _, _, i in entry.slots)):
+        raise ValueError(f"ISOPO: normalisation layer '{entry.name}' does not act per feature of "
+                         "its input; the norm rule cannot apply")
+
+
+def _is_affine(entry, orig, args, kwargs) -> bool:
+    """Check once, with random parameters, that the module computes ``h(x) ⊙ weight + bias``."""
+    m = entry.module
+    own = dict(m.named_parameters(recurse=False))
+    if not args or not isinstance(args[0], Tensor) or any(
+            owner is not m or attr not in ("weight", "bias") for owner, attr, _ in entry.slots):
+        return False
+    x = args[0][:1].detach()
+    w, b = own.get("weight"), own.get("bias")
+    if not isinstance(w, Tensor):
+        return False
+    gen = torch.Generator(device=w.device).manual_seed(0)
+    rand = {"weight": torch.rand(w.shape, generator=gen, device=w.device).to(w.dtype) + 0.5,
+            "bias": None if b is None else torch.randn(b.shape, generator=gen,
+                                                        device=b.device).to(b.dtype)}
+    unit = {"weight": torch.ones_like(w), "bias": None if b is None else torch.zeros_like(b)}
+    with torch.no_grad():
+        with _set(m, rand):
+            y = orig(x, *args[1:], **kwargs)
+        with _set(m, unit):
+            h = orig(x, *args[1:], **kwargs)
+    if not isinstance(y, Tensor) or not isinstance(h, Tensor) or y.shape != h.shape:
+        return False
+    want = h * rand["weight"] + (0 if b is None else rand["bias"])
+    tol = 1e-4 if y.dtype in (torch.float32, torch.float64) else 2e-2
+    if not torch.allclose(y.float(), want.float(), rtol=tol, atol=tol):
+        return False
+    fast = _normaliser(m)
+    if fast is not None and len(args) == 1 and not kwargs:
+        with torch.no_grad():
+            if torch.allclose(fast(x).float(), h.float(), rtol=tol, atol=tol):
+                entry.cache["normalise"] = fast
+    return True
+
+
+def _normaliser(m: nn.Module):
+    """``x ↦ h(x)`` for the common norms, checked against the module's own forward before use:
+    it saves the product with a unit weight (and its backward) on every call."""
+    if type(m) is nn.LayerNorm:
+        return lambda x: F.layer_norm(x, m.normalized_shape, None, None, m.eps)
+    if type(m) is nn.RMSNorm:
+        return lambda x: F.rms_norm(x, m.normalized_shape, None, m.eps)
+    eps = getattr(m, "variance_epsilon", None)
+    if isinstance(eps, float):         # the Llama-family RMSNorm of Hugging Face
+        def rms(x):
+            x32 = x.to(torch.float32)
+            return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        return rms
+    return None
+
+
+def _forward_mode_pieces(use, xs, ps, pairs):
+    """Per-token pieces ``δ_t ⊙ ∂y_t/∂θ`` by forward mode, one pass per parameter."""
+    (_, d, smap), = pairs
+    dt = work_dtype(d)
+    cols = []
+    for i, p in enumerate(ps):
+        with fwAD.dual_level(), torch.no_grad():
+            dual = [fwAD.make_dual(q.detach(), torch.ones_like(q)) if j == i else q.detach()
+                    for j, q in enumerate(ps)]
+            out = _compat.tree_flatten(use.call([x.detach() for x in xs], dual))[0][0]
+            J = fwAD.unpack_dual(out).tangent
+        cols.append((d.to(dt) * J.to(dt)).reshape(-1, p.numel()))
+    return explicit_use(torch.cat(cols, 1), smap, d, use.record.wants_pieces)
