@@ -25,14 +25,18 @@ from .samples import SampleMap
 
 @dataclass
 class FactorUse:
-    """One use (one forward call) of a linear-like layer, as seen by its backward."""
+    """One use (one forward call) of a weight, as seen by its backward.
+
+    ``weight`` and ``bias`` are the layer's parameter slots the use contributes to (None when
+    that parameter is frozen or absent); uses of one slot share their pieces' inner products.
+    """
 
     U: Tensor            # (rows, P) dense, or (rows,) long index into the P weight rows
     V: Tensor            # (rows, Q) dense
     delta: Tensor        # (rows, p) the output gradients: the bias pieces (U or V itself)
     smap: SampleMap
-    weight: bool         # the weight is trainable
-    bias: bool           # this use has a trainable bias
+    weight: int | None
+    bias: int | None
 
     @property
     def indexed(self) -> bool:
@@ -70,9 +74,9 @@ def piece_dots(u: FactorUse, rows: slice | Tensor, w: FactorUse, dtype: torch.dt
     """``⟨piece_r of u, piece_s of w⟩`` for the selected rows r of u and all rows s of w
     (weight and, with ``bias``, bias parts)."""
     out = 0
-    if u.weight and w.weight:
+    if u.weight is not None and u.weight == w.weight:
         out = side_dots(u.U[rows], w.U, dtype) * side_dots(u.V[rows], w.V, dtype)
-    if bias and u.bias and w is u:
+    if bias and u.bias is not None and u.bias == w.bias:
         out = out + side_dots(u.delta[rows], w.delta, dtype)
     return out
 
@@ -84,7 +88,7 @@ def _row_blocks(rows: int, other: int, budget_elems: int):
 
 
 def gram_kernel(uses: list[FactorUse], n: int, dtype: torch.dtype, budget_elems: int) -> Tensor:
-    """``K`` of the weight by the token Gram route, in row blocks (no N×N matrix is whole)."""
+    """``K`` of one weight by the token Gram route, in row blocks (no N×N matrix is whole)."""
     K = torch.zeros(n, n, dtype=dtype, device=uses[0].V.device)
     for u in uses:
         for w in uses:
@@ -99,18 +103,18 @@ def gram_kernel(uses: list[FactorUse], n: int, dtype: torch.dtype, budget_elems:
 def weight_rows(uses: list[FactorUse], P: int) -> Tensor | None:
     """Rows of the weight that any use touches: all of them (``None``) unless every use is an
     embedding lookup, whose gradient lives on the looked-up rows only."""
-    if any(not u.indexed for u in uses if u.weight):
+    if any(not u.indexed for u in uses):
         return None
-    return torch.unique(torch.cat([u.U for u in uses if u.weight]))
+    return torch.unique(torch.cat([u.U for u in uses]))
 
 
 def materialised_gradients(uses: list[FactorUse], n: int, P: int, Q: int, rows: Tensor | None,
                            chunk: int):
-    """Yield ``(row_slice, G)`` with the per-sample weight gradients ``G (n, rc, Q)`` of each chunk
-    of ``chunk`` active weight rows, summed over uses (in the activations' dtype)."""
+    """Yield ``(row_slice, G)`` with the per-sample gradients ``G (n, rc, Q)`` of one weight, for
+    each chunk of ``chunk`` active weight rows, summed over uses (in the activations' dtype)."""
     R = P if rows is None else rows.numel()
-    dense = [(u, u.smap.padded(u.U), u.smap.padded(u.V)) for u in uses if u.weight and not u.indexed]
-    indexed = [u for u in uses if u.weight and u.indexed]
+    dense = [(u, u.smap.padded(u.U), u.smap.padded(u.V)) for u in uses if not u.indexed]
+    indexed = [u for u in uses if u.indexed]
     local = [(u, torch.arange(P, device=u.U.device) if rows is None else
               torch.searchsorted(rows, u.U)) for u in indexed]
     ref = uses[0].V
@@ -130,29 +134,29 @@ def materialised_gradients(uses: list[FactorUse], n: int, P: int, Q: int, rows: 
         yield slice(start, stop), G
 
 
-def bias_gradients(uses: list[FactorUse], n: int, dtype: torch.dtype) -> Tensor | None:
-    """Per-sample bias gradients ``(n, p)``: the Δ rows summed per sample."""
-    parts = [u.smap.reduce(u.delta.to(dtype), 0) for u in uses if u.bias]
-    return sum(parts) if parts else None
+def bias_gradients(uses: list[FactorUse], n: int, dtype: torch.dtype) -> Tensor:
+    """Per-sample gradients ``(n, p)`` of one bias: the Δ rows summed per sample."""
+    return sum(u.smap.reduce(u.delta.to(dtype), 0) for u in uses)
 
 
-def contract(uses: list[FactorUse], c: Tensor, P: int, Q: int):
-    """``Σ_i c_i G_i`` for the weight and the bias: per use one GEMM with Δ scaled by ``c``."""
-    W = B = None
+def contract_weight(uses: list[FactorUse], c: Tensor, P: int, Q: int) -> Tensor:
+    """``Σ_i c_i G_i`` of one weight: per use one GEMM with Δ scaled by ``c``."""
+    W = None
     for u in uses:
         scale = c.to(u.V.dtype)[u.smap.ids][:, None]
-        if u.weight:
-            if u.indexed:
-                part = u.V.new_zeros(P, Q).index_add_(0, u.U, u.V * scale)
-            elif u.U.shape[1] <= u.V.shape[1]:     # scale the narrower factor (no big copy)
-                part = (u.U * scale).T @ u.V
-            else:
-                part = u.U.T @ (u.V * scale)
-            W = part if W is None else W + part
-        if u.bias:
-            part = (u.delta * scale).sum(0)
-            B = part if B is None else B + part
-    return W, B
+        if u.indexed:
+            part = u.V.new_zeros(P, Q).index_add_(0, u.U, u.V * scale)
+        elif u.U.shape[1] <= u.V.shape[1]:     # scale the narrower factor (no big copy)
+            part = (u.U * scale).T @ u.V
+        else:
+            part = u.U.T @ (u.V * scale)
+        W = part if W is None else W + part
+    return W
+
+
+def contract_bias(uses: list[FactorUse], c: Tensor) -> Tensor:
+    """``Σ_i c_i G_i`` of one bias."""
+    return sum((u.delta * c.to(u.delta.dtype)[u.smap.ids][:, None]).sum(0) for u in uses)
 
 
 def fisher_candidates(uses: list[FactorUse]) -> list[Tensor]:
@@ -202,8 +206,8 @@ def _self_dots(X: Tensor, dtype: torch.dtype) -> Tensor:
 def token_norms(u: FactorUse, rows: Tensor, dtype: torch.dtype) -> Tensor:
     """``‖g_t‖²`` for tokens given as a (k, h) table of their rows."""
     out = 0
-    if u.weight:
+    if u.weight is not None:
         out = (_self_dots(u.U[rows], dtype) * _self_dots(u.V[rows], dtype)).sum((1, 2))
-    if u.bias:
+    if u.bias is not None:
         out = out + _self_dots(u.delta[rows], dtype).sum((1, 2))
     return out

@@ -13,15 +13,18 @@ from torch import Tensor
 from . import factors
 from .coefficients import Coefficients, fisher_coefficients, fisher_nu2, ntk_coefficients
 from .factors import FactorUse
+from .samples import SampleMap
 
 
 @dataclass
 class ExplicitUse:
-    """One use of a layer whose gradients are formed explicitly (norms, generic modules)."""
+    """One use of a layer whose per-sample gradients are formed explicitly (norms, generic
+    modules): over the layer's parameters ``slots`` (all of them when None), flattened in order."""
 
-    G: Tensor            # (n, D) per-sample gradients of the layer's flattened parameters
+    G: Tensor            # (n, D) per-sample gradients of the slots' flattened parameters
     pieces: Tensor | None       # (k, D) Fisher pieces, per token (norms) or per sample
     candidates: Tensor | None   # which pieces are non-zero (both only in fisher mode)
+    slots: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -71,100 +74,174 @@ def _reinforce(A: Tensor) -> Coefficients:
     return Coefficients(A, zero, zero, A)
 
 
-def finish_factor(uses: list[FactorUse], shape: torch.Size | None, A: Tensor, cfg: Settings,
-                  m_used: float | None):
-    """Weight and bias gradients of a linear-like layer; ``shape`` is the weight's (P, Q)."""
+def layer_gradients(uses: list, params: list[Tensor], A: Tensor, cfg: Settings,
+                    m_used: float | None, sample_pieces: bool = False
+                    ) -> tuple[list[Tensor | None], Coefficients]:
+    """The layer's ISOPO gradient per parameter slot (``None`` where it has none), and its ``c``.
+
+    ``K``, the Fisher products and ``Σ c_i G_i`` add up over the layer's parameters: factor uses
+    per weight and per bias slot (``factors``), explicit uses over the slots they cover. With
+    ``sample_pieces`` the Fisher positions are the samples themselves (``g_i = G_i``), whose
+    products are ``K``'s entries.
+    """
     n = A.numel()
-    ref = uses[0].V
+    factor = merge_uses([u for u in uses if isinstance(u, FactorUse)])
+    explicit = _explicit_gradients([u for u in uses if isinstance(u, ExplicitUse)], params)
+    ref = factor[0].V if factor else explicit.G
     dt = factors.work_dtype(ref)
     budget = max(1, cfg.budget_bytes * 8 // torch.finfo(dt).bits)
-    P, Q = shape if shape is not None else (0, 0)
-    kept = None
+    kept: dict[int, tuple] = {}
     if cfg.mode == "reinforce":
         coef = _reinforce(A)
     else:
         def kernel():
-            nonlocal kept
             K = torch.zeros(n, n, dtype=dt, device=ref.device)
-            if shape is not None and any(u.weight for u in uses):
-                KW, kept = _weight_kernel(uses, n, P, Q, dt, budget, cfg.route)
+            for s, group in _by_slot(factor, "weight").items():
+                KW, kept[s] = _weight_kernel(group, n, params[s].shape, dt, budget, cfg.route)
                 K += KW
-            Gb = factors.bias_gradients(uses, n, dt)
-            if Gb is not None:
+            for group in _by_slot(factor, "bias").values():
+                Gb = factors.bias_gradients(group, n, dt)
                 K += Gb @ Gb.T
+            if explicit is not None:
+                G = explicit.G.to(dt)
+                K += G @ G.T
             return K
 
         def fisher():
-            probes = _draw(factors.fisher_candidates(uses), cfg.fisher_probes, cfg.generator)
-            return factors.fisher_products(uses, probes, n, dt, budget)
+            if sample_pieces:
+                return _sample_pieces(kernel(), cfg)
+            return _fisher_products(factor, explicit, n, dt, budget, cfg)
 
         coef = _coefficients(cfg, A, m_used, kernel, fisher)
-    c = coef.c.to(ref.device)
-    if kept is not None:
-        rows, G = kept
-        flat = (c.to(G.dtype) @ G.reshape(n, -1)).view(-1, Q)
-        W = flat if rows is None else flat.new_zeros(P, Q).index_copy_(0, rows, flat)
-        _, B = factors.contract([_bias_only(u) for u in uses], c, P, Q)
-    else:
-        W, B = factors.contract(uses, c, P, Q)
-    return W, B, coef
+    return _contract(factor, explicit, kept, params, coef.c.to(ref.device), n), coef
 
 
-def _bias_only(u: FactorUse) -> FactorUse:
-    return FactorUse(u.U, u.V, u.delta, u.smap, False, u.bias)
+def _contract(factor, explicit, kept, params, c, n) -> list[Tensor | None]:
+    grads: list[Tensor | None] = [None] * len(params)
+    for s, group in _by_slot(factor, "weight").items():
+        P, Q = params[s].shape
+        rows, G = kept.get(s) or (None, None)
+        if G is None:
+            grads[s] = factors.contract_weight(group, c, P, Q)
+        else:
+            flat = (c.to(G.dtype) @ G.reshape(n, -1)).view(-1, Q)
+            grads[s] = flat if rows is None else flat.new_zeros(P, Q).index_copy_(0, rows, flat)
+    for b, group in _by_slot(factor, "bias").items():
+        grads[b] = factors.contract_bias(group, c)
+    if explicit is not None:
+        flat = c.to(explicit.G) @ explicit.G
+        for s, g in zip(explicit.slots, flat.split(explicit.sizes)):
+            grads[s] = g.view_as(params[s])
+    return grads
 
 
-def _weight_kernel(uses, n, P, Q, dt, budget, route):
-    """``K`` of the weight by the cheaper exact route, keeping ``G`` when it fits."""
+def _by_slot(uses: list[FactorUse], kind: str) -> dict[int, list[FactorUse]]:
+    out: dict[int, list[FactorUse]] = {}
+    for u in uses:
+        s = getattr(u, kind)
+        if s is not None:
+            out.setdefault(s, []).append(u)
+    return out
+
+
+def merge_uses(uses: list[FactorUse]) -> list[FactorUse]:
+    """Uses of the same parameters in the same layout (a weight applied at every step of a loop)
+    as one use with their rows concatenated: one Gram or batched product instead of many."""
+    groups: dict[tuple, list[FactorUse]] = {}
+    for u in uses:
+        key = (u.weight, u.bias, u.indexed, u.delta is u.U, u.smap.inner, str(u.V.device))
+        groups.setdefault(key, []).append(u)
+    if len(groups) == len(uses):
+        return uses
+    merged = []
+    for group in groups.values():
+        if len(group) == 1:
+            merged.append(group[0])
+            continue
+        first = group[0]
+        U, V = torch.cat([u.U for u in group]), torch.cat([u.V for u in group])
+        smap = SampleMap(torch.cat([u.smap.ids for u in group]), first.smap.n, first.smap.inner,
+                         None, 0)
+        merged.append(FactorUse(U, V, U if first.delta is first.U else V, smap, first.weight,
+                                first.bias))
+    return merged
+
+
+@dataclass
+class _Explicit:
+    """A layer's explicit uses, their per-sample gradients summed over the union of their slots."""
+
+    slots: tuple[int, ...]
+    G: Tensor
+    uses: list[ExplicitUse]
+    sizes: list[int]          # numel of each slot
+
+    def widen(self, X: Tensor, slots: tuple[int, ...]) -> Tensor:
+        """Columns of ``X`` over ``slots`` placed among this layer's columns (zeros elsewhere)."""
+        if slots == self.slots:
+            return X
+        cols = dict(zip(slots, X.split([self.sizes[self.slots.index(s)] for s in slots], 1)))
+        return torch.cat([cols[s] if s in cols else X.new_zeros(X.shape[0], k)
+                          for s, k in zip(self.slots, self.sizes)], 1)
+
+
+def _explicit_gradients(uses: list[ExplicitUse], params) -> _Explicit | None:
+    if not uses:
+        return None
+    everything = tuple(range(len(params)))
+    for u in uses:
+        u.slots = u.slots or everything
+    union = tuple(sorted(set().union(*(u.slots for u in uses))))
+    ex = _Explicit(union, uses[0].G, uses, [params[s].numel() for s in union])
+    ex.G = sum(ex.widen(u.G, u.slots) for u in uses)
+    return ex
+
+
+def _fisher_products(factor, explicit, n, dt, budget, cfg):
+    """``⟨g_t, G_i⟩`` (probes × n) and ``‖g_t‖²`` over the layer's probe positions: the tokens of
+    its factor uses, then the pieces of its explicit uses, drawn together."""
+    euses = [] if explicit is None else explicit.uses
+    candidates = factors.fisher_candidates(factor) + [u.candidates for u in euses]
+    probes = _draw(candidates, cfg.fisher_probes, cfg.generator)
+    dots, norms = [], []
+    if factor:
+        d, q = factors.fisher_products(factor, probes[:len(factor)], n, dt, budget)
+        dots.append(d)
+        norms.append(q)
+    if euses:
+        pieces = torch.cat([explicit.widen(u.pieces[idx] * w[:, None].to(u.pieces.dtype), u.slots)
+                            for u, (idx, w) in zip(euses, probes[len(factor):])])
+        dots.append(pieces @ explicit.G.T)
+        norms.append((pieces ** 2).sum(1))
+    if len(dots) == 1:
+        return dots[0], norms[0]
+    return torch.cat([d.to(dt) for d in dots]), torch.cat([q.to(dt) for q in norms])
+
+
+def _sample_pieces(K: Tensor, cfg: Settings):
+    """Fisher products when each sample is one position: ``⟨G_t, G_i⟩ = K_ti`` for probe samples
+    ``t`` drawn among those with a non-zero gradient."""
+    (idx, w), = _draw([torch.diagonal(K) > 0], cfg.fisher_probes, cfg.generator)
+    w = w.to(K.dtype)
+    return K[idx] * w[:, None], torch.diagonal(K)[idx] * w
+
+
+def _weight_kernel(uses, n, shape, dt, budget, route):
+    """``K`` of one weight by the cheaper exact route, and ``(rows, G)`` when ``G`` fits."""
+    P, Q = shape
     rows = factors.weight_rows(uses, P)
     R = P if rows is None else rows.numel()
-    wuses = [u for u in uses if u.weight]
     gram_cost = sum(u.smap.rows * w.smap.rows * ((P if not (u.indexed or w.indexed) else 1) + Q)
-                    for u in wuses for w in wuses)
-    mat_cost = sum(u.smap.rows * (1 if u.indexed else P) * Q for u in wuses) + n * n * R * Q
+                    for u in uses for w in uses)
+    mat_cost = sum(u.smap.rows * (1 if u.indexed else P) * Q for u in uses) + n * n * R * Q
     if route == "gram" or (route == "auto" and gram_cost < mat_cost):
-        return factors.gram_kernel(wuses, n, dt, budget), None
+        return factors.gram_kernel(uses, n, dt, budget), None
     chunk = max(1, budget // max(1, n * Q))
     K = torch.zeros(n, n, dtype=dt, device=uses[0].V.device)
     kept = None
-    for sl, G in factors.materialised_gradients(wuses, n, P, Q, rows, chunk):
+    for sl, G in factors.materialised_gradients(uses, n, P, Q, rows, chunk):
         Gf = G.reshape(n, -1).to(dt)
         K += Gf @ Gf.T
         if sl.start == 0 and sl.stop == R:
             kept = (rows, G)
     return K, kept
-
-
-def finish_explicit(uses: list[ExplicitUse], A: Tensor, cfg: Settings, m_used: float | None):
-    """Flattened gradient ``Σ c_i G_i`` of a layer with explicit per-sample gradients."""
-    G = sum(u.G for u in uses)
-    if cfg.mode == "reinforce":
-        coef = _reinforce(A)
-    else:
-        def fisher():
-            probes = _draw([u.candidates for u in uses], cfg.fisher_probes, cfg.generator)
-            pieces = torch.cat([u.pieces[idx] * w[:, None].to(u.pieces.dtype)
-                                for u, (idx, w) in zip(uses, probes)])
-            return pieces @ G.T, (pieces ** 2).sum(1)
-
-        coef = _coefficients(cfg, A, m_used, lambda: G @ G.T, fisher)
-    return coef.c.to(G) @ G, coef
-
-
-def layer_gradients(layer, uses: list, params: list[Tensor], A: Tensor, cfg: Settings,
-                    m_used: float | None) -> tuple[list[Tensor | None], Coefficients]:
-    """The layer's ISOPO gradient per parameter (``None`` where it has none), and its ``c``."""
-    if not layer.factor:
-        flat, coef = finish_explicit(uses, A, cfg, m_used)
-        sizes = [p.numel() for p in params]
-        return [g.view_as(p) for g, p in zip(flat.split(sizes), params)], coef
-    weight = next((e.weight for e in layer.entries if e.weight is not None), None)
-    shape = params[weight].shape if weight is not None else None
-    W, B, coef = finish_factor(uses, shape, A, cfg, m_used)
-    grads: list[Tensor | None] = [None] * len(params)
-    if weight is not None:
-        grads[weight] = W
-    for e in layer.entries:
-        if e.bias is not None:
-            grads[e.bias] = B
-    return grads, coef

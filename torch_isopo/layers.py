@@ -28,9 +28,11 @@ class Entry:
     name: str
     rule: Rule
     slots: list = field(default_factory=list)   # (owner module, attribute, layer param index)
-    weight: int | None = None                  # factor rules: layer index of the weight
-    bias: int | None = None                    # factor rules: layer index of the bias
     cache: dict = field(default_factory=dict)  # what the rule learns about the module once
+
+    def slot(self, attr: str) -> int | None:
+        """The layer index of the module's own trainable parameter ``attr``, or None."""
+        return next((i for owner, a, i in self.slots if owner is self.module and a == attr), None)
 
 
 @dataclass
@@ -39,7 +41,7 @@ class Layer:
 
     name: str
     rule: str
-    factor: bool                   # the uses are outer-product factors (else explicit gradients)
+    pieces: str                    # the Fisher positions of its rule (``Rule.pieces``)
     params: list[nn.Parameter]
     param_names: list[str]
     entries: list[Entry]
@@ -131,8 +133,7 @@ def _shared_groups(owner_maps: list[dict]) -> list[list[int]]:
 def _build_layer(claims, aliases) -> Layer:
     label = "+".join(c[1] for c in claims)
     rules = {c[2] for c in claims}
-    factor = {r.factor for r in rules}
-    if len(factor) > 1 or (len(rules) > 1 and not factor == {True}):
+    if len(rules) > 1 and not all(r.factor for r in rules) or len({r.pieces for r in rules}) > 1:
         raise ValueError(f"ISOPO cannot merge modules {label} (rules "
                          f"{sorted(r.name for r in rules)}) that share a parameter into one layer")
     params: list[nn.Parameter] = []
@@ -147,30 +148,12 @@ def _build_layer(claims, aliases) -> Layer:
         return index[id(p)]
 
     entries = []
-    if factor == {True}:
-        _check_factor_sharing(claims, label)
-        for m, name, rule, _ in claims:
-            w = slot(m.weight, m, "weight") if m.weight.requires_grad else None
-            bias = getattr(m, "bias", None)
-            b = slot(bias, m, "bias") if bias is not None and bias.requires_grad else None
-            entries.append(Entry(m, name, rule, weight=w, bias=b))
-    else:
-        for m, name, rule, owners in claims:
-            e = Entry(m, name, rule)
-            for p, places in owners.items():
-                i = slot(p, *places[0])
-                e.slots.extend((owner, attr, i) for owner, attr in places)
-            entries.append(e)
+    for m, name, rule, owners in claims:
+        e = Entry(m, name, rule)
+        for p, places in owners.items():
+            i = slot(p, *places[0])
+            e.slots.extend((owner, attr, i) for owner, attr in places)
+        entries.append(e)
     pnames = ["=".join(aliases.get(id(p), ["?"])) for p in params]
     rule_name = "+".join(sorted({r.name for r in rules}))
-    return Layer(label, rule_name, factor == {True}, params, pnames, entries, homes)
-
-
-def _check_factor_sharing(claims, label: str) -> None:
-    weights = {id(m.weight) for m, *_ in claims if m.weight.requires_grad}
-    biases = {id(b) for m, *_ in claims
-              if (b := getattr(m, "bias", None)) is not None and b.requires_grad}
-    if len(weights) > 1 or len(biases) > 1 or (
-            weights and any(not m.weight.requires_grad for m, *_ in claims)):
-        raise ValueError(f"ISOPO supports modules sharing one weight (tied embeddings), not the "
-                         f"sharing pattern of {label}")
+    return Layer(label, rule_name, next(iter(rules)).pieces, params, pnames, entries, homes)

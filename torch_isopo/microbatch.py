@@ -51,7 +51,8 @@ class LayerRecord:
             m_used *= S * S               # the averages are kept in units of the unscaled loss
         if cfg.mode == "fisher":
             back *= S                     # the fisher gradient ignores the loss scale: restore it
-        grads, coef = layer_gradients(self.layer, uses, self.params, A, cfg, m_used)
+        grads, coef = layer_gradients(uses, self.params, A, cfg, m_used,
+                                       self.layer.pieces == "samples")
         out = tuple(None if g is None else _scaled(g.to(p.dtype), back).contiguous()
                     for g, p in zip(grads, self.params))
         mb.ledger.record(self.params, out)

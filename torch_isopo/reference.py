@@ -1,8 +1,12 @@
 """A slow ISOPO that is obviously right: per-sample ``torch.autograd.grad`` and the formulas of
 docs/math.md.
 
-It shares nothing with the fast path except the grouping of parameters into layers. Use it on
-a float64 copy of a small model to check the fast path, or to read what ISOPO computes.
+It shares two definitions with the fast path and nothing else: which parameters form a layer
+(``layers.find_layers``) and what a ``fisher`` position of the layer's rule is (``Rule.pieces``:
+an output row, an output location, or the sample). Per-sample gradients come from the per-sample
+losses; a position's piece is the gradient through that position of one module call, recomputed
+from the call's detached inputs. Use it on a float64 copy of a small model to check the fast
+path, or to read what ISOPO computes.
 """
 from __future__ import annotations
 
@@ -14,20 +18,6 @@ import torch
 from torch import Tensor, nn
 
 from .layers import GenericRuleWarning, find_layers
-
-
-def _row_samples(shape, n, segments, sample_dim):
-    """Sample id and token id of every row of an output whose token shape is ``shape``."""
-    shape = tuple(shape)
-    inner = math.prod(shape[2:]) if len(shape) > 2 else 1
-    tokens = math.prod(shape[:2])
-    token = torch.arange(tokens).repeat_interleave(inner)
-    if segments is not None:
-        return segments.reshape(-1).long()[token], token
-    if len(shape) == 1:
-        return torch.arange(shape[0]), token
-    grid = torch.arange(n).view(-1, 1) if sample_dim == 0 else torch.arange(n).view(1, -1)
-    return grid.expand(shape[0], shape[1]).reshape(-1)[token], token
 
 
 def reference_gradients(model: nn.Module, sample_losses: Callable[[], Tensor], advantages,
@@ -53,20 +43,23 @@ def reference_gradients(model: nn.Module, sample_losses: Callable[[], Tensor], a
                          for i in range(n)]).double()
         pieces = None
         if mode == "fisher":
-            pieces = torch.cat([_pieces(layer, e, call, losses, n, segments, sample_dim)
-                                for e in layer.entries for call in calls.get(id(e), [])])
+            pieces = G if layer.pieces == "samples" else torch.cat(
+                [_pieces(layer, e, call, losses) for e in layer.entries
+                 for call in calls.get(id(e), [])])
         c, stats[layer.name] = _coefficients(mode, G, pieces, A, damping,
                                              None if not m else m.get(layer.name))
         flat = c.to(G.dtype) @ G
-        start = 0
-        for p in params:
-            grads[p] = flat[start:start + p.numel()].view_as(p).to(p.dtype)
-            start += p.numel()
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            grads[p] = g.view_as(p).to(p.dtype)
     return grads, {k: v for k, v in stats.items() if v is not None}
 
 
 def _record_calls(layers, sample_losses, n, segments, sample_dim):
-    """Run the forward, recording every layer module's call: ``(losses, {entry: [calls]})``."""
+    """Run the forward, recording every layer module's call: ``(losses, {entry: [calls]})``.
+
+    The outputs the rest of the model sees are aliases of the module's own, so the gradient
+    reaching them is what flows in from outside the call (a module whose outputs feed each other,
+    such as ``LSTMCell``'s ``(h, c)``, is not counted twice)."""
     calls: dict[int, list] = {}
     handles = []
     for layer in layers:
@@ -77,7 +70,9 @@ def _record_calls(layers, sample_losses, n, segments, sample_dim):
                 return args, kwargs
 
             def post(mod, args, kwargs, out, e=e):
-                calls[id(e)][-1][2] = out
+                alias = _alias(out)
+                calls[id(e)][-1][2] = alias
+                return alias
             handles.append(e.module.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(e.module.register_forward_hook(post, with_kwargs=True))
     try:
@@ -85,6 +80,14 @@ def _record_calls(layers, sample_losses, n, segments, sample_dim):
     finally:
         for h in handles:
             h.remove()
+
+
+def _alias(out):
+    if isinstance(out, Tensor):
+        return out.view_as(out) if out.requires_grad else out
+    if isinstance(out, tuple) and not hasattr(out, "_fields"):
+        return tuple(_alias(o) for o in out)
+    return out
 
 
 def _coefficients(mode, G, pieces, A, damping, m_given):
@@ -125,27 +128,35 @@ def _flat(gs, params):
                       for g, p in zip(gs, params)])
 
 
-def _pieces(layer, entry, call, losses, n, segments, sample_dim):
-    """Fisher pieces of one use: per token (linear and norm layers) or per sample (generic)."""
+def _positions(out: Tensor, kind: str) -> Tensor:
+    """The position of every element of a call's output: an output row (the leading dims after
+    the first two belong to their token) or a location of a channel-first output."""
+    if kind == "channels":
+        N, C = out.shape[:2]
+        loc = torch.arange(N * math.prod(out.shape[2:])).view(N, 1, -1)
+        return loc.expand(N, C, loc.shape[-1]).reshape(out.shape)
+    shape = out.shape[:-1]
+    inner = math.prod(shape[2:]) if len(shape) > 2 else 1
+    token = torch.arange(math.prod(shape)) // inner
+    return token.view(*shape, 1).expand(out.shape)
+
+
+def _pieces(layer, entry, call, losses):
+    """Fisher pieces of one module call: the gradient through each position of its output."""
     args, kwargs, out = call
-    outs = [o for o in (out if isinstance(out, (tuple, list)) else [out])
+    outs = [o for o in (out if isinstance(out, tuple) else [out])
             if isinstance(o, Tensor) and o.requires_grad]
     deltas = torch.autograd.grad(losses.sum(), outs, retain_graph=True, allow_unused=True)
-    # the use's own contribution: recompute it from detached inputs
-    det = lambda t: t.detach() if isinstance(t, Tensor) else t
+    det = lambda t: t.detach() if isinstance(t, Tensor) else t  # noqa: E731
     fresh = entry.module.forward(*[det(a) for a in args], **{k: det(v) for k, v in kwargs.items()})
-    fresh = [o for o in (fresh if isinstance(fresh, (tuple, list)) else [fresh])
+    fresh = [o for o in (fresh if isinstance(fresh, tuple) else [fresh])
              if isinstance(o, Tensor) and o.requires_grad]
-    per_token = layer.rule != "generic"
+    where = [_positions(o, layer.pieces) for o in fresh]
+    count = int(max(int(w.max()) for w in where)) + 1
     rows = []
-    maps = [_row_samples(o.shape[:-1], n, segments, sample_dim) for o in fresh]
-    groups = int(maps[0][1].max()) + 1 if per_token else n
-    for g in range(groups):
-        gs = []
-        for (samp, tok), d in zip(maps, deltas):
-            keep = (tok == g) if per_token else (samp == g)
-            d = torch.zeros_like(fresh[0]) if d is None else d
-            gs.append((d.reshape(keep.numel(), -1) * keep[:, None].to(d.dtype)).view_as(d))
+    for t in range(count):
+        gs = [torch.zeros_like(o) if d is None else d * (w == t).to(d.dtype)
+              for o, d, w in zip(fresh, deltas, where)]
         rows.append(_flat(torch.autograd.grad(fresh, layer.params, gs, retain_graph=True,
                                               allow_unused=True), layer.params))
     return torch.stack(rows).double()

@@ -20,14 +20,17 @@ from torch import nn
 class Rule:
     """How the modules of one family run inside a microbatch.
 
-    ``name`` is what ``opt.layers[i].rule`` reports; ``factor`` says whether the uses are
-    ``FactorUse`` (outer products) or ``ExplicitUse`` material; ``whole_subtree`` whether the
-    layer takes the parameters of the module's children too (the generic black box).
+    ``name`` is what ``opt.layers[i].rule`` reports; ``whole_subtree`` says whether the layer
+    takes the parameters of the module's children too (a black box); ``pieces`` what a position
+    of the ``fisher`` mode is (docs/math.md): ``"tokens"`` (a row of the module's output, its
+    leading dims after the first two belonging to their token), ``"channels"`` (one location of
+    a channel-first output ``(N, C, *spatial)``) or ``"samples"`` (the sample, ``g_i = G_i``).
     """
 
     name = "rule"
-    factor = False
+    factor = False        # all its uses are FactorUse material (layers may then share weights)
     whole_subtree = False
+    pieces = "tokens"
 
     def forward(self, mb, layer, entry, orig, args: tuple, kwargs: dict):
         """The module's output inside microbatch ``mb``; ``orig`` is its own forward."""

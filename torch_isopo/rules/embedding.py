@@ -21,6 +21,7 @@ class EmbeddingUse:
     record: object
     smap: object
     padding_idx: int | None
+    weight: int
 
 
 class EmbeddingFn(Function):
@@ -40,7 +41,7 @@ class EmbeddingFn(Function):
         d = dy.reshape(-1, dy.shape[-1])
         if use.padding_idx is not None:
             d = d.masked_fill((ids == use.padding_idx)[:, None], 0)
-        use.record.add(FactorUse(ids, d, d, use.smap, True, False))
+        use.record.add(FactorUse(ids, d, d, use.smap, use.weight, None))
         return None, None, None
 
 
@@ -62,5 +63,5 @@ class EmbeddingRule(Rule):
         ids = mb.expand_shared(only_input(entry, args, kwargs), features=False)
         record, gated = mb.gate(layer)
         smap = mb.sample_map(ids.shape, f"module '{entry.name}' input", ids.device)
-        return EmbeddingFn.apply(ids, gated[entry.weight], EmbeddingUse(record, smap,
-                                                                        entry.module.padding_idx))
+        w = entry.slot("weight")
+        return EmbeddingFn.apply(ids, gated[w], EmbeddingUse(record, smap, entry.module.padding_idx, w))

@@ -133,14 +133,15 @@ def recompute(mb, layer, entry, orig, args, kwargs, material, rng: bool):
     return _compat.tree_unflatten(leaves, use.out_spec)
 
 
-def explicit_use(rows: Tensor, smap, delta: Tensor, pieces: bool) -> ExplicitUse:
-    """Per-row gradient pieces ``rows (N, D)`` → per-sample gradients and, for the Fisher mode,
-    per-token pieces with the tokens whose output gradient is non-zero."""
+def explicit_use(rows: Tensor, smap, delta: Tensor, pieces: bool, slots=None) -> ExplicitUse:
+    """Per-row gradient pieces ``rows (N, D)`` over the parameters ``slots`` → per-sample
+    gradients and, for the Fisher mode, per-token pieces with the tokens whose output gradient
+    is non-zero."""
     G = smap.reduce(rows, 0)
     if not pieces:
-        return ExplicitUse(G, None, None)
+        return ExplicitUse(G, None, None, slots)
     per_token = rows.view(smap.tokens, smap.inner, -1).sum(1)
-    return ExplicitUse(G, per_token, delta.reshape(smap.tokens, -1).abs().sum(1) > 0)
+    return ExplicitUse(G, per_token, delta.reshape(smap.tokens, -1).abs().sum(1) > 0, slots)
 
 
 def per_sample_vjp(use, xs, ps, pairs) -> ExplicitUse:
@@ -155,8 +156,7 @@ def per_sample_vjp(use, xs, ps, pairs) -> ExplicitUse:
         grads = torch.autograd.grad(outs, ps, gs, retain_graph=True, allow_unused=True)
         rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).to(dt)
                                for g, p in zip(grads, ps)]))
-    G = torch.stack(rows)
-    return ExplicitUse(G, G, G.abs().sum(1) > 0)
+    return ExplicitUse(torch.stack(rows), None, None)
 
 
 class GenericRule(Rule):
@@ -164,6 +164,7 @@ class GenericRule(Rule):
 
     name = "generic"
     whole_subtree = True
+    pieces = "samples"
 
     def forward(self, mb, layer, entry, orig, args, kwargs):
         return recompute(mb, layer, entry, orig, args, kwargs, per_sample_vjp, rng=True)

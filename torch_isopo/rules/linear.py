@@ -23,8 +23,8 @@ class LinearUse:
     record: object
     smap: object
     transposed: bool     # Conv1D: ``y = x W + b``, the weight stored (in, out)
-    weight: bool         # the weight is trainable
-    bias: bool           # the bias is trainable
+    weight: int | None   # the layer's slot of the weight (None: frozen)
+    bias: int | None     # the layer's slot of the bias (None: frozen or absent)
 
 
 def _autocast_dtype(x) -> torch.dtype | None:
@@ -92,11 +92,11 @@ class LinearRule(Rule):
         x = mb.expand_shared(only_input(entry, args, kwargs), features=True)
         record, gated = mb.gate(layer)
         m = entry.module
-        w = gated[entry.weight] if entry.weight is not None else m.weight
-        b = gated[entry.bias] if entry.bias is not None else m.bias
+        ws, bs = entry.slot("weight"), entry.slot("bias")
+        w = gated[ws] if ws is not None else m.weight
+        b = gated[bs] if bs is not None else m.bias
         smap = mb.sample_map(x.shape[:-1], f"module '{entry.name}' input", x.device)
-        use = LinearUse(record, smap, self.transposed, entry.weight is not None,
-                        entry.bias is not None)
+        use = LinearUse(record, smap, self.transposed, ws, bs)
         return LinearFn.apply(x, w, b, use)
 
 

@@ -26,8 +26,8 @@ from .generic import explicit_use, recompute
 class NormUse:
     record: object
     smap: object
-    weight: bool
-    bias: bool
+    weight: int | None   # the layer's slots of the trainable weight and bias
+    bias: int | None
 
 
 class NormAffineFn(Function):
@@ -50,10 +50,12 @@ class NormAffineFn(Function):
         dt = work_dtype(dy)
         D = dy.shape[-1]
         d = dy.to(dt)
-        rows = (d * h.to(dt)).reshape(-1, D) if use.weight else d.reshape(-1, D)
-        if use.weight and use.bias:
-            rows = torch.cat([rows, d.reshape(-1, D)], 1)
-        use.record.add(explicit_use(rows, use.smap, d, use.record.wants_pieces))
+        parts = [] if use.weight is None else [(d * h.to(dt)).reshape(-1, D)]
+        if use.bias is not None:
+            parts.append(d.reshape(-1, D))
+        slots = tuple(s for s in (use.weight, use.bias) if s is not None)
+        rows = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+        use.record.add(explicit_use(rows, use.smap, d, use.record.wants_pieces, slots))
         return dh, None, None, None
 
 
@@ -86,11 +88,11 @@ class NormRule(Rule):
             with _set(entry.module, {a: None if own.get(a) is None else _unit(a, own[a])
                                      for a in ("weight", "bias")}):
                 h = orig(*args, **kwargs)
-        live = {attr: gated[i] for _, attr, i in entry.slots}
-        w = live.get("weight", own.get("weight"))
-        b = live.get("bias", own.get("bias"))
+        ws, bs = entry.slot("weight"), entry.slot("bias")
+        w = own.get("weight") if ws is None else gated[ws]
+        b = own.get("bias") if bs is None else gated[bs]
         smap = mb.sample_map(h.shape[:-1], f"module '{entry.name}' output", h.device)
-        return NormAffineFn.apply(h, w, b, NormUse(record, smap, "weight" in live, "bias" in live))
+        return NormAffineFn.apply(h, w, b, NormUse(record, smap, ws, bs))
 
 
 def _unit(attr: str, p: Tensor) -> Tensor:
