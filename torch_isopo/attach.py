@@ -50,7 +50,18 @@ class PatchedForward:
         mb = self.attachment.forward_microbatch() if torch.is_grad_enabled() else None
         if mb is None:
             return self.orig(*args, **kwargs)
-        return self.entry.rule.forward(mb, self.layer, self.entry, self.orig, args, kwargs)
+        tracker = mb.tracker
+        if tracker is None:
+            return self.entry.rule.forward(mb, self.layer, self.entry, self.orig, args, kwargs)
+        where = f"the input of module '{self.entry.name}'"
+        for t in _compat.tree_flatten((args, kwargs))[0]:
+            if isinstance(t, Tensor):
+                tracker.refuse_free(t, where)
+        tracker.paused += 1
+        try:
+            return self.entry.rule.forward(mb, self.layer, self.entry, self.orig, args, kwargs)
+        finally:
+            tracker.paused -= 1
 
     def __reduce__(self):
         return _plain_forward, (self.entry.module, self.own)
@@ -121,6 +132,8 @@ def attach(layers, attachment: Attachment, ledger: Ledger) -> list:
     undo = []
     for layer in layers:
         for entry in layer.entries:
+            if not entry.rule.patches_forward:
+                continue
             m = entry.module
             own = m.__dict__.get("forward")
             m.forward = PatchedForward(attachment, layer, entry, own)

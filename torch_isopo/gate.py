@@ -15,8 +15,27 @@ from torch.autograd import Function
 from . import _compat
 
 
+_OWN_NODES: set[type] = set()
+
+
+def own_op(fn: type[Function]) -> type[Function]:
+    """Class decorator for ISOPO's autograd ops: code running in their backward is ISOPO's own
+    (the free-parameter tracker leaves it alone)."""
+    _OWN_NODES.add(_compat.node_type(fn))
+    return fn
+
+
+def own_node(node) -> bool:
+    return node is not None and type(node) in _OWN_NODES
+
+
+@own_op
 class Gate(Function):
-    """Identity on the layer's parameters; its backward is where the ISOPO gradient is made."""
+    """Identity on the layer's parameters; its backward is where the ISOPO gradient is made.
+
+    The uses hand their material to the record and return no gradient for the parameters, so
+    what reaches the gate through autograd is only what flowed around the rules (free
+    parameters' own ops): the record checks it against the material."""
 
     @staticmethod
     def forward(ctx, record, *params):
@@ -25,8 +44,8 @@ class Gate(Function):
         return tuple(p.view_as(p) for p in params)
 
     @staticmethod
-    def backward(ctx, *_):
-        return (None, *ctx.record.finish())
+    def backward(ctx, *grads):
+        return (None, *ctx.record.finish(grads))
 
 
 _GATE_NODE = _compat.node_type(Gate)

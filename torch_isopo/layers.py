@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from .rules import GENERIC, Rule, rule_for
+from .rules import FREE, GENERIC, Rule, rule_for
 
 
 class GenericRuleWarning(UserWarning):
@@ -67,18 +67,22 @@ def _is_dtensor(t) -> bool:
 
 
 def _choose(module: nn.Module, name: str) -> Rule:
-    """The module's rule; a generic fallback is announced with its reason."""
+    """The module's rule: a registered one; for a module whose children have trainable
+    parameters, the free-parameter rule; else the generic black box, announced with its reason."""
     from .attach import PatchedForward
     own = module.__dict__.get("forward")
     if isinstance(own, PatchedForward):
         raise ValueError(f"module {type(module).__name__} already has an ISOPO optimizer "
                          "attached; call its detach() first")
-    if own is not None and getattr(own, "__func__", None) is not type(module).forward:
+    replaced = own is not None and getattr(own, "__func__", None) is not type(module).forward
+    rule = None if replaced else rule_for(module)
+    if rule is not None:
+        return rule
+    if any(p.requires_grad for c in module.children() for p in c.parameters()):
+        return FREE
+    if replaced:
         reason = "its forward was replaced on the instance"
     else:
-        rule = rule_for(module)
-        if rule is not None:
-            return rule
         reason = f"no rule is registered for {type(module).__qualname__}"
     warnings.warn(f"ISOPO: module '{name}' takes the generic rule ({reason}), with everything "
                   "below it: exact, but one backward pass per sample", GenericRuleWarning,

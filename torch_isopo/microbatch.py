@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from . import _compat
-from .finish import Settings, layer_gradients
+from .finish import ExplicitUse, Settings, layer_gradients
 from .gate import Gate
 from .samples import SampleMap, expand_shared, sample_map
 
@@ -38,10 +38,12 @@ class LayerRecord:
             self.uses, self.task = [], task
         self.uses.append(use)
 
-    def finish(self) -> tuple:
-        """The layer's ISOPO gradients, one per gated parameter (the gate's backward)."""
+    def finish(self, arrived: tuple) -> tuple:
+        """The layer's ISOPO gradients, one per gated parameter (the gate's backward);
+        ``arrived`` is what autograd delivered to the gate around the rules."""
         uses = self.uses if self.task == _compat.graph_task_id() else []
         self.uses = []
+        _check_arrived(self.layer, uses, arrived)
         if not uses:
             return (None,) * len(self.params)
         mb, cfg = self.mb, self.mb.settings
@@ -76,6 +78,7 @@ class Microbatch:
         self.segments, self.sample_dim = segments, sample_dim
         self.settings, self.stats, self.figures, self.ledger = settings, stats, figures, ledger
         self._loss_scale = loss_scale
+        self.tracker = None          # follows free parameters (``shared.Tracker``), if any
         self._gates: dict[int, tuple] | None = {}
         self._maps: dict[tuple, SampleMap] = {}
         self._advantages: dict[str, tuple] = {}
@@ -118,6 +121,24 @@ class Microbatch:
             self._maps[key] = sample_map(shape, self.n, self.segments, self.sample_dim, where,
                                          device)
         return self._maps[key]
+
+
+def _check_arrived(layer, uses, arrived) -> None:
+    """A gradient that reached the gate without a use to account for it came from a path ISOPO
+    did not see: refuse it rather than write a gradient it cannot attribute to samples."""
+    if all(g is None for g in arrived):
+        return
+    flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).double()
+                      for g, p in zip(arrived, layer.params)])
+    whole = [u for u in uses if isinstance(u, ExplicitUse) and u.slots is None]
+    total = sum(u.G.sum(0).double() for u in whole) if whole else torch.zeros_like(flat)
+    if len(whole) < len(uses) or float((total.to(flat.device) - flat).norm()) > 1e-3 * float(
+            flat.norm()) + 1e-30:
+        raise RuntimeError(
+            f"ISOPO: parameters {', '.join(repr(n) for n in layer.param_names)} reach the loss "
+            "through ops where they never meet the samples (a result without a sample axis, such "
+            "as a loss term that is not a sum of per-sample terms); ISOPO cannot attribute their "
+            "gradient. Keep such terms out of the microbatch's backward")
 
 
 def _scaled(g: Tensor, back: float) -> Tensor:

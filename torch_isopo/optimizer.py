@@ -14,8 +14,17 @@ from .coefficients import condition_number
 from .finish import Settings
 from .layers import Layer, find_layers
 from .microbatch import Microbatch, check_advantages, check_segments
+from .shared import Tracker
 
 MODES = ("ntk", "fisher", "reinforce")
+
+
+def _constants(model: nn.Module) -> list:
+    """Tensors a free parameter may meet that are not data: buffers and tensors held by modules."""
+    out = list(model.buffers())
+    for m in model.modules():
+        out.extend(v for v in vars(m).values() if isinstance(v, torch.Tensor))
+    return out
 
 
 class _Unset:
@@ -195,10 +204,14 @@ class ISOPO(torch.optim.Optimizer):
         mb = Microbatch(self._attachment, A, seg, sample_dim, self._settings(),
                         self._m if self.ema is not None else None, self._step_figures,
                         self._ledger, self._loss_scale)
+        free = [layer for layer in self.layers if layer.rule == "parameter"]
+        if free:
+            mb.tracker = Tracker(self._attachment, free, _constants(self.model))
         self._attachment.active = mb
         self._attachment.graphs.add(mb)
         try:
-            yield self
+            with mb.tracker or contextlib.nullcontext():
+                yield self
         finally:
             self._attachment.active = None
             self._ledger.clear()

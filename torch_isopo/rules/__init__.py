@@ -31,6 +31,7 @@ class Rule:
     factor = False        # all its uses are FactorUse material (layers may then share weights)
     whole_subtree = False
     pieces = "tokens"
+    patches_forward = True
 
     def forward(self, mb, layer, entry, orig, args: tuple, kwargs: dict):
         """The module's output inside microbatch ``mb``; ``orig`` is its own forward."""
@@ -64,6 +65,7 @@ def rule_for(module: nn.Module) -> Rule | None:
     return None
 
 
-from . import generic, linear, embedding, norm  # noqa: E402,F401  (registers the built-in rules)
+from . import generic, linear, embedding, norm, parameter  # noqa: E402,F401  (built-in rules)
 
 GENERIC = generic.GenericRule()
+FREE = parameter.FreeRule()

@@ -12,6 +12,7 @@ from torch import nn
 from torch.autograd import Function
 
 from ..factors import FactorUse
+from ..gate import own_op
 from . import Rule, register
 from .linear import only_input
 
@@ -24,6 +25,7 @@ class EmbeddingUse:
     weight: int
 
 
+@own_op
 class EmbeddingFn(Function):
     """``y = W[ids]``; the backward hands ``(ids, δ)`` to the gate."""
 

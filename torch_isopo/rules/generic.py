@@ -16,6 +16,7 @@ from torch.autograd import Function
 from .. import _compat
 from ..factors import work_dtype
 from ..finish import ExplicitUse
+from ..gate import own_op
 from . import Rule
 
 _TENSOR = object()  # placeholder for a tensor argument in ``RecomputeUse.in_consts``
@@ -56,6 +57,7 @@ class RecomputeUse:
             return self.orig(*a, **kw)
 
 
+@own_op
 class RecomputeFn(Function):
     """A module run without autograd in the forward and recomputed in the backward."""
 

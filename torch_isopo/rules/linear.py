@@ -15,6 +15,7 @@ from torch import nn
 from torch.autograd import Function
 
 from ..factors import FactorUse
+from ..gate import own_op
 from . import Rule, register
 
 
@@ -42,6 +43,7 @@ def _linear(x, weight, bias, transposed: bool):
     return out.view(*x.shape[:-1], weight.shape[1])
 
 
+@own_op
 class LinearFn(Function):
     """``y = x Wᵀ + b`` (or ``x W + b`` transposed); the backward hands ``(a, δ)`` to the gate."""
 

@@ -18,6 +18,7 @@ from torch.autograd import forward_ad as fwAD
 
 from .. import _compat
 from ..factors import work_dtype
+from ..gate import own_op
 from . import Rule, register
 from .generic import explicit_use, recompute
 
@@ -30,6 +31,7 @@ class NormUse:
     bias: int | None
 
 
+@own_op
 class NormAffineFn(Function):
     """``y = h ⊙ weight + bias``: the affine step of a normalisation layer."""
 

@@ -1,0 +1,219 @@
+"""Free parameters: those of a module that has no rule of its own but whose children have theirs.
+
+A policy's state-independent ``log_std``, a learned position table or a class token live on a
+container and are used by arbitrary code (``get_action_and_value``, ``evaluate_actions``), not
+by a forward ISOPO could patch. While a microbatch is open a ``TorchFunctionMode`` follows them:
+
+* a *shared* tensor is a free parameter, a constant (a buffer, a tensor held by a module, one
+  built by a factory such as ``torch.ones``) or the result of an op that reads shared tensors only;
+* an op that reads a free parameter (through shared tensors) and whose results have the sample
+  layout (``n`` along the sample axis), with the samples coming from data among its inputs or from
+  broadcasting the shared ones, is where the parameter *meets* the samples. Its results pass
+  through ``Meet``, whose backward takes each sample's vector-Jacobian product back to the
+  parameter through the forward's own graph (vectorised over samples): the parameter's ``G_i``.
+
+The layer's gate then checks that the gradient autograd delivers equals ``Σ_i G_i``: a path from
+a free parameter to the loss that never met the samples is an error, never a silent gradient.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd import Function
+from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakIdKeyDictionary
+
+from . import _compat
+from .finish import ExplicitUse
+from .gate import own_node, own_op
+
+
+class Tracker(TorchFunctionMode):
+    """Follows the free parameters of ``layers`` through one microbatch's forward."""
+
+    def __init__(self, attachment, layers, constants):
+        super().__init__()
+        self.attachment = attachment
+        self.free = {id(p): (layer, i) for layer in layers for i, p in enumerate(layer.params)}
+        self.shared = WeakIdKeyDictionary()     # tensor -> {layer id: (record, gated)} it reads
+        for t in constants:
+            self.shared[t] = {}
+        self.paused = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.paused or own_node(_compat.autograd_node()):
+            return func(*args, **kwargs)
+        inputs = list(_tensors(args, kwargs))
+        if not inputs:                           # a factory: its result is a constant
+            return self._mark(func(*args, **kwargs), {})
+        hits = [t for t in inputs if id(t) in self.free or t in self.shared]
+        mb = self.attachment.forward_microbatch() if hits and torch.is_grad_enabled() else None
+        if mb is None:
+            return func(*args, **kwargs)
+        args, kwargs, reads = self._gated(mb, args, kwargs, hits)
+        self.paused += 1
+        try:
+            out = func(*args, **kwargs)
+            data = len(hits) < len(inputs)
+            inputs = list(_tensors(args, kwargs))
+            if reads and meets_samples(mb, out, inputs, self.shared, data):
+                return meet(mb, out, [t for t in inputs if t in self.shared and self.shared[t]],
+                            self.shared)
+        finally:
+            self.paused -= 1
+        return out if data and not reads else self._mark(out, reads)
+
+    def _gated(self, mb, args, kwargs, hits):
+        """Free parameters replaced by their gated tensors; the free layers the op reads."""
+        swap, reads = {}, {}
+        for t in hits:
+            if id(t) in self.free:
+                layer, i = self.free[id(t)]
+                record, gated = mb.gate(layer)
+                swap[id(t)] = gated[i]
+                reads[id(layer)] = (record, gated)
+                self.shared[gated[i]] = {id(layer): (record, gated)}
+            else:
+                reads.update(self.shared[t])
+        if swap:
+            leaves, spec = _compat.tree_flatten((args, kwargs))
+            args, kwargs = _compat.tree_unflatten(
+                [swap.get(id(t), t) if isinstance(t, Tensor) else t for t in leaves], spec)
+        return args, kwargs, reads
+
+    def _mark(self, out, reads):
+        for t in _out_tensors(out):
+            self.shared[t] = reads
+        return out
+
+    def refuse_free(self, x: Tensor, where: str) -> None:
+        """A layer input computed from free parameters that never met the samples has no sample
+        axis of its own (a position table, learned queries): its rows are not samples."""
+        if id(x) in self.free or x in self.shared and self.shared[x]:
+            raise ValueError(
+                f"ISOPO: {where} (shape {tuple(x.shape)}) is computed from parameters and "
+                "constants alone: its rows are not samples. Broadcast it against the batch first "
+                "(e.g. table.expand(n, *table.shape), or add it to the batch's activations)")
+
+
+def _tensors(args, kwargs):
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, Tensor):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from (t for t in a if isinstance(t, Tensor))
+
+
+def _out_tensors(out):
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for t in out if isinstance(t, Tensor)]
+    return []
+
+
+def _sample_axis(mb, t: Tensor) -> int:
+    return mb.sample_dim if t.dim() >= 3 else 0
+
+
+def sample_layout(mb, o: Tensor) -> bool:
+    """Whether ``o``'s rows can be samples: ``n`` along the sample axis, or one row per segment
+    entry."""
+    if o.dim() == 0:
+        return False
+    if mb.segments is not None:
+        rows = o.shape[0] * o.shape[1] if o.dim() >= 3 else o.shape[0]
+        return rows == mb.segments.numel()
+    return o.shape[_sample_axis(mb, o)] == mb.n
+
+
+def meets_samples(mb, out, inputs, shared, data: bool) -> bool:
+    """Whether every float result has the sample layout, with data among the inputs or every
+    shared input broadcast along the sample axis (size 1 or absent there)."""
+    outs = [o for o in _out_tensors(out) if o.is_floating_point()]
+    if not outs or not all(sample_layout(mb, o) for o in outs):
+        return False
+    return data or all(_broadcast(t, o, _sample_axis(mb, o)) for t in inputs for o in outs)
+
+
+def _broadcast(t: Tensor, o: Tensor, axis: int) -> bool:
+    k = axis - (o.dim() - t.dim())
+    return k < 0 or t.shape[k] == 1
+
+
+def meet(mb, out, sources: list[Tensor], shared):
+    """``out`` (a tensor or a tuple of them), computed from the free-parameter tensors
+    ``sources`` (and data), passed through ``Meet``."""
+    tensors = _out_tensors(out)
+    keep = [t for t in tensors if t.is_floating_point() and t.requires_grad]
+    if not keep:
+        return out
+    met = iter(Meet.apply(_Meeting(mb, sources, [shared[t] for t in sources]), *keep))
+    swapped = {id(t): next(met) for t in keep}
+    if isinstance(out, Tensor):
+        return swapped[id(out)]
+    return type(out)(swapped.get(id(t), t) if isinstance(t, Tensor) else t for t in out)
+
+
+class _Meeting:
+    def __init__(self, mb, sources, reads):
+        self.mb, self.sources, self.reads = mb, sources, reads
+
+
+@own_op
+class Meet(Function):
+    """Identity on results where free parameters meet the samples; its backward records the
+    parameters' per-sample gradients through the graph that made the results."""
+
+    @staticmethod
+    def forward(ctx, meeting, *outs):
+        ctx.meeting = meeting
+        ctx.save_for_backward(*outs)
+        return tuple(o.view_as(o) for o in outs)
+
+    @staticmethod
+    def backward(ctx, *douts):
+        m = ctx.meeting
+        outs = [o for o, d in zip(ctx.saved_tensors, douts) if d is not None]
+        grads = [d for d in douts if d is not None]
+        if outs:
+            masked = [_per_sample(m.mb, o, d) for o, d in zip(outs, grads)]
+            per_layer: dict[int, tuple] = {}
+            for src, reads in zip(m.sources, m.reads):
+                G_src, = _batched_grad(outs, [src], masked, m.mb.n, flat=False)
+                for key, (record, gated) in reads.items():
+                    G = _batched_grad([src], gated, [G_src], m.mb.n)
+                    old = per_layer.get(key)
+                    per_layer[key] = (record, G if old is None else old[1] + G)
+            for record, G in per_layer.values():
+                record.add(ExplicitUse(G, None, None))
+        return (None, *douts)
+
+
+def _per_sample(mb, o: Tensor, d: Tensor) -> Tensor:
+    """``(n, *d.shape)``: the output gradient restricted to each sample's rows."""
+    smap = mb.sample_map(o.shape[:-1] if o.dim() >= 2 else o.shape, "a free parameter's result",
+                         o.device)
+    rows = d.reshape(smap.rows, -1)
+    onehot = torch.zeros(mb.n, smap.rows, 1, dtype=d.dtype, device=d.device)
+    onehot[smap.ids, torch.arange(smap.rows, device=d.device)] = 1
+    return (onehot * rows).view(mb.n, *d.shape)
+
+
+def _batched_grad(outs, params, masked, n, flat: bool = True):
+    """``(n, D)``: per-sample gradients of ``params`` for the per-sample output gradients (or,
+    with ``flat=False``, one ``(n, *p.shape)`` per parameter)."""
+    try:
+        got = torch.autograd.grad(outs, params, masked, is_grads_batched=True,
+                                  retain_graph=True, allow_unused=True)
+    except RuntimeError:                 # an op without a batching rule: one sample at a time
+        rows = [torch.autograd.grad(outs, params, [m[i] for m in masked], retain_graph=True,
+                                    allow_unused=True) for i in range(n)]
+        got = [None if all(r[j] is None for r in rows) else torch.stack(
+            [torch.zeros_like(params[j]) if r[j] is None else r[j] for r in rows])
+            for j in range(len(params))]
+    if not flat:
+        return [masked[0].new_zeros(n, *p.shape) if g is None else g for g, p in zip(got, params)]
+    return torch.cat([masked[0].new_zeros(n, p.numel()) if g is None else g.reshape(n, -1)
+                      for g, p in zip(got, params)], 1)
