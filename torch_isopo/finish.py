@@ -97,7 +97,7 @@ def layer_gradients(uses: list, params: list[Tensor], A: Tensor, cfg: Settings,
         def kernel():
             K = torch.zeros(n, n, dtype=dt, device=ref.device)
             for s, group in _by_slot(factor, "weight").items():
-                KW, kept[s] = _weight_kernel(group, n, params[s].shape, dt, budget, cfg.route)
+                KW, kept[s] = _weight_kernel(group, n, _matrix(params[s]), dt, budget, cfg.route)
                 K += KW
             for group in _by_slot(factor, "bias").values():
                 Gb = factors.bias_gradients(group, n, dt)
@@ -119,13 +119,14 @@ def layer_gradients(uses: list, params: list[Tensor], A: Tensor, cfg: Settings,
 def _contract(factor, explicit, kept, params, c, n) -> list[Tensor | None]:
     grads: list[Tensor | None] = [None] * len(params)
     for s, group in _by_slot(factor, "weight").items():
-        P, Q = params[s].shape
+        P, Q = _matrix(params[s])
         rows, G = kept.get(s) or (None, None)
         if G is None:
-            grads[s] = factors.contract_weight(group, c, P, Q)
+            W = factors.contract_weight(group, c, P, Q)
         else:
             flat = (c.to(G.dtype) @ G.reshape(n, -1)).view(-1, Q)
-            grads[s] = flat if rows is None else flat.new_zeros(P, Q).index_copy_(0, rows, flat)
+            W = flat if rows is None else flat.new_zeros(P, Q).index_copy_(0, rows, flat)
+        grads[s] = W.view(params[s].shape)
     for b, group in _by_slot(factor, "bias").items():
         grads[b] = factors.contract_bias(group, c)
     if explicit is not None:
@@ -133,6 +134,11 @@ def _contract(factor, explicit, kept, params, c, n) -> list[Tensor | None]:
         for s, g in zip(explicit.slots, flat.split(explicit.sizes)):
             grads[s] = g.view_as(params[s])
     return grads
+
+
+def _matrix(p: Tensor) -> tuple[int, int]:
+    """A weight as the matrix its factors address: rows × everything else."""
+    return p.shape[0], p.numel() // max(p.shape[0], 1)
 
 
 def _by_slot(uses: list[FactorUse], kind: str) -> dict[int, list[FactorUse]]:

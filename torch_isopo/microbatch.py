@@ -13,7 +13,7 @@ from torch import Tensor
 from . import _compat
 from .finish import ExplicitUse, Settings, layer_gradients
 from .gate import Gate
-from .samples import SampleMap, expand_shared, sample_map
+from .samples import SampleMap, batch_map, expand_shared, sample_map
 
 
 class LayerRecord:
@@ -114,6 +114,13 @@ class Microbatch:
 
     def expand_shared(self, t: Tensor, features: bool) -> Tensor:
         return expand_shared(t, self.n, self.segments, self.sample_dim, t.dim() - int(features))
+
+    def batch_map(self, N: int, L: int, where: str, device) -> SampleMap:
+        """Rows of ``N`` batch entries of ``L`` positions each (``samples.batch_map``)."""
+        key = ("batch", N, L, str(device))
+        if key not in self._maps:
+            self._maps[key] = batch_map(N, L, self.n, self.segments, where, device)
+        return self._maps[key]
 
     def sample_map(self, shape, where: str, device) -> SampleMap:
         key = (tuple(shape), str(device))
