@@ -15,6 +15,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _compat
 from .gate import graph_microbatch
+from .rules.norm import BATCH_NORMS, mixes_samples, refuse_batch_statistics
 
 
 class Attachment:
@@ -126,10 +127,13 @@ class Ledger:
         self.watched = WeakIdKeyDictionary()
 
 
-def attach(layers, attachment: Attachment, ledger: Ledger) -> list:
-    """Patch every layer module's forward and hook every layer parameter; returns what
-    ``detach`` needs to undo it."""
+def attach(model, layers, attachment: Attachment, ledger: Ledger) -> list:
+    """Patch every layer module's forward, hook every layer parameter and guard every module that
+    mixes samples; returns what ``detach`` needs to undo it."""
     undo = []
+    for name, m in model.named_modules():
+        if isinstance(m, BATCH_NORMS):
+            undo.append(("hook", m.register_forward_pre_hook(_guard(attachment, name)), None))
     for layer in layers:
         for entry in layer.entries:
             if not entry.rule.patches_forward:
@@ -141,6 +145,13 @@ def attach(layers, attachment: Attachment, ledger: Ledger) -> list:
         for p, name in zip(layer.params, layer.param_names):
             undo.append(("hook", p.register_hook(ledger.checker(p, name)), None))
     return undo
+
+
+def _guard(attachment: Attachment, name: str):
+    def check(module, args):
+        if mixes_samples(module) and torch.is_grad_enabled() and attachment.forward_microbatch():
+            refuse_batch_statistics(name, module)
+    return check
 
 
 def detach(undo: list, ledger: Ledger) -> None:

@@ -108,7 +108,7 @@ class ISOPO(torch.optim.Optimizer):
         self._step_figures: dict[str, list] = {}       # this step's microbatch figures
         self._last_figures: dict[str, list] = {}       # the last step's, for diagnostics
         self._diagnostics: dict[str, dict[str, float]] | None = None
-        self._undo = attach(self.layers, self._attachment, self._ledger)
+        self._undo = attach(model, self.layers, self._attachment, self._ledger)
 
     @classmethod
     def factory(cls, model: nn.Module, optimizer_cls, **isopo_kwargs) -> type:

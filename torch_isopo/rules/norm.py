@@ -1,4 +1,5 @@
-"""Normalisation layers (LayerNorm, RMSNorm and their Hugging Face ``*Norm`` classes).
+"""Normalisation layers: LayerNorm, RMSNorm and their Hugging Face ``*Norm`` classes (features
+last), and BatchNorm in eval mode, GroupNorm and InstanceNorm (channels first).
 
 Their parameters act per feature. A norm whose output is ``h(x) ⊙ weight + bias`` (checked once,
 with random parameters) runs ``h`` through its own forward (unit weight, zero bias) or a checked
@@ -21,6 +22,7 @@ from ..factors import work_dtype
 from ..gate import own_op
 from . import Rule, register
 from .generic import explicit_use, recompute
+from .linear import only_input
 
 
 @dataclass
@@ -95,6 +97,53 @@ class NormRule(Rule):
         b = own.get("bias") if bs is None else gated[bs]
         smap = mb.sample_map(h.shape[:-1], f"module '{entry.name}' output", h.device)
         return NormAffineFn.apply(h, w, b, NormUse(record, smap, ws, bs))
+
+
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def mixes_samples(module: nn.Module) -> bool:
+    """Whether the module normalises with statistics of the whole batch (BatchNorm in training
+    mode, or without running statistics): every sample's output then depends on the others."""
+    return isinstance(module, BATCH_NORMS) and (
+        module.training or (module.running_mean is None and module.running_var is None))
+
+
+def refuse_batch_statistics(name: str, module: nn.Module) -> None:
+    raise ValueError(
+        f"ISOPO: module '{name}' ({type(module).__name__}) normalises with the statistics of the "
+        "whole batch, which mixes samples: per-sample gradients do not exist. Run it in eval mode "
+        "with running statistics during the policy update (module.eval()), or use a per-sample "
+        "norm (GroupNorm, LayerNorm)")
+
+
+@register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.InstanceNorm1d,
+          nn.InstanceNorm2d, nn.InstanceNorm3d)
+class ChannelNormRule(Rule):
+    """A norm over channels-first inputs ``(N, C, *spatial)``: ``h(x)`` from the module's own
+    forward with unit weight and zero bias (running statistics move as in a plain forward), then
+    the affine step per channel, each location of each sample a position."""
+
+    name = "channel_norm"
+    pieces = "channels"
+
+    def forward(self, mb, layer, entry, orig, args, kwargs):
+        m = entry.module
+        if mixes_samples(m):
+            refuse_batch_statistics(entry.name, m)
+        x = mb.expand_shared(only_input(entry, args, kwargs), features=True)
+        record, gated = mb.gate(layer)
+        own = dict(m.named_parameters(recurse=False))
+        with _set(m, {a: None if own.get(a) is None else _unit(a, own[a])
+                      for a in ("weight", "bias")}):
+            h = orig(x)
+        ws, bs = entry.slot("weight"), entry.slot("bias")
+        w = own.get("weight") if ws is None else gated[ws]
+        b = own.get("bias") if bs is None else gated[bs]
+        N, C = h.shape[:2]
+        smap = mb.batch_map(N, h.numel() // max(N * C, 1), f"module '{entry.name}' input", h.device)
+        y = NormAffineFn.apply(h.movedim(1, -1), w, b, NormUse(record, smap, ws, bs))
+        return y.movedim(-1, 1)
 
 
 def _unit(attr: str, p: Tensor) -> Tensor:

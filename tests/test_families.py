@@ -1,0 +1,88 @@
+"""Policy-network families against the float64 brute force, in every mode (``families.SETTINGS``):
+convolutions, channel norms, free parameters (Gaussian policies), attention, recurrent layers,
+parametrizations, and the refusals where samples cannot be told apart."""
+import itertools
+
+import pytest
+import torch
+from torch import nn
+from torch.distributions import Normal
+
+from families import IDS, SETTINGS, check_family
+
+D = torch.float64
+
+
+def _logp(logits, k=0):
+    return -torch.log_softmax(logits, -1)[..., k]
+
+
+# -- convolutions -------------------------------------------------------------------------------
+CONV_VARIANTS = [  # stride, padding, dilation, groups, bias, padding_mode
+    (1, 0, 1, 1, True, "zeros"), (2, 1, 1, 1, False, "zeros"), (1, "same", 2, 1, True, "reflect"),
+    (2, 2, 1, 2, True, "circular"), (1, 1, 1, 4, True, "replicate"), (1, "valid", 1, 4, False, "zeros")]
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("d", [1, 2, 3])
+@pytest.mark.parametrize("variant", CONV_VARIANTS, ids=lambda v: "-".join(map(str, v)))
+def test_convolutions(d, variant, setting):
+    stride, padding, dilation, groups, bias, mode_pad = variant
+    if mode_pad == "reflect" and d == 3:
+        mode_pad = "replicate"
+    conv = [None, nn.Conv1d, nn.Conv2d, nn.Conv3d][d]
+    torch.manual_seed(0)
+    model = nn.Sequential(conv(4, 4, 3, stride=stride, padding=padding, dilation=dilation,
+                               groups=groups, bias=bias, padding_mode=mode_pad), nn.Tanh(),
+                          conv(4, 2, 2), nn.Flatten(), nn.LazyLinear(3)).to(D)
+    x = torch.randn(3, 4, *([6] * d), dtype=D)
+    model(x)
+    check_family(model, lambda m: _logp(m(x)), 3, *setting, rules=["conv", "conv", "linear"])
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+def test_atari_cnn_with_segments(setting):
+    """NatureCNN-style policy; two frames per sample grouped by ``segments``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 8, stride=4), nn.ReLU(), nn.Conv2d(4, 4, 4, stride=2),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 8), nn.ReLU(),
+                          nn.Linear(8, 3)).to(D)
+    x = torch.randn(6, 2, 44, 44, dtype=D)
+    seg = torch.tensor([0, 1, 2, 0, 1, 2])
+
+    def losses(m):
+        return torch.zeros(3, dtype=D).index_add(0, seg, _logp(m(x)))
+    check_family(model, losses, 3, *setting, segments=seg)
+
+
+# -- normalisation over channels ----------------------------------------------------------------
+CHANNEL_NORMS = {
+    "batchnorm-eval": lambda: nn.BatchNorm2d(4),
+    "groupnorm": lambda: nn.GroupNorm(2, 4),
+    "instancenorm": lambda: nn.InstanceNorm2d(4, affine=True),
+    "instancenorm-running": lambda: nn.InstanceNorm2d(4, affine=True, track_running_stats=True),
+    "batchnorm-no-affine": lambda: nn.BatchNorm2d(4, affine=False),
+}
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("norm", list(CHANNEL_NORMS), ids=list(CHANNEL_NORMS))
+def test_channel_norms(norm, setting):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), CHANNEL_NORMS[norm](), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(4 * 25, 2)).to(D)
+    if norm.startswith("batchnorm"):
+        model[1].running_mean.uniform_()
+        model[1].running_var.uniform_(0.5, 2.0)
+        model.eval()
+    x = torch.randn(3, 3, 7, 7, dtype=D)
+    check_family(model, lambda m: _logp(m(x)), 3, *setting)
+
+
+def test_batchnorm1d_eval_on_rows():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).to(D).eval()
+    x = torch.randn(5, 3, dtype=D)
+    for setting in SETTINGS:
+        check_family(model, lambda m: _logp(m(x)), 5, *setting,
+                     rules=["linear", "channel_norm", "linear"])
