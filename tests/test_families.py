@@ -86,3 +86,77 @@ def test_batchnorm1d_eval_on_rows():
     for setting in SETTINGS:
         check_family(model, lambda m: _logp(m(x)), 5, *setting,
                      rules=["linear", "channel_norm", "linear"])
+
+
+# -- attention ----------------------------------------------------------------------------------
+class AttentionPolicy(nn.Module):
+    def __init__(self, batch_first, inputs, kdim=None, **kw):
+        super().__init__()
+        self.batch_first, self.inputs = batch_first, inputs
+        self.att = nn.MultiheadAttention(8, 2, batch_first=batch_first, kdim=kdim, vdim=kdim, **kw)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x, y, **kw):
+        q, k, v = {"self": (x, x, x), "kv": (x, y, y), "all": (x, y, y * 2)}[self.inputs]
+        out, _ = self.att(q, k, v, **kw)
+        return _logp(self.head(out)).sum(1 if self.batch_first else 0)
+
+
+ATTENTION = list(itertools.product(
+    [True, False], ["self", "kv", "all"], [True, False],       # batch_first, inputs, need_weights
+    [(True, False, False), (False, True, True)], [False, True]))  # bias/bias_kv/zero_attn, masks
+
+
+@pytest.mark.parametrize("setting", [SETTINGS[1], SETTINGS[3]], ids=[IDS[1], IDS[3]])
+@pytest.mark.parametrize("case", ATTENTION, ids=lambda c: "-".join(map(str, (c[0], c[1], c[2], c[3][0], c[4]))))
+def test_multihead_attention(case, setting):
+    batch_first, inputs, need, (bias, bias_kv, zero), masks = case
+    torch.manual_seed(0)
+    model = AttentionPolicy(batch_first, inputs, bias=bias, add_bias_kv=bias_kv,
+                            add_zero_attn=zero).to(D)
+    N, L, S = 3, 4, (4 if inputs == "self" else 5)
+    x, y = torch.randn(N, L, 8, dtype=D), torch.randn(N, S, 8, dtype=D)
+    if not batch_first:
+        x, y = x.transpose(0, 1), y.transpose(0, 1)
+    kw = dict(need_weights=need)
+    if masks:
+        kpm = torch.zeros(N, S, dtype=torch.bool)
+        kpm[1, -1] = True
+        kw.update(key_padding_mask=kpm,
+                  attn_mask=torch.triu(torch.ones(L, S, dtype=torch.bool), 1) if inputs == "self"
+                  else torch.randn(L, S, dtype=D))
+    check_family(model, lambda m: m(x, y, **kw), N, *setting, sample_dim=0 if batch_first else 1,
+                 rules=["attention", "linear"])
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+def test_attention_with_key_and_value_dims(setting):
+    torch.manual_seed(0)
+    model = AttentionPolicy(True, "all", kdim=5).to(D)
+    x, y = torch.randn(3, 4, 8, dtype=D), torch.randn(3, 6, 5, dtype=D)
+    check_family(model, lambda m: m(x, y), 3, *setting)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("train", [False, True])
+def test_transformer_layers(norm_first, train, setting):
+    """``nn.Transformer`` (encoder and decoder layers, causal masks, padding) as a policy, with
+    dropout in training mode (the gradients of the very forward that ran)."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({
+        "net": nn.Transformer(8, 2, num_encoder_layers=1, num_decoder_layers=1,
+                              dim_feedforward=12, dropout=0.2 if train else 0.0,
+                              batch_first=True, norm_first=norm_first),
+        "head": nn.Linear(8, 3)}).to(D)
+    model.train(train)
+    src, tgt = torch.randn(3, 5, 8, dtype=D), torch.randn(3, 4, 8, dtype=D)
+    pad = torch.zeros(3, 5, dtype=torch.bool)
+    pad[2, -2:] = True
+    causal = nn.Transformer.generate_square_subsequent_mask(4, dtype=D)
+
+    def losses(m):
+        torch.manual_seed(1)         # the same dropout masks in both runs
+        out = m["net"](src, tgt, tgt_mask=causal, src_key_padding_mask=pad, tgt_is_causal=True)
+        return _logp(m["head"](out)).sum(1)
+    check_family(model, losses, 3, *setting)

@@ -155,7 +155,8 @@ def merge_uses(uses: list[FactorUse]) -> list[FactorUse]:
     as one use with their rows concatenated: one Gram or batched product instead of many."""
     groups: dict[tuple, list[FactorUse]] = {}
     for u in uses:
-        key = (u.weight, u.bias, u.indexed, u.delta is u.U, u.smap.inner, str(u.V.device))
+        key = (u.weight, u.bias, u.indexed, u.U.shape[1:], u.V.shape[1:], u.delta.shape[1:], u.smap.inner,
+               str(u.V.device))
         groups.setdefault(key, []).append(u)
     if len(groups) == len(uses):
         return uses
@@ -168,8 +169,8 @@ def merge_uses(uses: list[FactorUse]) -> list[FactorUse]:
         U, V = torch.cat([u.U for u in group]), torch.cat([u.V for u in group])
         smap = SampleMap(torch.cat([u.smap.ids for u in group]), first.smap.n, first.smap.inner,
                          None, 0)
-        merged.append(FactorUse(U, V, U if first.delta is first.U else V, smap, first.weight,
-                                first.bias))
+        delta = torch.cat([u.delta for u in group])
+        merged.append(FactorUse(U, V, delta, smap, first.weight, first.bias))
     return merged
 
 

@@ -115,11 +115,11 @@ class Microbatch:
     def expand_shared(self, t: Tensor, features: bool) -> Tensor:
         return expand_shared(t, self.n, self.segments, self.sample_dim, t.dim() - int(features))
 
-    def batch_map(self, N: int, L: int, where: str, device) -> SampleMap:
+    def batch_map(self, N: int, L: int, where: str, device, entry_major: bool = True) -> SampleMap:
         """Rows of ``N`` batch entries of ``L`` positions each (``samples.batch_map``)."""
-        key = ("batch", N, L, str(device))
+        key = ("batch", N, L, str(device), entry_major)
         if key not in self._maps:
-            self._maps[key] = batch_map(N, L, self.n, self.segments, where, device)
+            self._maps[key] = batch_map(N, L, self.n, self.segments, where, device, entry_major)
         return self._maps[key]
 
     def sample_map(self, shape, where: str, device) -> SampleMap:

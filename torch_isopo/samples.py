@@ -106,19 +106,24 @@ def sample_map(token_shape: torch.Size, n: int, segments: Tensor | None, sample_
 
 
 def batch_map(N: int, L: int, n: int, segments: Tensor | None, where: str,
-              device: torch.device) -> SampleMap:
-    """Rows → samples for a layer whose batch axis is known (convolutions, recurrent layers):
-    ``N`` batch entries of ``L`` rows each, entry-major. Entry b is sample b, or ``segments[b]``
-    (one id per entry, or one per row)."""
+              device: torch.device, entry_major: bool = True) -> SampleMap:
+    """Rows → samples for a layer whose batch axis is known (convolutions, attention, recurrent
+    layers): ``N`` batch entries of ``L`` rows each, stored ``(N, L)`` (entry-major) or ``(L, N)``.
+    Entry b is sample b, or ``segments[b]`` (one id per entry, or one per row)."""
     if segments is None:
         if N != n:
             raise ValueError(f"{where}: the input has a batch of {N} but {n} advantages were given; "
                              "pass segments= to say which sample each batch entry belongs to")
-        return SampleMap(torch.arange(n, device=device).repeat_interleave(L), n, 1, "first", L)
+        base = torch.arange(n, device=device)
+        if entry_major:
+            return SampleMap(base.repeat_interleave(L), n, 1, "first", L)
+        return SampleMap(base.repeat(L), n, 1, "second", L)
     if segments.numel() == N:
-        return SampleMap(segments.to(device).repeat_interleave(L), n, 1, None, 0)
+        seg = segments.to(device)
+        return SampleMap(seg.repeat_interleave(L) if entry_major else seg.repeat(L), n, 1, None, 0)
     if segments.numel() == N * L:
-        return SampleMap(segments.to(device), n, 1, None, 0)
+        seg = segments.to(device)
+        return SampleMap(seg if entry_major else seg.view(N, L).T.reshape(-1), n, 1, None, 0)
     raise ValueError(f"{where}: segments has {segments.numel()} entries but the input has a batch "
                      f"of {N} with {L} positions each; give one sample id per batch entry")
 

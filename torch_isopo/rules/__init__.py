@@ -65,7 +65,7 @@ def rule_for(module: nn.Module) -> Rule | None:
     return None
 
 
-from . import generic, linear, embedding, norm, conv, parameter  # noqa: E402,F401  (built-in rules)
+from . import generic, linear, embedding, norm, conv, attention, parameter  # noqa: E402,F401
 
 GENERIC = generic.GenericRule()
 FREE = parameter.FreeRule()

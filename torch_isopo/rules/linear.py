@@ -26,6 +26,8 @@ class LinearUse:
     transposed: bool     # Conv1D: ``y = x W + b``, the weight stored (in, out)
     weight: int | None   # the layer's slot of the weight (None: frozen)
     bias: int | None     # the layer's slot of the bias (None: frozen or absent)
+    rows: tuple[int, int] | None = None       # only these rows of the weight are used,
+    bias_rows: tuple[int, int] | None = None  # and these of the bias (packed projections)
 
 
 def _autocast_dtype(x) -> torch.dtype | None:
@@ -49,6 +51,11 @@ class LinearFn(Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, use):
+        ctx.widths = (weight.shape[0], None if bias is None else bias.shape[0])
+        if use.rows is not None:
+            weight = weight[use.rows[0]:use.rows[1]]
+        if use.bias_rows is not None and bias is not None:
+            bias = bias[use.bias_rows[0]:use.bias_rows[1]]
         dtype = _autocast_dtype(x)
         if dtype is None:
             out = _linear(x, weight, bias, use.transposed)
@@ -68,9 +75,17 @@ class LinearFn(Function):
         if ctx.needs_input_grad[0]:
             dx = dy @ weight.T if use.transposed else dy @ weight
         a, d = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-        U, V = (a, d) if use.transposed else (d, a)
-        use.record.add(FactorUse(U, V, d, use.smap, use.weight, use.bias))
+        U, V = (a, d) if use.transposed else (_placed(d, use.rows, ctx.widths[0]), a)
+        delta = _placed(d, use.bias_rows, ctx.widths[1])
+        use.record.add(FactorUse(U, V, delta, use.smap, use.weight, use.bias))
         return dx, None, None, None
+
+
+def _placed(d, rows, width):
+    """The pieces of a block of rows, in the whole parameter's layout."""
+    if rows is None or width is None:
+        return d
+    return d.new_zeros(d.shape[0], width).index_copy_(1, torch.arange(*rows, device=d.device), d)
 
 
 def only_input(entry, args, kwargs):

@@ -1,0 +1,210 @@
+"""``nn.MultiheadAttention`` (and through it ``nn.TransformerEncoderLayer``, ``DecoderLayer`` and
+``nn.Transformer``): its projections are linear layers, the attention between them mixes positions
+within a sequence only.
+
+The module and its ``out_proj`` form one layer. Its forward is ``F.multi_head_attention_forward``
+written out with the in- and out-projections as ``LinearFn`` uses (the packed ``in_proj_weight``
+is used whole for self-attention, as row blocks otherwise) and ``bias_k``/``bias_v`` as explicit
+per-sample uses; masks, dropout, ``add_zero_attn``, ``need_weights`` and ``batch_first`` behave as
+in PyTorch. Each sample is one ``fisher`` position.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd import Function
+
+from ..finish import ExplicitUse
+from ..gate import own_op
+from . import Rule, register
+from .linear import LinearFn, LinearUse
+
+_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
+
+
+def _float_mask(mask: Tensor | None, dtype) -> Tensor | None:
+    """A boolean mask (True = masked) as an additive float mask; float masks pass unchanged."""
+    if mask is None or mask.is_floating_point():
+        return mask
+    if mask.dtype != torch.bool:
+        raise TypeError(f"ISOPO: attention masks must be bool or float, got {mask.dtype}")
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, -math.inf)
+
+
+@own_op
+class BatchBiasFn(Function):
+    """``bias.repeat(1, N, 1)``: a learned key/value appended to every batch entry; each entry's
+    row is its sample's gradient."""
+
+    @staticmethod
+    def forward(ctx, bias, N, record, smap, slot):
+        ctx.record, ctx.smap, ctx.slot = record, smap, slot
+        return bias.repeat(1, N, 1)
+
+    @staticmethod
+    def backward(ctx, dy):
+        rows = dy.reshape(-1, dy.shape[-1])
+        G = ctx.smap.reduce(rows, 0)
+        ctx.record.add(ExplicitUse(G, G if ctx.record.wants_pieces else None,
+                                   G.abs().sum(1) > 0 if ctx.record.wants_pieces else None,
+                                   (ctx.slot,)))
+        return None, None, None, None, None
+
+
+@register(nn.MultiheadAttention)
+class AttentionRule(Rule):
+    name = "attention"
+    factor = True
+    whole_subtree = True
+    pieces = "samples"
+
+    def forward(self, mb, layer, entry, orig, args, kwargs):
+        m = entry.module
+        a = _SIGNATURE.bind(m, *args, **kwargs)
+        a.apply_defaults()
+        q, k, v = a.arguments["query"], a.arguments["key"], a.arguments["value"]
+        batched = q.dim() == 3
+        if m.batch_first and batched:
+            q, k, v = _seq_first(q, k, v)
+        elif not batched:
+            q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
+        record, gated = mb.gate(layer)
+        ctx = _Context(mb, record, gated, entry, q.shape[1])
+        out, weights = _attend(m, ctx, q, k, v, a.arguments)
+        if m.batch_first and batched:
+            out = out.transpose(1, 0)
+        elif not batched:
+            out = out.squeeze(1)
+            weights = None if weights is None else weights.squeeze(0)
+        return out, weights
+
+
+def _seq_first(q, k, v):
+    """Transpose to ``(L, N, E)`` keeping which of query, key and value are the same tensor."""
+    if k is v:
+        if q is k:
+            q = k = v = q.transpose(1, 0)
+        else:
+            q, k = q.transpose(1, 0), k.transpose(1, 0)
+            v = k
+        return q, k, v
+    return q.transpose(1, 0), k.transpose(1, 0), v.transpose(1, 0)
+
+
+class _Context:
+    """What the projections of one call need: the gate, the slots and the rows' samples."""
+
+    def __init__(self, mb, record, gated, entry, N):
+        self.mb, self.record, self.gated, self.entry, self.N = mb, record, gated, entry, N
+        self.m = entry.module
+
+    def slot(self, owner, attr):
+        return next((i for o, a, i in self.entry.slots if o is owner and a == attr), None)
+
+    def param(self, owner, attr):
+        i = self.slot(owner, attr)
+        return (getattr(owner, attr) if i is None else self.gated[i]), i
+
+    def smap(self, L: int, device):
+        return self.mb.batch_map(self.N, L, f"module '{self.entry.name}' input", device,
+                                 entry_major=False)
+
+    def linear(self, x, owner, wname, bname, rows=None, bias_rows=None):
+        """``LinearFn`` of ``x (L, N, in)`` with ``owner``'s weight and bias (gated if trainable)."""
+        w, ws = self.param(owner, wname)
+        b, bs = (None, None) if bname is None else self.param(owner, bname)
+        use = LinearUse(self.record, self.smap(x.shape[0], x.device), False, ws, bs, rows,
+                        bias_rows)
+        return LinearFn.apply(x, w, b, use)
+
+    def batch_bias(self, attr):
+        """``bias.repeat(1, N, 1)`` of a learned key or value bias."""
+        b, slot = self.param(self.m, attr)
+        if slot is None:
+            return b.repeat(1, self.N, 1)
+        return BatchBiasFn.apply(b, self.N, self.record, self.smap(1, b.device), slot)
+
+
+def _in_projection(m, ctx, q, k, v):
+    E = m.embed_dim
+    bias = None if m.in_proj_bias is None else "in_proj_bias"
+    if not m._qkv_same_embed_dim:
+        return [ctx.linear(x, m, name, bias, bias_rows=(i * E, (i + 1) * E))
+                for i, (x, name) in enumerate([(q, "q_proj_weight"), (k, "k_proj_weight"),
+                                               (v, "v_proj_weight")])]
+    if k is v and q is k:
+        proj = ctx.linear(q, m, "in_proj_weight", bias)
+        proj = proj.unflatten(-1, (3, E)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
+        return proj[0], proj[1], proj[2]
+    if k is v:
+        qp = ctx.linear(q, m, "in_proj_weight", bias, (0, E), (0, E))
+        kv = ctx.linear(k, m, "in_proj_weight", bias, (E, 3 * E), (E, 3 * E))
+        kv = kv.unflatten(-1, (2, E)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
+        return qp, kv[0], kv[1]
+    return [ctx.linear(x, m, "in_proj_weight", bias, (i * E, (i + 1) * E), (i * E, (i + 1) * E))
+            for i, x in enumerate((q, k, v))]
+
+
+def _attend(m, ctx, query, key, value, a):
+    """``F.multi_head_attention_forward`` for ``(L, N, E)`` inputs, the projections as uses."""
+    L, N, E = query.shape
+    S = key.shape[0]
+    H, hd = m.num_heads, E // m.num_heads
+    need, causal = a["need_weights"], a["is_causal"]
+    kpm = _float_mask(a["key_padding_mask"], query.dtype)
+    if kpm is not None and kpm.dim() == 1:
+        kpm = kpm.unsqueeze(0)
+    mask = a["attn_mask"]
+    if causal and mask is None:
+        raise RuntimeError("Need attn_mask if specifying the is_causal hint")
+    if causal and kpm is None and not need:
+        mask = None
+    else:
+        mask = _float_mask(mask, query.dtype)
+        causal = causal and kpm is None
+    q, k, v = _in_projection(m, ctx, query, key, value)
+    if mask is not None and mask.dim() == 2:
+        mask = mask.unsqueeze(0)
+    if m.bias_k is not None:
+        k = torch.cat([k, ctx.batch_bias("bias_k")])
+        v = torch.cat([v, ctx.batch_bias("bias_v")])
+        mask = None if mask is None else F.pad(mask, (0, 1))
+        kpm = None if kpm is None else F.pad(kpm, (0, 1))
+    q = q.view(L, N * H, hd).transpose(0, 1)
+    k = k.view(k.shape[0], N * H, hd).transpose(0, 1)
+    v = v.view(v.shape[0], N * H, hd).transpose(0, 1)
+    if m.add_zero_attn:
+        zeros = torch.zeros((N * H, 1, hd), dtype=k.dtype, device=k.device)
+        k, v = torch.cat([k, zeros], dim=1), torch.cat([v, zeros], dim=1)
+        mask = None if mask is None else F.pad(mask, (0, 1))
+        kpm = None if kpm is None else F.pad(kpm, (0, 1))
+    S = k.shape[1]
+    if kpm is not None:
+        kpm = kpm.view(N, 1, 1, S).expand(-1, H, -1, -1).reshape(N * H, 1, S)
+        mask = kpm if mask is None else mask + kpm
+    p = m.dropout if m.training else 0.0
+    if need:
+        w = q * math.sqrt(1.0 / float(hd))
+        w = torch.bmm(w, k.transpose(-2, -1)) if mask is None else torch.baddbmm(
+            mask, w, k.transpose(-2, -1))
+        w = F.softmax(w, dim=-1)
+        if p > 0.0:
+            w = F.dropout(w, p=p)
+        out = torch.bmm(w, v).transpose(0, 1).reshape(L * N, E)
+        out = ctx.linear(out.view(L, N, E), m.out_proj, "weight", _out_bias(m))
+        w = w.view(N, H, L, S)
+        return out, (w.mean(dim=1) if a["average_attn_weights"] else w)
+    if mask is not None:
+        mask = mask.unsqueeze(0) if mask.shape[0] == 1 else mask.view(N, H, -1, S)
+    out = F.scaled_dot_product_attention(q.view(N, H, L, hd), k.view(N, H, S, hd),
+                                         v.view(N, H, S, hd), mask, p, causal)
+    out = out.permute(2, 0, 1, 3).reshape(L, N, E)
+    return ctx.linear(out, m.out_proj, "weight", _out_bias(m)), None
+
+
+def _out_bias(m):
+    return None if m.out_proj.bias is None else "bias"
