@@ -160,3 +160,106 @@ def test_transformer_layers(norm_first, train, setting):
         out = m["net"](src, tgt, tgt_mask=causal, src_key_padding_mask=pad, tgt_is_causal=True)
         return _logp(m["head"](out)).sum(1)
     check_family(model, losses, 3, *setting)
+
+
+# -- recurrent layers ---------------------------------------------------------------------------
+class RecurrentPolicy(nn.Module):
+    def __init__(self, cls, batch_first, **kw):
+        super().__init__()
+        self.batch_first = batch_first
+        self.rnn = cls(3, 5, batch_first=batch_first, **kw)
+        out = (kw.get("proj_size") or 5) * (2 if kw.get("bidirectional") else 1)
+        self.head = nn.Linear(out, 2)
+
+    def forward(self, x, hx=None):
+        out, _ = self.rnn(x, hx)
+        return _logp(self.head(out)).sum(1 if self.batch_first else 0)
+
+
+RECURRENT = [(cls, bf, layers, bi, bias, proj)
+             for cls, bf, layers, bi, bias, proj in itertools.product(
+                 [nn.RNN, nn.GRU, nn.LSTM], [True, False], [1, 2], [False, True], [True, False],
+                 [False, True]) if not (proj and cls is not nn.LSTM)
+             and (layers == 1 or bi == bias)]          # fewer two-layer combinations
+
+
+@pytest.mark.parametrize("setting", [SETTINGS[1], SETTINGS[3]], ids=[IDS[1], IDS[3]])
+@pytest.mark.parametrize("given_h", [False, True])
+@pytest.mark.parametrize("case", RECURRENT,
+                         ids=lambda c: f"{c[0].__name__}-bf{c[1]}-L{c[2]}-bi{c[3]}-b{c[4]}-p{c[5]}")
+def test_recurrent_modules(case, given_h, setting):
+    cls, batch_first, layers, bi, bias, proj = case
+    kw = dict(num_layers=layers, bidirectional=bi, bias=bias)
+    if proj:
+        kw["proj_size"] = 2
+    torch.manual_seed(0)
+    model = RecurrentPolicy(cls, batch_first, **kw).to(D)
+    N, T = 3, 4
+    x = torch.randn(N, T, 3, dtype=D) if batch_first else torch.randn(T, N, 3, dtype=D)
+    hx = None
+    if given_h:
+        h0 = torch.randn(layers * (2 if bi else 1), N, kw.get("proj_size", 5), dtype=D)
+        hx = (h0, torch.randn(h0.shape[0], N, 5, dtype=D)) if cls is nn.LSTM else h0
+    check_family(model, lambda m: m(x, hx), N, *setting, sample_dim=0 if batch_first else 1,
+                 rules=["recurrent", "linear"])
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("cls", [nn.RNN, nn.GRU, nn.LSTM])
+def test_packed_sequences_and_dropout_between_layers(cls, setting):
+    """Variable lengths through ``pack_padded_sequence`` (unsorted), two bidirectional layers
+    with dropout in training mode."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+    torch.manual_seed(0)
+    model = RecurrentPolicy(cls, True, num_layers=2, bidirectional=True, dropout=0.3).to(D)
+    model.train()
+    x = torch.randn(4, 5, 3, dtype=D)
+    lengths = torch.tensor([3, 5, 1, 4])
+
+    def losses(m):
+        torch.manual_seed(1)
+        out, _ = m.rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+        out, _ = pad_packed_sequence(out, batch_first=True)
+        mask = (torch.arange(5)[None] < lengths[:, None]).to(D)
+        return (_logp(m.head(out)) * mask).sum(1)
+    check_family(model, losses, 4, *setting)
+
+
+class CellLoop(nn.Module):
+    """A recurrent policy written as a loop over a cell, with an encoder and a head called at
+    every step (each Linear used T times in one microbatch)."""
+
+    def __init__(self, cls):
+        super().__init__()
+        self.enc, self.cell, self.head = nn.Linear(3, 4), cls(4, 5), nn.Linear(5, 2)
+        self.lstm = cls is nn.LSTMCell
+
+    def forward(self, xs):
+        h, out = None, 0
+        for x in xs:
+            h = self.cell(torch.tanh(self.enc(x)), h)
+            out = out + _logp(self.head(h[0] if self.lstm else h))
+        return out
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("cls", [nn.RNNCell, nn.GRUCell, nn.LSTMCell])
+def test_cells_in_a_python_loop(cls, setting):
+    torch.manual_seed(0)
+    model = CellLoop(cls).to(D)
+    xs = torch.randn(5, 3, 3, dtype=D)
+    check_family(model, lambda m: m(xs), 3, *setting,
+                 rules=["linear", "recurrent_cell", "linear"])
+
+
+@pytest.mark.parametrize("setting", [SETTINGS[2], SETTINGS[4]], ids=[IDS[2], IDS[4]])
+def test_unbatched_recurrent_inputs(setting):
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"gru": nn.GRU(3, 4), "cell": nn.LSTMCell(3, 4)}).to(D)
+    x = torch.randn(5, 3, dtype=D)
+
+    def losses(m):
+        out, h = m["gru"](x)
+        hc = m["cell"](x[0])
+        return ((out ** 2).sum() + hc[0].sum() + hc[1].sum())[None]
+    check_family(model, losses, 1, *setting)

@@ -65,7 +65,8 @@ def rule_for(module: nn.Module) -> Rule | None:
     return None
 
 
-from . import generic, linear, embedding, norm, conv, attention, parameter  # noqa: E402,F401
+from . import (attention, conv, embedding, generic, linear, norm, parameter,  # noqa: E402,F401
+               recurrent)
 
 GENERIC = generic.GenericRule()
 FREE = parameter.FreeRule()

@@ -152,36 +152,21 @@ def _in_projection(m, ctx, q, k, v):
 def _attend(m, ctx, query, key, value, a):
     """``F.multi_head_attention_forward`` for ``(L, N, E)`` inputs, the projections as uses."""
     L, N, E = query.shape
-    S = key.shape[0]
     H, hd = m.num_heads, E // m.num_heads
-    need, causal = a["need_weights"], a["is_causal"]
-    kpm = _float_mask(a["key_padding_mask"], query.dtype)
-    if kpm is not None and kpm.dim() == 1:
-        kpm = kpm.unsqueeze(0)
-    mask = a["attn_mask"]
-    if causal and mask is None:
-        raise RuntimeError("Need attn_mask if specifying the is_causal hint")
-    if causal and kpm is None and not need:
-        mask = None
-    else:
-        mask = _float_mask(mask, query.dtype)
-        causal = causal and kpm is None
+    need = a["need_weights"]
+    mask, kpm, causal = _masks(a, query.dtype)
     q, k, v = _in_projection(m, ctx, query, key, value)
-    if mask is not None and mask.dim() == 2:
-        mask = mask.unsqueeze(0)
     if m.bias_k is not None:
         k = torch.cat([k, ctx.batch_bias("bias_k")])
         v = torch.cat([v, ctx.batch_bias("bias_v")])
-        mask = None if mask is None else F.pad(mask, (0, 1))
-        kpm = None if kpm is None else F.pad(kpm, (0, 1))
+        mask, kpm = _one_more_key(mask), _one_more_key(kpm)
     q = q.view(L, N * H, hd).transpose(0, 1)
     k = k.view(k.shape[0], N * H, hd).transpose(0, 1)
     v = v.view(v.shape[0], N * H, hd).transpose(0, 1)
     if m.add_zero_attn:
         zeros = torch.zeros((N * H, 1, hd), dtype=k.dtype, device=k.device)
         k, v = torch.cat([k, zeros], dim=1), torch.cat([v, zeros], dim=1)
-        mask = None if mask is None else F.pad(mask, (0, 1))
-        kpm = None if kpm is None else F.pad(kpm, (0, 1))
+        mask, kpm = _one_more_key(mask), _one_more_key(kpm)
     S = k.shape[1]
     if kpm is not None:
         kpm = kpm.view(N, 1, 1, S).expand(-1, H, -1, -1).reshape(N * H, 1, S)
@@ -204,6 +189,27 @@ def _attend(m, ctx, query, key, value, a):
                                          v.view(N, H, S, hd), mask, p, causal)
     out = out.permute(2, 0, 1, 3).reshape(L, N, E)
     return ctx.linear(out, m.out_proj, "weight", _out_bias(m)), None
+
+
+def _masks(a, dtype):
+    """``(attn_mask (1 or N·H, L, S), key_padding_mask (N, S), is_causal)`` as PyTorch uses them."""
+    causal, need = a["is_causal"], a["need_weights"]
+    kpm = _float_mask(a["key_padding_mask"], dtype)
+    if kpm is not None and kpm.dim() == 1:
+        kpm = kpm.unsqueeze(0)
+    mask = a["attn_mask"]
+    if causal and mask is None:
+        raise RuntimeError("Need attn_mask if specifying the is_causal hint")
+    if causal and kpm is None and not need:
+        return None, kpm, True
+    mask = _float_mask(mask, dtype)
+    if mask is not None and mask.dim() == 2:
+        mask = mask.unsqueeze(0)
+    return mask, kpm, causal and kpm is None
+
+
+def _one_more_key(mask):
+    return None if mask is None else F.pad(mask, (0, 1))
 
 
 def _out_bias(m):

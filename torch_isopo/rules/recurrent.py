@@ -1,0 +1,262 @@
+"""Recurrent layers: ``nn.RNN``, ``nn.GRU``, ``nn.LSTM`` and their cells.
+
+At every step the gates' pre-activations are ``x_t W_ihᵀ + b_ih + h_{t-1} W_hhᵀ + b_hh`` (GRU:
+the hidden part of the new gate is scaled by the reset gate). Per-sample gradients of the weights
+are therefore sums of outer products of the gates' gradients ``δ_t`` with ``x_t`` and ``h_{t-1}``.
+The input projection of all steps runs at once through ``TapFn``, an identity whose backward
+receives every ``δ_t``; the recurrence runs with the weights detached (autograd still carries
+``δ`` back through ``h``), so one op per layer and direction hands all factors to the gate. A
+module (all layers and directions) or a cell is one layer; each sample is one ``fisher`` position.
+Supported as PyTorch has them: ``batch_first``, several layers with dropout, bidirectional,
+``proj_size``, a given ``hx``, packed sequences, unbatched inputs.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd import Function
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+from ..factors import FactorUse
+from ..gate import own_op
+from . import Rule, register
+from .linear import LinearFn, LinearUse
+
+
+def _kind(m) -> str:
+    if isinstance(m, (nn.LSTM, nn.LSTMCell)):
+        return "lstm"
+    if isinstance(m, (nn.GRU, nn.GRUCell)):
+        return "gru"
+    return "rnn_" + m.nonlinearity
+
+
+@dataclass
+class TapUse:
+    record: object
+    smap: object
+    x: Tensor                  # (rows, in) inputs of the steps
+    h: Tensor | None = None    # (rows, hidden) states the steps read, set after the recurrence
+    r: Tensor | None = None    # GRU: the reset gates, set after the recurrence
+    slots: tuple = (None, None, None, None)   # W_ih, b_ih, W_hh, b_hh
+
+
+@own_op
+class TapFn(Function):
+    """Identity on the input projections of the gates; its backward receives every step's gate
+    gradient and hands the factors of all four parameters to the gate."""
+
+    @staticmethod
+    def forward(ctx, gi, use, *gated):
+        ctx.use = use
+        return gi.view_as(gi)
+
+    @staticmethod
+    def backward(ctx, dgi):
+        use = ctx.use
+        d = dgi.reshape(-1, dgi.shape[-1])
+        w_ih, b_ih, w_hh, b_hh = use.slots
+        if w_ih is not None or b_ih is not None:
+            use.record.add(FactorUse(d, use.x, d, use.smap, w_ih, b_ih))
+        if w_hh is not None or b_hh is not None:
+            dh = d
+            if use.r is not None:                # the hidden new-gate part was scaled by r
+                third = d.shape[1] // 3
+                dh = torch.cat([d[:, :2 * third], d[:, 2 * third:] * use.r], 1)
+            use.record.add(FactorUse(dh, use.h, dh, use.smap, w_hh, b_hh))
+        return (dgi, None, *([None] * (len(ctx.needs_input_grad) - 2)))
+
+
+def _cell(kind, gi, h, c, w_hh, b_hh):
+    """One step from the input projection ``gi``: ``(h', c', reset gate)``."""
+    gh = F.linear(h, w_hh, b_hh)
+    if kind == "lstm":
+        i, f, g, o = (gi + gh).chunk(4, -1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c, None
+    if kind == "gru":
+        ir, iz, inn = gi.chunk(3, -1)
+        hr, hz, hn = gh.chunk(3, -1)
+        r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+        n = torch.tanh(inn + r * hn)
+        return n + z * (h - n), None, r
+    pre = gi + gh
+    return (torch.tanh(pre) if kind == "rnn_tanh" else torch.relu(pre)), None, None
+
+
+class _Params:
+    """The module's parameters by name: gated when trainable, else as they are."""
+
+    def __init__(self, entry, gated):
+        self.entry, self.gated, self.m = entry, gated, entry.module
+
+    def get(self, name):
+        if getattr(self.m, name, None) is None:
+            return None, None
+        s = self.entry.slot(name)
+        return (getattr(self.m, name) if s is None else self.gated[s]), s
+
+
+def _direction(p: _Params, record, smap_of, kind, x, h, c, sfx, reverse, lengths):
+    """One layer and direction over ``x (T, N, in)``: ``(outputs (T, N, out), h_T, c_T)``."""
+    T, N = x.shape[:2]
+    (w_ih, s0), (b_ih, s1) = p.get("weight_ih" + sfx), p.get("bias_ih" + sfx)
+    (w_hh, s2), (b_hh, s3) = p.get("weight_hh" + sfx), p.get("bias_hh" + sfx)
+    detached = lambda t: None if t is None else t.detach()  # noqa: E731
+    gi = F.linear(x, w_ih.detach(), detached(b_ih))
+    use = TapUse(record, smap_of(N, T), x.detach().reshape(T * N, -1), slots=(s0, s1, s2, s3))
+    trainable = [t for t, s in ((w_ih, s0), (b_ih, s1), (w_hh, s2), (b_hh, s3)) if s is not None]
+    gi = TapFn.apply(gi, use, *trainable)
+    w_hr, s4 = p.get("weight_hr" + sfx)
+    outs, hs, rs = [None] * T, [None] * T, [None] * T
+    for t in (reversed(range(T)) if reverse else range(T)):
+        hs[t] = h
+        h_new, c_new, rs[t] = _cell(kind, gi[t], h, c, w_hh.detach(), detached(b_hh))
+        if w_hr is not None:
+            h_new = LinearFn.apply(h_new, w_hr, None,
+                                   LinearUse(record, smap_of(N, 1), False, s4, None))
+        if lengths is None:
+            h, c, outs[t] = h_new, c_new, h_new
+        else:
+            on = (t < lengths)[:, None]
+            h, outs[t] = torch.where(on, h_new, h), torch.where(on, h_new, torch.zeros_like(h_new))
+            c = None if c is None else torch.where(on, c_new, c)
+    use.h = torch.stack(hs).detach().reshape(T * N, -1)
+    if kind == "gru":
+        use.r = torch.stack(rs).detach().reshape(T * N, -1)
+    return torch.stack(outs), h, c
+
+
+@register(nn.RNN, nn.GRU, nn.LSTM)
+class RecurrentRule(Rule):
+    name = "recurrent"
+    factor = True
+    pieces = "samples"
+
+    def forward(self, mb, layer, entry, orig, args, kwargs):
+        m = entry.module
+        a = inspect.signature(type(m).forward).bind(m, *args, **kwargs).arguments
+        x, hx = a["input"], a.get("hx")
+        kind = _kind(m)
+        packed = isinstance(x, PackedSequence)
+        lengths = source = None
+        if packed:
+            source = x
+            x, lengths = pad_packed_sequence(x)
+            lengths = lengths.to(x.device)
+        elif x.dim() == 2:
+            x = x.unsqueeze(1)
+            hx = None if hx is None else (tuple(t.unsqueeze(1) for t in hx) if kind == "lstm"
+                                          else hx.unsqueeze(1))
+        elif m.batch_first:
+            x = x.transpose(0, 1)
+        out, h_n, c_n = _run(mb, layer, entry, m, kind, x, hx,
+                             None if source is None else (lengths, source))
+        if packed:
+            out = _repack(out, source)
+        elif a["input"].dim() == 2:
+            out, h_n = out.squeeze(1), h_n.squeeze(1)
+            c_n = None if c_n is None else c_n.squeeze(1)
+        elif m.batch_first:
+            out = out.transpose(0, 1)
+        return out, ((h_n, c_n) if kind == "lstm" else h_n)
+
+
+def _run(mb, layer, entry, m, kind, x, hx, packed):
+    """All layers and directions; ``packed`` is ``(lengths, the PackedSequence)`` or None."""
+    T, N = x.shape[:2]
+    lengths = None if packed is None else packed[0]
+    D = 2 if m.bidirectional else 1
+    out_size = m.proj_size if getattr(m, "proj_size", 0) else m.hidden_size
+    if hx is None:
+        h0 = x.new_zeros(m.num_layers * D, N, out_size)
+        c0 = x.new_zeros(m.num_layers * D, N, m.hidden_size) if kind == "lstm" else None
+    else:
+        h0, c0 = hx if kind == "lstm" else (hx, None)
+    record, gated = mb.gate(layer)
+    p = _Params(entry, gated)
+
+    def smap_of(N_, L_):
+        return mb.batch_map(N_, L_, f"module '{entry.name}' input", x.device, entry_major=False)
+
+    hs, cs, inp = [], [], x
+    for k in range(m.num_layers):
+        outs = []
+        for d in range(D):
+            i = k * D + d
+            o, h, c = _direction(p, record, smap_of, kind, inp, h0[i],
+                                 None if c0 is None else c0[i], f"_l{k}" + ("_reverse" * d),
+                                 d == 1, lengths)
+            outs.append(o)
+            hs.append(h)
+            cs.append(c)
+        inp = torch.cat(outs, -1) if D > 1 else outs[0]
+        if k < m.num_layers - 1 and m.dropout and m.training:
+            inp = _dropout(inp, m.dropout, None if packed is None else packed[1])
+    return inp, torch.stack(hs), (torch.stack(cs) if kind == "lstm" else None)
+
+
+def _packed_rows(source: PackedSequence):
+    """``(t, entry)`` of every row of ``source.data``."""
+    order = source.sorted_indices
+    for t, b in enumerate(source.batch_sizes.tolist()):
+        yield t, (order[:b] if order is not None else torch.arange(b))
+
+
+def _repack(out: Tensor, source: PackedSequence) -> PackedSequence:
+    """``out (T, N, ·)`` in the packed layout of ``source`` (same batch sizes and orders)."""
+    data = torch.cat([out[t, rows] for t, rows in _packed_rows(source)])
+    return PackedSequence(data, source.batch_sizes, source.sorted_indices,
+                          source.unsorted_indices)
+
+
+def _dropout(x: Tensor, p: float, source: PackedSequence | None) -> Tensor:
+    """Dropout between layers, drawn over the rows PyTorch draws it over (the packed data of a
+    packed input)."""
+    if source is None:
+        return F.dropout(x, p, True)
+    data = F.dropout(_repack(x, source).data, p, True)
+    out, start = torch.zeros_like(x), 0
+    for t, rows in _packed_rows(source):
+        out[t, rows] = data[start:start + rows.numel()]
+        start += rows.numel()
+    return out
+
+
+@register(nn.RNNCell, nn.GRUCell, nn.LSTMCell)
+class CellRule(Rule):
+    """One step of a recurrent cell, called in the user's own loop over time."""
+
+    name = "recurrent_cell"
+    factor = True
+    pieces = "samples"
+
+    def forward(self, mb, layer, entry, orig, args, kwargs):
+        m = entry.module
+        a = inspect.signature(type(m).forward).bind(m, *args, **kwargs).arguments
+        x, hx = a["input"], a.get("hx")
+        kind = _kind(m)
+        single = x.dim() == 1
+        if single:
+            x = x[None]
+            hx = None if hx is None else (tuple(t[None] for t in hx) if kind == "lstm" else hx[None])
+        if hx is None:
+            h = x.new_zeros(x.shape[0], m.hidden_size)
+            c = h if kind == "lstm" else None
+        else:
+            h, c = hx if kind == "lstm" else (hx, None)
+        record, gated = mb.gate(layer)
+        p = _Params(entry, gated)
+
+        def smap_of(N_, L_):
+            return mb.batch_map(N_, L_, f"module '{entry.name}' input", x.device, entry_major=False)
+
+        out, h_new, c_new = _direction(p, record, smap_of, kind, x[None], h, c, "", False, None)
+        out = (h_new, c_new) if kind == "lstm" else h_new
+        if single:
+            out = tuple(t[0] for t in out) if kind == "lstm" else out[0]
+        return out
