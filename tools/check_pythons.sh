@@ -23,8 +23,8 @@ if [[ -z $line ]]; then
     echo "README.md has no 'pip install ... && python -m pytest ...' line" >&2
     exit 2
 fi
-install_cmd=${line%%&&*}
-test_cmd=${line#*&& }
+install_cmd=$(sed 's/ *$//' <<<"${line%%&&*}")
+test_cmd=$(sed 's/^ *//' <<<"${line#*&&}")
 
 # The lowest declared minor version, from requires-python = ">=3.N".
 min_minor=$(sed -nE 's/^requires-python *= *">= *3\.([0-9]+).*/\1/p' "$repo/pyproject.toml")
@@ -38,13 +38,17 @@ if (( ${#pythons[@]} == 0 )); then
     done
 fi
 
-declare -A seen
-failed=0
-echo "commit $commit; install: $install_cmd; test: $test_cmd"
+# One interpreter per version, oldest first.
+declare -A by_version
 for py in "${pythons[@]}"; do
     version=$("$py" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])' 2>/dev/null) || continue
-    [[ -n ${seen[$version]:-} ]] && continue
-    seen[$version]=1
+    [[ -z ${by_version[$version]:-} ]] && by_version[$version]=$py
+done
+
+failed=0
+echo "commit $commit; install: $install_cmd; test: $test_cmd"
+for version in $(printf '%s\n' "${!by_version[@]}" | sort -V); do
+    py=${by_version[$version]}
     minor=$(cut -d. -f2 <<<"$version")
     if [[ $version != 3.* || ( -n $min_minor && $minor -lt $min_minor ) ]]; then
         printf '%-8s skipped (outside requires-python >=3.%s)\n' "$version" "$min_minor"
