@@ -1,5 +1,6 @@
 """Integrations of ISOPO with training frameworks.
 
 Each submodule imports its framework, an optional dependency: ``torch_isopo.integrations.trl``
-needs the ``[trl]`` extra (``pip install "torch_isopo[trl]"``).
+needs the ``[trl]`` extra (``pip install -e ".[trl]"`` from a clone) and Python >= 3.11, as TRL
+1.15 does.
 """
