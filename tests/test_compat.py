@@ -59,3 +59,11 @@ def test_swapped_parameters_and_pytree():
     assert isinstance(lin.weight, torch.nn.Parameter)
     leaves, spec = _compat.tree_flatten(((1, torch.ones(1)), {"k": torch.zeros(2)}))
     assert len(leaves) == 3 and _compat.tree_unflatten(leaves, spec)[1]["k"].shape == (2,)
+
+
+def test_forward_pre_hooks_are_listed():
+    lin = torch.nn.Linear(2, 2)
+    hook = lambda m, a: None  # noqa: E731
+    lin.register_forward_pre_hook(hook)
+    assert _compat.forward_pre_hooks(lin) == [hook], (
+        "nn.Module no longer keeps forward pre-hooks in _forward_pre_hooks")

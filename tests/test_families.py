@@ -263,3 +263,52 @@ def test_unbatched_recurrent_inputs(setting):
         hc = m["cell"](x[0])
         return ((out ** 2).sum() + hc[0].sum() + hc[1].sum())[None]
     check_family(model, losses, 1, *setting)
+
+
+# -- parametrizations ---------------------------------------------------------------------------
+class Doubled(nn.Module):
+    """A user parametrization."""
+
+    def forward(self, X):
+        return 2 * torch.tanh(X)
+
+
+PARAMETRIZATIONS = {
+    "weight_norm": lambda m: torch.nn.utils.parametrizations.weight_norm(m),
+    "weight_norm_dim1": lambda m: torch.nn.utils.parametrizations.weight_norm(m, dim=1),
+    "spectral_norm": lambda m: torch.nn.utils.parametrizations.spectral_norm(m),
+    "user": lambda m: torch.nn.utils.parametrize.register_parametrization(m, "weight", Doubled()),
+}
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("conv", [False, True])
+@pytest.mark.parametrize("kind", list(PARAMETRIZATIONS))
+def test_parametrized_weights(kind, conv, setting):
+    """The gradients of the originals, exactly; building ISOPO changes no buffer (spectral norm's
+    power iteration vectors stay where they were)."""
+    from torch_isopo import ISOPO
+    wrap = PARAMETRIZATIONS[kind]
+    torch.manual_seed(0)
+    if conv:
+        model = nn.Sequential(wrap(nn.Conv2d(2, 3, 3)), nn.Tanh(), nn.Flatten(),
+                              wrap(nn.Linear(27, 3))).to(D)
+        x = torch.randn(4, 2, 5, 5, dtype=D)
+    else:
+        model = nn.Sequential(wrap(nn.Linear(3, 3)), nn.Tanh(), wrap(nn.Linear(3, 4, bias=False))).to(D)
+        x = torch.randn(4, 3, dtype=D)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1)).detach()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    check_family(model, lambda m: _logp(m(x)), 4, *setting,
+                 rules=["conv" if conv else "linear", "linear"])
+
+
+def test_hook_based_weight_norm_is_refused():
+    from torch_isopo import ISOPO
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model = nn.Sequential(torch.nn.utils.weight_norm(nn.Linear(3, 2)))
+    with pytest.raises(ValueError, match="hook-based WeightNorm.*parametrizations.weight_norm"):
+        ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))

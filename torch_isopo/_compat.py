@@ -59,3 +59,10 @@ def swapped_parameters(places: list[tuple[nn.Module, str]], tensors: list):
     finally:
         for m, a, p in reversed(saved):
             m._parameters[a] = p
+
+
+def forward_pre_hooks(module: nn.Module) -> list:
+    """The module's forward pre-hooks: the deprecated hook-based ``weight_norm`` and
+    ``spectral_norm`` recompute a weight from its parameters there, out of ISOPO's sight. There is
+    no public way to list a module's hooks."""
+    return list(module._forward_pre_hooks.values())

@@ -12,7 +12,9 @@ import warnings
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
+from . import _compat
 from .rules import FREE, GENERIC, Rule, rule_for
 
 
@@ -70,18 +72,27 @@ def _choose(module: nn.Module, name: str) -> Rule:
     """The module's rule: a registered one; for a module whose children have trainable
     parameters, the free-parameter rule; else the generic black box, announced with its reason."""
     from .attach import PatchedForward
+    for hook in _compat.forward_pre_hooks(module):
+        if type(hook).__module__ in ("torch.nn.utils.weight_norm", "torch.nn.utils.spectral_norm"):
+            raise ValueError(
+                f"ISOPO: module '{name}' uses the hook-based {type(hook).__name__} (deprecated), "
+                "which computes its weight before the forward where ISOPO cannot follow it; use "
+                "torch.nn.utils.parametrizations.weight_norm / spectral_norm instead")
     own = module.__dict__.get("forward")
     if isinstance(own, PatchedForward):
         raise ValueError(f"module {type(module).__name__} already has an ISOPO optimizer "
                          "attached; call its detach() first")
     replaced = own is not None and getattr(own, "__func__", None) is not type(module).forward
     rule = None if replaced else rule_for(module)
-    if rule is not None:
+    tensors = parametrize.is_parametrized(module)
+    if rule is not None and (not tensors or rule.parametrized and rule.supports(module)):
         return rule
-    if any(p.requires_grad for c in module.children() for p in c.parameters()):
+    if any(p.requires_grad for c in _children(module) for p in c.parameters()):
         return FREE
     if replaced:
         reason = "its forward was replaced on the instance"
+    elif rule is not None:
+        reason = f"the {rule.name} rule does not take its parametrized tensors"
     else:
         reason = f"no rule is registered for {type(module).__qualname__}"
     warnings.warn(f"ISOPO: module '{name}' takes the generic rule ({reason}), with everything "
@@ -90,17 +101,35 @@ def _choose(module: nn.Module, name: str) -> Rule:
     return GENERIC
 
 
+def _parametrizations(m: nn.Module) -> list[nn.Module]:
+    """The modules holding the originals of ``m``'s parametrized tensors (``parametrize``)."""
+    return list(m.parametrizations.modules()) if parametrize.is_parametrized(m) else []
+
+
+def _own(m: nn.Module):
+    """The parameters a module holds itself: its direct ones and its parametrizations' originals."""
+    yield from m.parameters(recurse=False)
+    for sub in _parametrizations(m):
+        yield from sub.parameters(recurse=False)
+
+
+def _children(m: nn.Module):
+    skip = m.parametrizations if parametrize.is_parametrized(m) else None
+    return [c for c in m.children() if c is not skip]
+
+
 def find_layers(model: nn.Module) -> list[Layer]:
     """Group the model's trainable parameters into layers."""
     claims = []           # (module, name, rule, {param: [(owner, attr)]})
     inside = set()
     for name, m in model.named_modules():
-        if id(m) in inside or not any(p.requires_grad for p in m.parameters(recurse=False)):
+        if id(m) in inside or not any(p.requires_grad for p in _own(m)):
             continue
         label = name or type(m).__name__
         rule = _choose(m, label)
         owners: dict[nn.Parameter, list] = {}
-        for sub in (m.modules() if rule.whole_subtree else [m]):
+        scope = list(m.modules()) if rule.whole_subtree else [m, *_parametrizations(m)]
+        for sub in scope:
             if sub is not m:
                 inside.add(id(sub))
             for attr, p in sub.named_parameters(recurse=False, remove_duplicate=False):

@@ -34,7 +34,11 @@ def reference_gradients(model: nn.Module, sample_losses: Callable[[], Tensor], a
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", GenericRuleWarning)
         layers = find_layers(model)
+    before = [(b, b.clone()) for b in model.buffers()]
     losses, calls = _record_calls(layers, sample_losses, n, segments, sample_dim)
+    after = [(b, b.clone()) for b in model.buffers()]
+    moved = [i for i, ((_, u), (_, v)) in enumerate(zip(before, after)) if not torch.equal(u, v)]
+    before, after = [before[i] for i in moved], [after[i] for i in moved]
     grads, stats = {}, {}
     for layer in layers:
         params = layer.params
@@ -44,7 +48,7 @@ def reference_gradients(model: nn.Module, sample_losses: Callable[[], Tensor], a
         pieces = None
         if mode == "fisher":
             pieces = G if layer.pieces == "samples" else torch.cat(
-                [_pieces(layer, e, call, losses) for e in layer.entries
+                [_pieces(layer, e, call, losses, before, after) for e in layer.entries
                  for call in calls.get(id(e), [])])
         c, stats[layer.name] = _coefficients(mode, G, pieces, A, damping,
                                              None if not m else m.get(layer.name))
@@ -141,14 +145,23 @@ def _positions(out: Tensor, kind: str) -> Tensor:
     return token.view(*shape, 1).expand(out.shape)
 
 
-def _pieces(layer, entry, call, losses):
-    """Fisher pieces of one module call: the gradient through each position of its output."""
+def _pieces(layer, entry, call, losses, before, after):
+    """Fisher pieces of one module call: the gradient through each position of its output.
+
+    The call is recomputed from its detached inputs with the buffers as the forward found them
+    (a spectral norm's power iteration repeats exactly), then the buffers are put back."""
     args, kwargs, out = call
     outs = [o for o in (out if isinstance(out, tuple) else [out])
             if isinstance(o, Tensor) and o.requires_grad]
     deltas = torch.autograd.grad(losses.sum(), outs, retain_graph=True, allow_unused=True)
     det = lambda t: t.detach() if isinstance(t, Tensor) else t  # noqa: E731
+    with torch.no_grad():
+        for b, v in before:
+            b.copy_(v)
     fresh = entry.module.forward(*[det(a) for a in args], **{k: det(v) for k, v in kwargs.items()})
+    with torch.no_grad():
+        for b, v in after:
+            b.copy_(v)
     fresh = [o for o in (fresh if isinstance(fresh, tuple) else [fresh])
              if isinstance(o, Tensor) and o.requires_grad]
     where = [_positions(o, layer.pieces) for o in fresh]

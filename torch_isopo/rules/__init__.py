@@ -29,6 +29,7 @@ class Rule:
 
     name = "rule"
     factor = False        # all its uses are FactorUse material (layers may then share weights)
+    parametrized = False  # it computes parametrized weights from their originals itself
     whole_subtree = False
     pieces = "tokens"
     patches_forward = True
@@ -36,6 +37,10 @@ class Rule:
     def forward(self, mb, layer, entry, orig, args: tuple, kwargs: dict):
         """The module's output inside microbatch ``mb``; ``orig`` is its own forward."""
         raise NotImplementedError
+
+    def supports(self, module) -> bool:
+        """Whether the rule takes this module's parametrized tensors (with ``parametrized``)."""
+        return True
 
 
 _REGISTRY: list[tuple[Callable[[nn.Module], bool], Rule]] = []

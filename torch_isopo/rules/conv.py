@@ -21,7 +21,8 @@ from torch.autograd import Function
 from ..factors import FactorUse, work_dtype
 from ..finish import ExplicitUse
 from ..gate import own_op
-from . import Rule, register
+from . import Rule, parametrized, register
+from .parametrized import chained_use
 from .linear import only_input
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -40,6 +41,7 @@ class ConvUse:
     kernel: tuple
     weight: int | None        # the layer's slots (None: frozen or absent)
     bias: int | None
+    chain: object = None      # a parametrized weight (``parametrized.Chain``)
 
 
 def patches(x: Tensor, use: ConvUse) -> Tensor:
@@ -78,10 +80,13 @@ class ConvFn(Function):
         if ctx.needs_input_grad[0]:
             dx = _CONV_INPUT[use.d](x.shape, weight, dy, use.stride, 0, use.dilation, use.groups)
         d = dy.movedim(1, -1).reshape(-1, dy.shape[1])
-        if use.weight is None and use.bias is None:
+        if use.weight is None and use.bias is None and use.chain is None:
             return dx, None, None, None
-        V = patches(x, use) if use.weight is not None else None
-        if use.groups == 1:
+        V = patches(x, use) if use.weight is not None or use.chain is not None else None
+        if use.chain is not None:
+            use.record.add(chained_use(use.chain, d, V, use.smap, use.record.wants_pieces, d,
+                                       use.bias))
+        elif use.groups == 1:
             use.record.add(FactorUse(d, V, d, use.smap, use.weight, use.bias))
         else:
             use.record.add(_grouped(d, V, use))
@@ -125,7 +130,11 @@ def _pads(m: nn.Module, d: int, kernel) -> list[tuple[int, int]]:
 class ConvRule(Rule):
     name = "conv"
     factor = True
+    parametrized = True
     pieces = "channels"
+
+    def supports(self, module) -> bool:
+        return module.groups == 1 and list(module.parametrizations) == ["weight"]
 
     def forward(self, mb, layer, entry, orig, args, kwargs):
         m = entry.module
@@ -141,8 +150,8 @@ class ConvRule(Rule):
             mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
             x = F.pad(x, flat, mode=mode)
         record, gated = mb.gate(layer)
-        ws, bs = entry.slot("weight"), entry.slot("bias")
-        w = gated[ws] if ws is not None else m.weight
+        w, ws, chain = parametrized.weight(entry, gated)
+        bs = entry.slot("bias")
         b = gated[bs] if bs is not None else m.bias
         L = 1
         for i in range(d):
@@ -150,6 +159,6 @@ class ConvRule(Rule):
             L *= (x.shape[2 + i] - span) // m.stride[i] + 1
         smap = mb.batch_map(x.shape[0], L, f"module '{entry.name}' input", x.device)
         use = ConvUse(record, smap, d, tuple(m.stride), tuple(m.dilation), m.groups,
-                      tuple(m.kernel_size), ws, bs)
+                      tuple(m.kernel_size), ws, bs, chain)
         out = ConvFn.apply(x, w, b, use)
         return out[0] if unbatched else out

@@ -16,7 +16,8 @@ from torch.autograd import Function
 
 from ..factors import FactorUse
 from ..gate import own_op
-from . import Rule, register
+from . import Rule, parametrized, register
+from .parametrized import chained_use
 
 
 @dataclass
@@ -28,6 +29,7 @@ class LinearUse:
     bias: int | None     # the layer's slot of the bias (None: frozen or absent)
     rows: tuple[int, int] | None = None       # only these rows of the weight are used,
     bias_rows: tuple[int, int] | None = None  # and these of the bias (packed projections)
+    chain: object = None                      # a parametrized weight (``parametrized.Chain``)
 
 
 def _autocast_dtype(x) -> torch.dtype | None:
@@ -77,7 +79,11 @@ class LinearFn(Function):
         a, d = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
         U, V = (a, d) if use.transposed else (_placed(d, use.rows, ctx.widths[0]), a)
         delta = _placed(d, use.bias_rows, ctx.widths[1])
-        use.record.add(FactorUse(U, V, delta, use.smap, use.weight, use.bias))
+        if use.chain is not None:
+            use.record.add(chained_use(use.chain, U, V, use.smap, use.record.wants_pieces,
+                                       delta, use.bias))
+        elif use.weight is not None or use.bias is not None:
+            use.record.add(FactorUse(U, V, delta, use.smap, use.weight, use.bias))
         return dx, None, None, None
 
 
@@ -103,17 +109,21 @@ def _is_conv1d(module: nn.Module) -> bool:
 class LinearRule(Rule):
     name = "linear"
     factor = True
+    parametrized = True
     transposed = False
+
+    def supports(self, module) -> bool:
+        return list(module.parametrizations) == ["weight"]
 
     def forward(self, mb, layer, entry, orig, args, kwargs):
         x = mb.expand_shared(only_input(entry, args, kwargs), features=True)
         record, gated = mb.gate(layer)
         m = entry.module
-        ws, bs = entry.slot("weight"), entry.slot("bias")
-        w = gated[ws] if ws is not None else m.weight
+        w, ws, chain = parametrized.weight(entry, gated)
+        bs = entry.slot("bias")
         b = gated[bs] if bs is not None else m.bias
         smap = mb.sample_map(x.shape[:-1], f"module '{entry.name}' input", x.device)
-        use = LinearUse(record, smap, self.transposed, ws, bs)
+        use = LinearUse(record, smap, self.transposed, ws, bs, chain=chain)
         return LinearFn.apply(x, w, b, use)
 
 
