@@ -312,3 +312,37 @@ def test_hook_based_weight_norm_is_refused():
         model = nn.Sequential(torch.nn.utils.weight_norm(nn.Linear(3, 2)))
     with pytest.raises(ValueError, match="hook-based WeightNorm.*parametrizations.weight_norm"):
         ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+# -- bilinear, bags of embeddings ---------------------------------------------------------------
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_bilinear(bias, setting):
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"a": nn.Linear(3, 4), "bil": nn.Bilinear(4, 2, 3, bias=bias)}).to(D)
+    x, y = torch.randn(5, 6, 3, dtype=D), torch.randn(5, 6, 2, dtype=D)
+    check_family(model, lambda m: _logp(m["bil"](torch.tanh(m["a"](x)), y)).sum(1), 5, *setting,
+                 rules=["linear", "bilinear"])
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("layout", ["2d", "offsets", "weights", "padding"])
+def test_embedding_bag(mode, layout, setting):
+    torch.manual_seed(0)
+    pad = 0 if layout == "padding" else None
+    model = nn.ModuleDict({"bag": nn.EmbeddingBag(10, 4, mode=mode, padding_idx=pad),
+                           "head": nn.Linear(4, 3)}).to(D)
+    kw = {}
+    if layout == "2d" or layout == "padding":
+        ids = torch.randint(0, 10, (4, 3))
+        ids[1, 0] = 0
+    else:
+        ids, kw["offsets"] = torch.randint(1, 10, (9,)), torch.tensor([0, 2, 2, 6])
+    if layout == "weights":
+        if mode != "sum":
+            pytest.skip("per_sample_weights need mode='sum'")
+        kw["per_sample_weights"] = torch.rand(9, dtype=D)
+    rule = "embedding_bag" if mode != "max" else "generic"
+    check_family(model, lambda m: _logp(m["head"](m["bag"](ids, **kw))), 4, *setting,
+                 rules=[rule, "linear"])

@@ -70,8 +70,8 @@ def rule_for(module: nn.Module) -> Rule | None:
     return None
 
 
-from . import (attention, conv, embedding, generic, linear, norm, parameter,  # noqa: E402,F401
-               recurrent)
+from . import (attention, bilinear, conv, embedding, generic, linear, norm,  # noqa: E402,F401
+               parameter, recurrent)
 
 GENERIC = generic.GenericRule()
 FREE = parameter.FreeRule()

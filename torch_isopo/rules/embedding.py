@@ -5,13 +5,17 @@ at ``padding_idx`` get no gradient, as in ``nn.Embedding``.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+
+import torch
 
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd import Function
 
 from ..factors import FactorUse
+from ..samples import SampleMap
 from ..gate import own_op
 from . import Rule, register
 from .linear import only_input
@@ -67,3 +71,90 @@ class EmbeddingRule(Rule):
         smap = mb.sample_map(ids.shape, f"module '{entry.name}' input", ids.device)
         w = entry.slot("weight")
         return EmbeddingFn.apply(ids, gated[w], EmbeddingUse(record, smap, entry.module.padding_idx, w))
+
+
+@dataclass
+class BagUse:
+    record: object
+    smap: object              # one row per index entry, mapped to its bag's sample
+    bag: object               # (J,) the bag of every index entry
+    scale: object             # (J,) each entry's weight in its bag (mean, per_sample_weights)
+    padding_idx: int | None
+    weight: int
+
+
+@own_op
+class EmbeddingBagFn(Function):
+    """``y_b = Σ_{j∈b} s_j W[id_j]``; the backward hands ``(id_j, s_j δ_b)`` to the gate."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, psw, use, args):
+        ctx.save_for_backward(ids, weight)
+        ctx.use = use
+        return F.embedding_bag(ids, weight, per_sample_weights=psw, **args)
+
+    @staticmethod
+    def backward(ctx, dy):
+        ids, weight = ctx.saved_tensors
+        use = ctx.use
+        flat = ids.reshape(-1)
+        V = dy[use.bag] * use.scale[:, None].to(dy.dtype)
+        if use.padding_idx is not None:
+            V = V.masked_fill((flat == use.padding_idx)[:, None], 0)
+        use.record.add(FactorUse(flat, V, V, use.smap, use.weight, None))
+        dpsw = None
+        if ctx.needs_input_grad[2]:
+            dpsw = (dy[use.bag] * weight[flat]).sum(-1).view(ids.shape)
+        return None, None, dpsw, None, None
+
+
+def _bag_supported(module: nn.Module) -> bool:
+    return (isinstance(module, nn.EmbeddingBag) and type(module).forward is nn.EmbeddingBag.forward
+            and module.mode in ("sum", "mean") and module.max_norm is None
+            and not module.scale_grad_by_freq and not module.sparse)
+
+
+@register(when=_bag_supported)
+class EmbeddingBagRule(Rule):
+    """``nn.EmbeddingBag`` with ``mode="sum"`` or ``"mean"`` (``"max"`` takes the generic rule):
+    one-hot factors per index entry, scaled by its weight in its bag; each bag is a batch entry
+    and each sample one ``fisher`` position."""
+
+    name = "embedding_bag"
+    factor = True
+    pieces = "samples"
+
+    def forward(self, mb, layer, entry, orig, args, kwargs):
+        m = entry.module
+        a = _BAG.bind(m, *args, **kwargs).arguments
+        ids, offsets, psw = a["input"], a.get("offsets"), a.get("per_sample_weights")
+        record, gated = mb.gate(layer)
+        bag, counts = _bags(ids, offsets, m.include_last_offset)
+        scale = torch.ones(bag.numel(), device=ids.device) if psw is None else psw.reshape(-1)
+        if m.mode == "mean":
+            if m.padding_idx is not None:
+                counts = torch.zeros_like(counts).index_add_(
+                    0, bag, (ids.reshape(-1) != m.padding_idx).to(counts.dtype))
+            scale = scale / counts.clamp_min(1)[bag].to(scale.dtype)
+        B = counts.numel()
+        bags = mb.batch_map(B, 1, f"module '{entry.name}' input", ids.device)
+        smap = SampleMap(bags.ids[bag], mb.n, 1, None, 0)
+        w = entry.slot("weight")
+        use = BagUse(record, smap, bag, scale.detach(), m.padding_idx, w)
+        return EmbeddingBagFn.apply(ids, gated[w], psw, use, dict(
+            offsets=offsets, mode=m.mode, include_last_offset=m.include_last_offset,
+            padding_idx=m.padding_idx))
+
+
+_BAG = inspect.signature(nn.EmbeddingBag.forward)
+
+
+def _bags(ids, offsets, include_last):
+    """``(bag of every index entry, entries per bag)``."""
+    if ids.dim() == 2:
+        B, L = ids.shape
+        return (torch.arange(B, device=ids.device).repeat_interleave(L),
+                torch.full((B,), L, device=ids.device))
+    ends = offsets[1:] if include_last else torch.cat([offsets[1:], offsets.new_tensor([ids.numel()])])
+    counts = ends - offsets[:len(ends)]
+    return torch.arange(counts.numel(), device=ids.device).repeat_interleave(counts), counts

@@ -89,6 +89,7 @@ class RecomputeFn(Function):
         needs = ctx.needs_input_grad[1:1 + n]
         xs = [a.detach().requires_grad_(need) for a, need in zip(flat[:n], needs)]
         ps = [p.detach().requires_grad_() for p in flat[n:]]
+        buffers = [(b, b.clone()) for b in use.entry.module.buffers()]
         with _replayed(ctx):
             outs = [t for t in _compat.tree_flatten(use.call(xs, ps))[0] if isinstance(t, Tensor)]
         pairs = [(o, g, m) for o, g, m in zip(outs, douts, use.out_maps)
@@ -102,7 +103,17 @@ class RecomputeFn(Function):
         dxs = [next(grads_x) if nd else None for nd in needs]
         if pairs:
             use.record.add(use.material(use, xs, ps, pairs))
+        _restore(buffers)
         return (None, *dxs, *([None] * len(ps)))
+
+
+def _restore(buffers) -> None:
+    """Put back buffers the recompute moved (running statistics, power iterations): the module
+    ran once, in the forward, as a plain forward runs it."""
+    with torch.no_grad():
+        for b, v in buffers:
+            if not torch.equal(b, v):
+                b.copy_(v)
 
 
 @contextlib.contextmanager
@@ -147,18 +158,34 @@ def explicit_use(rows: Tensor, smap, delta: Tensor, pieces: bool, slots=None) ->
 
 
 def per_sample_vjp(use, xs, ps, pairs) -> ExplicitUse:
-    """Exact per-sample gradients: one vector-Jacobian product per sample."""
+    """Exact per-sample gradients: the vector-Jacobian products of the recomputed module with
+    each output gradient restricted to one sample's rows, vectorised over samples (in chunks that
+    fit the memory budget), one sample at a time where an op has no batching rule."""
     n = use.record.n
     dt = work_dtype(pairs[0][1])
     outs = [o for o, _, _ in pairs]
+    size = sum(g.numel() * g.element_size() for _, g, _ in pairs)
+    step = max(1, min(n, use.mb.settings.budget_bytes // max(size, 1)))
     rows = []
-    for i in range(n):
-        gs = [(g.reshape(m.rows, -1) * (m.ids == i)[:, None].to(g.dtype)).view_as(g)
-              for _, g, m in pairs]
-        grads = torch.autograd.grad(outs, ps, gs, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).to(dt)
-                               for g, p in zip(grads, ps)]))
-    return ExplicitUse(torch.stack(rows), None, None)
+    for start in range(0, n, step):
+        ids = torch.arange(start, min(n, start + step), device=pairs[0][1].device)
+        gs = [_restricted(g, m, ids) for _, g, m in pairs]
+        try:
+            grads = torch.autograd.grad(outs, ps, gs, retain_graph=True, allow_unused=True,
+                                        is_grads_batched=True)
+        except RuntimeError:
+            grads = [torch.stack(col) if col[0] is not None else None for col in zip(*[
+                torch.autograd.grad(outs, ps, [g[k] for g in gs], retain_graph=True,
+                                    allow_unused=True) for k in range(ids.numel())])]
+        rows.append(torch.cat([(p.new_zeros(ids.numel(), p.numel()) if g is None else
+                                g.reshape(ids.numel(), -1)).to(dt) for g, p in zip(grads, ps)], 1))
+    return ExplicitUse(torch.cat(rows), None, None)
+
+
+def _restricted(g: Tensor, m, ids: Tensor) -> Tensor:
+    """``(len(ids), *g.shape)``: the output gradient ``g`` restricted to each sample's rows."""
+    keep = (m.ids[None, :] == ids[:, None]).to(g.dtype)
+    return (keep[:, :, None] * g.reshape(1, m.rows, -1)).view(ids.numel(), *g.shape)
 
 
 class GenericRule(Rule):
