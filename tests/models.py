@@ -106,3 +106,38 @@ def packed_losses(model, ids, seg, **kw):
     same = (seg[1:] == seg[:-1]).to(logp.dtype)
     n = int(seg.max()) + 1
     return -torch.zeros(n, dtype=logp.dtype).index_add(0, seg[:-1], logp * same) / same.sum()
+
+
+class NanoGPT(torch.nn.Module):
+    """nanoGPT's model, shrunk: learned positions ``wpe(pos)``, a fused qkv projection,
+    ``scaled_dot_product_attention``, GELU MLP, pre-LayerNorm blocks, ``lm_head`` tied to ``wte``.
+    ``shared_positions`` builds positions as nanoGPT does, ``torch.arange(t)`` without a batch
+    axis; otherwise ``torch.arange(t)[None]``."""
+
+    def __init__(self, vocab=VOCAB, d=8, heads=2, layers=2, block=16, shared_positions=False):
+        super().__init__()
+        from torch import nn
+        self.heads, self.shared_positions = heads, shared_positions
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(block, d)
+        self.blocks = nn.ModuleList(nn.ModuleDict({
+            "ln_1": nn.LayerNorm(d), "c_attn": nn.Linear(d, 3 * d), "c_proj": nn.Linear(d, d),
+            "ln_2": nn.LayerNorm(d), "c_fc": nn.Linear(d, 4 * d), "mlp_proj": nn.Linear(4 * d, d)})
+            for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, input_ids):
+        import torch.nn.functional as F
+        idx = input_ids
+        b, t = idx.shape
+        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
+        x = self.wte(idx) + self.wpe(pos if self.shared_positions else pos[None])
+        for blk in self.blocks:
+            h = blk["ln_1"](x)
+            q, k, v = blk["c_attn"](h).split(x.shape[-1], dim=2)
+            q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + blk["c_proj"](y.transpose(1, 2).contiguous().view(b, t, -1))
+            x = x + blk["mlp_proj"](F.gelu(blk["c_fc"](blk["ln_2"](x))))
+        return self.lm_head(self.ln_f(x))

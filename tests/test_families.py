@@ -346,3 +346,29 @@ def test_embedding_bag(mode, layout, setting):
     rule = "embedding_bag" if mode != "max" else "generic"
     check_family(model, lambda m: _logp(m["head"](m["bag"](ids, **kw))), 4, *setting,
                  rules=[rule, "linear"])
+
+
+# -- inputs without a sample axis ---------------------------------------------------------------
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+def test_nanogpt_with_batched_positions(setting):
+    from models import NanoGPT, lm_losses
+    torch.manual_seed(0)
+    model = NanoGPT().to(D)
+    ids = torch.randint(0, 32, (3, 6))
+    check_family(model, lambda m: lm_losses(m, ids, None), 3, *setting)
+
+
+@pytest.mark.parametrize("t", [3, 6])        # T == n and T != n
+@pytest.mark.parametrize("mode", ["reinforce", "ntk"])
+def test_nanogpt_positions_without_a_sample_axis_are_refused(t, mode):
+    """``wpe(torch.arange(t))`` is shared by all samples: never credited row by row to samples,
+    whether or not ``t`` equals the number of samples; the error names the fix."""
+    from models import NanoGPT, lm_losses
+    from torch_isopo import ISOPO
+    model = NanoGPT(shared_positions=True)
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1), mode=mode)
+    ids = torch.randint(0, 32, (3, t))
+    with pytest.raises(ValueError, match=r"'wpe' input has no sample axis.*arange\(T\)\[None\]"):
+        with opt.microbatch(torch.randn(3)):
+            lm_losses(model, ids, None).sum().backward()
+    assert all(p.grad is None for p in model.parameters())

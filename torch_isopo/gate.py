@@ -64,3 +64,20 @@ def graph_microbatch(node, owner):
                 seen.add(nxt)
                 todo.append(nxt)
     return None
+
+
+def descends_from_use(t, limit: int = 256) -> bool:
+    """Whether ``t`` was computed from the output of a layer use (an ISOPO op other than a gate),
+    searching at most ``limit`` nodes of its history."""
+    if t.grad_fn is None:
+        return False
+    todo, seen = collections.deque([t.grad_fn]), {t.grad_fn}
+    while todo and len(seen) <= limit:
+        fn = todo.popleft()
+        if type(fn) in _OWN_NODES and not isinstance(fn, _GATE_NODE):
+            return True
+        for nxt, _ in fn.next_functions:
+            if nxt is not None and nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return False

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from . import _compat
 from .finish import ExplicitUse, Settings, layer_gradients
-from .gate import Gate
+from .gate import Gate, descends_from_use
 from .samples import SampleMap, batch_map, expand_shared, sample_map
 
 
@@ -81,6 +81,8 @@ class Microbatch:
         self.tracker = None          # follows free parameters (``shared.Tracker``), if any
         self._gates: dict[int, tuple] | None = {}
         self._maps: dict[tuple, SampleMap] = {}
+        self._explicit = None        # the first input with a sample axis (its description)
+        self._rows = None            # the first input without one and without per-sample history
         self._advantages: dict[str, tuple] = {}
 
     def close(self) -> None:
@@ -122,7 +124,31 @@ class Microbatch:
             self._maps[key] = batch_map(N, L, self.n, self.segments, where, device, entry_major)
         return self._maps[key]
 
-    def sample_map(self, shape, where: str, device) -> SampleMap:
+    def check_layout(self, shape, source, where: str) -> None:
+        """Inputs without a sample axis (rows taken as samples) next to inputs with one: unless
+        its rows descend from a layer's per-sample output, such an input may be a table shared by
+        all samples (positions from ``torch.arange(T)``) whose rows would be credited to the wrong
+        samples. Refused, naming both fixes (docs/layers.md, "Samples")."""
+        if self.segments is not None or len(shape) == 0:
+            return
+        if len(shape) >= 2:
+            self._explicit = self._explicit or where
+        elif source is not None and not descends_from_use(source):
+            self._rows = self._rows or (where, tuple(shape))
+        if self._explicit and self._rows:
+            (rows, shape), explicit = self._rows, self._explicit
+            raise ValueError(
+                f"ISOPO: {rows} has no sample axis (rows {shape}), while {explicit} has one: its "
+                "rows would be taken as samples. If it is shared by all samples (a table of "
+                "positions built with torch.arange(T), say), give it a sample axis of size 1 "
+                "(torch.arange(T)[None]) and it is used by every sample; if its rows are samples, "
+                "say so with x[:, None] or segments=")
+
+    def sample_map(self, shape, where: str, device, source=None) -> SampleMap:
+        """Rows → samples of an input (or output) of token shape ``shape``; ``source`` is the
+        input tensor, whose history tells a per-sample input from a shared table."""
+        if source is not None:
+            self.check_layout(tuple(shape), source, where)
         key = (tuple(shape), str(device))
         if key not in self._maps:
             self._maps[key] = sample_map(shape, self.n, self.segments, self.sample_dim, where,

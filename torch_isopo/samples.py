@@ -89,7 +89,10 @@ def sample_map(token_shape: torch.Size, n: int, segments: Tensor | None, sample_
         if dims[0] != n:
             raise ValueError(
                 f"{where}: the input has {dims[0]} rows (one sample each) but {n} advantages were "
-                "given; pass segments= to say which sample each row belongs to")
+                "given. If its rows are parts of samples (episodes, flattened sequences), pass "
+                "segments= to say which sample each row belongs to; if it is shared by all "
+                "samples (a table of positions from torch.arange(T), say), give it a sample axis "
+                "of size 1 (torch.arange(T)[None])")
         return SampleMap(torch.arange(n, device=device), n, 1, "first", 1)
     if dims[sample_dim] != n:
         raise ValueError(

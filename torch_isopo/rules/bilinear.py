@@ -58,5 +58,5 @@ class BilinearRule(Rule):
         ws, bs = entry.slot("weight"), entry.slot("bias")
         w = m.weight if ws is None else gated[ws]
         b = m.bias if bs is None else gated[bs]
-        smap = mb.sample_map(x1.shape[:-1], f"module '{entry.name}' input", x1.device)
+        smap = mb.sample_map(x1.shape[:-1], f"module '{entry.name}' input", x1.device, x1)
         return BilinearFn.apply(x1, x2, w, b, BilinearUse(record, smap, ws, bs))

@@ -68,7 +68,7 @@ class EmbeddingRule(Rule):
     def forward(self, mb, layer, entry, orig, args, kwargs):
         ids = mb.expand_shared(only_input(entry, args, kwargs), features=False)
         record, gated = mb.gate(layer)
-        smap = mb.sample_map(ids.shape, f"module '{entry.name}' input", ids.device)
+        smap = mb.sample_map(ids.shape, f"module '{entry.name}' input", ids.device, ids)
         w = entry.slot("weight")
         return EmbeddingFn.apply(ids, gated[w], EmbeddingUse(record, smap, entry.module.padding_idx, w))
 

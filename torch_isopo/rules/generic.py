@@ -40,7 +40,8 @@ class RecomputeUse:
     def set_outputs(self, leaves, spec) -> None:
         """Record the output structure and map every float output's rows to samples."""
         where = f"module '{self.entry.name}' output"
-        self.out_maps = [self.mb.sample_map(t.shape[:-1], where, t.device)
+        first = self.inputs[0] if self.inputs else None
+        self.out_maps = [self.mb.sample_map(t.shape[:-1], where, t.device, first)
                          if t.is_floating_point() else None
                          for t in leaves if isinstance(t, Tensor)]
         self.out_consts = [_TENSOR if isinstance(t, Tensor) else t for t in leaves]

@@ -122,7 +122,7 @@ class LinearRule(Rule):
         w, ws, chain = parametrized.weight(entry, gated)
         bs = entry.slot("bias")
         b = gated[bs] if bs is not None else m.bias
-        smap = mb.sample_map(x.shape[:-1], f"module '{entry.name}' input", x.device)
+        smap = mb.sample_map(x.shape[:-1], f"module '{entry.name}' input", x.device, x)
         use = LinearUse(record, smap, self.transposed, ws, bs, chain=chain)
         return LinearFn.apply(x, w, b, use)
 

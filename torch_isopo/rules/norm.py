@@ -95,7 +95,8 @@ class NormRule(Rule):
         ws, bs = entry.slot("weight"), entry.slot("bias")
         w = own.get("weight") if ws is None else gated[ws]
         b = own.get("bias") if bs is None else gated[bs]
-        smap = mb.sample_map(h.shape[:-1], f"module '{entry.name}' output", h.device)
+        smap = mb.sample_map(h.shape[:-1], f"module '{entry.name}' input", h.device,
+                             args[0] if args else None)
         return NormAffineFn.apply(h, w, b, NormUse(record, smap, ws, bs))
 
 
