@@ -372,3 +372,187 @@ def test_nanogpt_positions_without_a_sample_axis_are_refused(t, mode):
         with opt.microbatch(torch.randn(3)):
             lm_losses(model, ids, None).sum().backward()
     assert all(p.grad is None for p in model.parameters())
+
+
+# -- Gaussian policies and other free parameters ------------------------------------------------
+class CleanRLAgent(nn.Module):
+    """CleanRL's continuous-action agent: ``actor_logstd`` on the agent itself, trained through
+    ``get_action_and_value``, never through ``forward``."""
+
+    def __init__(self, obs=3, act=2):
+        super().__init__()
+        self.critic = nn.Sequential(nn.Linear(obs, 8), nn.Tanh(), nn.Linear(8, 1))
+        self.actor_mean = nn.Sequential(nn.Linear(obs, 8), nn.Tanh(), nn.Linear(8, act))
+        self.actor_logstd = nn.Parameter(torch.randn(1, act) * 0.3)
+
+    def get_action_and_value(self, x, action):
+        mean = self.actor_mean(x)
+        probs = Normal(mean, torch.exp(self.actor_logstd.expand_as(mean)))
+        return action, probs.log_prob(action).sum(1), probs.entropy().sum(1), self.critic(x)
+
+
+class SB3Gaussian(nn.Module):
+    """Stable-Baselines3's DiagGaussian head: ``ones_like(mean) * log_std.exp()``, a tuple out."""
+
+    def __init__(self):
+        super().__init__()
+        self.pi = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+        self.log_std = nn.Parameter(torch.randn(2) * 0.3)
+
+    def forward(self, x):
+        mean = self.pi(x)
+        return mean, self.log_std
+
+    def evaluate_actions(self, x, a):
+        mean, log_std = self(x)
+        dist = Normal(mean, torch.ones_like(mean) * log_std.exp())
+        return dist.log_prob(a).sum(-1), dist.entropy().sum(-1)
+
+
+class DistributionOut(nn.Module):
+    """Returns a ``torch.distributions.Normal`` with a clamped, state-independent scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(3, 2)
+        self.log_std = nn.Parameter(torch.randn(2) * 0.3)
+
+    def forward(self, x):
+        return Normal(self.body(x), self.log_std.clamp(-5, 2).exp())
+
+
+class TokensWithTable(nn.Module):
+    """A class token and a learned position table on the container (ViT-style)."""
+
+    def __init__(self, d=4, L=3):
+        super().__init__()
+        self.embed = nn.Linear(2, d)
+        self.cls = nn.Parameter(torch.randn(1, 1, d))
+        self.pos = nn.Parameter(torch.randn(1, L + 1, d) * 0.1)
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.embed(x)], 1) + self.pos
+        h = torch.tanh(self.norm(h)).cumsum(1)
+        return _logp(self.head(h[:, 0]))
+
+
+X3, ACT = torch.randn(6, 3, dtype=D), torch.randn(6, 2, dtype=D)
+FREE = {
+    "cleanrl": (CleanRLAgent, lambda m: -m.get_action_and_value(X3, ACT)[1]),
+    "sb3": (SB3Gaussian, lambda m: -m.evaluate_actions(X3, ACT)[0]),
+    "distribution": (DistributionOut, lambda m: -m(X3).log_prob(ACT).sum(-1)),
+    "tokens": (TokensWithTable, lambda m: m(X3.view(6, 3, 1).expand(6, 3, 2).contiguous())),
+}
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("name", list(FREE))
+def test_free_parameters(name, setting):
+    build, losses = FREE[name]
+    torch.manual_seed(0)
+    _, opt = check_family(build().to(D), losses, 6, *setting)
+    assert opt.layers[0].rule == "parameter"
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+def test_free_parameters_with_segments(setting):
+    """Episodes of several rows: the per-row log-probs of a Gaussian policy summed per episode."""
+    seg = torch.tensor([0, 1, 1, 2, 0, 2])
+    torch.manual_seed(0)
+
+    def losses(m):
+        return torch.zeros(3, dtype=D).index_add(0, seg, -m.get_action_and_value(X3, ACT)[1])
+    check_family(CleanRLAgent().to(D), losses, 3, *setting, segments=seg)
+
+
+def test_free_parameter_outside_the_samples_is_refused():
+    """A loss term that is not a sum of per-sample terms (a state-independent entropy bonus)."""
+    from torch_isopo import ISOPO
+    model = SB3Gaussian()
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(RuntimeError, match="'log_std' reach the loss through ops where they never meet"):
+        with opt.microbatch(torch.randn(6)):
+            logp, _ = model.evaluate_actions(X3.float(), ACT.float())
+            (-logp.sum() - 0.01 * model.log_std.sum()).backward()
+
+
+def test_table_used_as_a_layer_input_is_refused():
+    from torch_isopo import ISOPO
+
+    class Queries(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.head = nn.Parameter(torch.randn(6, 3)), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return (self.head(self.q) * x).sum(-1)
+    model = Queries()
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="input of module 'head'.*rows are not samples"):
+        with opt.microbatch(torch.randn(6)):
+            model(torch.randn(6, 2)).sum().backward()
+
+
+# -- sharing and repeated use -------------------------------------------------------------------
+class TiedPair(nn.Module):
+    """One weight, two Linears with their own biases; the first also applied twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return _logp(self.out(torch.tanh(self.b(torch.tanh(self.a(torch.tanh(self.a(x))))))))
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("rows", [True, False])
+def test_tied_weight_with_separate_biases_and_repeated_use(rows, setting):
+    torch.manual_seed(0)
+    x = torch.randn(5, 4, dtype=D) if rows else torch.randn(5, 3, 4, dtype=D)
+    _, opt = check_family(TiedPair().to(D), lambda m: m(x) if rows else m(x).sum(1), 5, *setting)
+    assert [layer.rule for layer in opt.layers] == ["linear", "linear"]
+
+
+# -- samples mixed across the batch ---------------------------------------------------------------
+@pytest.mark.parametrize("affine", [True, False])
+def test_batchnorm_with_batch_statistics_is_refused(affine):
+    from torch_isopo import ISOPO
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, affine=affine), nn.Linear(4, 2))
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match=r"module '1' \(BatchNorm1d\).*mixes samples.*eval"):
+        with opt.microbatch(torch.randn(5)):
+            model(torch.randn(5, 3)).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    model(torch.randn(5, 3))                    # outside a microbatch: a plain forward
+    model.eval()
+    with opt.microbatch(torch.randn(5)):
+        model(torch.randn(5, 3)).sum().backward()
+
+
+def test_generic_recompute_leaves_buffers_as_a_plain_forward():
+    """A black box with running statistics of its own: the recompute in the backward does not
+    move them a second time."""
+    from torch_isopo import ISOPO
+
+    class Running(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3))
+            self.register_buffer("mean", torch.zeros(3))
+
+        def forward(self, x):
+            with torch.no_grad():
+                self.mean.mul_(0.5).add_(0.5 * x.mean(0))
+            return x * self.w
+
+    torch.manual_seed(0)
+    plain, model = Running(), Running()
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x = torch.randn(4, 3)
+    plain(x).sum().backward()
+    with opt.microbatch(torch.randn(4)):
+        model(x).sum().backward()
+    assert torch.equal(plain.mean, model.mean)
