@@ -35,10 +35,17 @@ class Tracker(TorchFunctionMode):
         super().__init__()
         self.attachment = attachment
         self.free = {id(p): (layer, i) for layer in layers for i, p in enumerate(layer.params)}
-        self.shared = WeakIdKeyDictionary()     # tensor -> {layer id: (record, gated)} it reads
+        self.shared = WeakIdKeyDictionary()     # tensor -> ids of the free layers it reads
+        self.gates: dict[int, tuple] = {}       # free layer id -> (record, gated parameters)
         for t in constants:
-            self.shared[t] = {}
+            self.shared[t] = frozenset()
         self.paused = 0
+
+    def __exit__(self, *exc):
+        """The block is over: drop every reference to its tensors (no cycle through the graph
+        outlives it)."""
+        self.shared, self.gates = WeakIdKeyDictionary(), {}
+        return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -46,7 +53,7 @@ class Tracker(TorchFunctionMode):
             return func(*args, **kwargs)
         inputs = list(_tensors(args, kwargs))
         if not inputs:                           # a factory: its result is a constant
-            return self._mark(func(*args, **kwargs), {})
+            return self._mark(func(*args, **kwargs), frozenset())
         hits = [t for t in inputs if id(t) in self.free or t in self.shared]
         mb = self.attachment.forward_microbatch() if hits and torch.is_grad_enabled() else None
         if mb is None:
@@ -58,29 +65,30 @@ class Tracker(TorchFunctionMode):
             data = len(hits) < len(inputs)
             inputs = list(_tensors(args, kwargs))
             if reads and meets_samples(mb, out, inputs, self.shared, data):
-                return meet(mb, out, [t for t in inputs if t in self.shared and self.shared[t]],
-                            self.shared)
+                sources = [t for t in inputs if t in self.shared and self.shared[t]]
+                return meet(mb, out, sources,
+                            [{k: self.gates[k] for k in self.shared[t]} for t in sources])
         finally:
             self.paused -= 1
         return out if data and not reads else self._mark(out, reads)
 
     def _gated(self, mb, args, kwargs, hits):
         """Free parameters replaced by their gated tensors; the free layers the op reads."""
-        swap, reads = {}, {}
+        swap, reads = {}, set()
         for t in hits:
             if id(t) in self.free:
                 layer, i = self.free[id(t)]
-                record, gated = mb.gate(layer)
+                record, gated = self.gates[id(layer)] = mb.gate(layer)
                 swap[id(t)] = gated[i]
-                reads[id(layer)] = (record, gated)
-                self.shared[gated[i]] = {id(layer): (record, gated)}
+                reads.add(id(layer))
+                self.shared[gated[i]] = frozenset([id(layer)])
             else:
-                reads.update(self.shared[t])
+                reads |= self.shared[t]
         if swap:
             leaves, spec = _compat.tree_flatten((args, kwargs))
             args, kwargs = _compat.tree_unflatten(
                 [swap.get(id(t), t) if isinstance(t, Tensor) else t for t in leaves], spec)
-        return args, kwargs, reads
+        return args, kwargs, frozenset(reads)
 
     def _mark(self, out, reads):
         for t in _out_tensors(out):
@@ -142,14 +150,15 @@ def _broadcast(t: Tensor, o: Tensor, axis: int) -> bool:
     return k < 0 or t.shape[k] == 1
 
 
-def meet(mb, out, sources: list[Tensor], shared):
+def meet(mb, out, sources: list[Tensor], reads: list[dict]):
     """``out`` (a tensor or a tuple of them), computed from the free-parameter tensors
-    ``sources`` (and data), passed through ``Meet``."""
+    ``sources`` (and data), passed through ``Meet``; ``reads[k]`` maps the free layers source k
+    reads to their ``(record, gated parameters)``."""
     tensors = _out_tensors(out)
     keep = [t for t in tensors if t.is_floating_point() and t.requires_grad]
     if not keep:
         return out
-    met = iter(Meet.apply(_Meeting(mb, sources, [shared[t] for t in sources]), *keep))
+    met = iter(Meet.apply(_Meeting(mb, sources, reads), *keep))
     swapped = {id(t): next(met) for t in keep}
     if isinstance(out, Tensor):
         return swapped[id(out)]
