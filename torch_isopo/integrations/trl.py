@@ -179,7 +179,9 @@ class ISOPOGRPOTrainer(GRPOTrainer):
         optimizer = super().create_optimizer(model)
         isopo = _find_isopo(optimizer)
         if isopo is None:
-            generator = torch.Generator().manual_seed(self.args.seed)
+            # one probe stream per process: ranks with equal token counts would draw the same
+            # positions from equal seeds
+            generator = torch.Generator().manual_seed(self.args.seed + self.accelerator.process_index)
             optimizer = self.optimizer = isopo = ISOPO(model, optimizer, generator=generator,
                                                        **_isopo_settings(self.args))
         elif isopo.model is not model:

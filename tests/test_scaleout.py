@@ -1,0 +1,148 @@
+"""Scale-out as users run it: ``accelerate launch`` with two CPU processes (gloo) around TRL's
+GRPO trainer (DDP) and around a plain loop with FSDP2.
+
+Every process records the microbatches it trained on and the gradients it stepped on
+(``accelerate_worker.py``). The test then reruns each rank's share in this one process, with a
+single-process ISOPO per rank fed the mean of their gradients before every step (what data
+parallelism does), and checks that each step's gradients, the trained weights and each rank's
+own statistics agree. Generation is random, so the TRL rerun replays the completions the rank
+generated instead of generating again.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+pytest.importorskip("trl")
+pytest.importorskip("accelerate")
+
+import accelerate_worker as worker  # noqa: E402
+
+WORLD = 2
+ROOT = Path(__file__).parents[1]
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The processes run one thread each; so does the rerun. ``fisher`` draws its probes among
+    the tokens with a non-zero output gradient, and a token whose gradient is zero in exact
+    arithmetic can come out as rounding noise with another thread count, shifting the draws."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(out: Path, scenario: str, *launch_args: str, timeout: float = 240.0) -> list[dict]:
+    """``accelerate launch`` the worker on WORLD CPU processes; what every rank saved."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_args,
+           "--num_processes", str(WORLD), "--num_machines", "1", "--main_process_port",
+           str(_free_port()), "--dynamo_backend", "no",
+           str(Path(worker.__file__)), str(out), scenario]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"accelerate launch failed ({proc.returncode}) after "
+                             f"{time.monotonic() - start:.0f}s:\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    return [torch.load(out / f"{scenario}_rank{r}.pt") for r in range(WORLD)]
+
+
+def _assert_close(got: dict, want: dict, what: str, tol: float) -> None:
+    assert got.keys() == want.keys(), what
+    for n, w in want.items():
+        err = float((got[n].double() - w.double()).norm() / w.double().norm().clamp_min(1e-30))
+        assert err <= tol, f"{what}: {n} relative error {err:.2e} > {tol:.0e}"
+
+
+# -- TRL: ISOPOGRPOTrainer on two processes (DDP) ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def trl_ranks(tmp_path_factory):
+    return _launch(tmp_path_factory.mktemp("trl"), "trl", "--multi_gpu")
+
+
+def _replay_trainer(mode: str, rank: int, out: str):
+    """A single-process ISOPOGRPOTrainer that trains on given microbatches (no generation)."""
+    from torch_isopo.integrations.trl import ISOPOGRPOTrainer
+
+    class Replay(ISOPOGRPOTrainer):
+        def _prepare_inputs(self, inputs):
+            return inputs
+
+    trainer = Replay(model=worker.trl_model(), reward_funcs=worker.reward,
+                     args=worker.trl_config(mode, out), train_dataset=worker.trl_prompts(),
+                     processing_class=worker.trl_tokenizer())
+    trainer.create_optimizer()
+    trainer.isopo.generator.manual_seed(trainer.args.seed + rank)   # the rank's probe stream
+    trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
+    return trainer
+
+
+def _trl_expected(mode: str, ranks: list[dict], out: str) -> dict:
+    """Each rank's microbatches through its own single-process trainer, the gradients averaged
+    over ranks before every step."""
+    trainers = [_replay_trainer(mode, r, out) for r in range(WORLD)]
+    ga = trainers[0].args.gradient_accumulation_steps
+    grads = []
+    for step in range(worker.STEPS):
+        for rank, trainer in enumerate(trainers):
+            for mb in ranks[rank][mode]["microbatches"][step * ga:(step + 1) * ga]:
+                # the rank's own loss: dapo divides by the tokens of all processes over their
+                # number, and here there is one process
+                mb = {**mb, "num_items_in_batch": mb["num_items_in_batch"] / WORLD}
+                trainer.training_step(trainer.model, mb)
+        mean = {n: torch.stack([dict(t.model.named_parameters())[n].grad for t in trainers]).mean(0)
+                for n, _ in trainers[0].model.named_parameters()}
+        grads.append(mean)
+        for trainer in trainers:
+            for n, p in trainer.model.named_parameters():
+                p.grad = mean[n].clone()
+            trainer.optimizer.step()
+            trainer.optimizer.zero_grad()
+    return {"grads": grads,
+            "weights": [{n: p.detach().double() for n, p in t.model.named_parameters()} for t in trainers],
+            "m": [t.isopo.state_dict()["isopo"]["m"] for t in trainers]}
+
+
+@pytest.mark.parametrize("mode", worker.MODES)
+def test_trl_grpo_two_processes_average_per_rank_isopo(trl_ranks, mode, tmp_path):
+    runs = [r[mode] for r in trl_ranks]
+    assert all(r["distributed_type"] == "DistributedType.MULTI_CPU" for r in runs)
+    assert all(r["model_class"] == "DistributedDataParallel" for r in runs)
+    # the ranks trained on different completions of different prompts
+    first = [r["microbatches"][0] for r in runs]
+    assert not torch.equal(first[0]["prompt_ids"], first[1]["prompt_ids"])
+    # ... and draw their own probe positions
+    assert not torch.equal(runs[0]["generator"], runs[1]["generator"])
+
+    want = _trl_expected(mode, trl_ranks, str(tmp_path))
+    for rank, run in enumerate(runs):
+        assert len(run["grads"]) == worker.STEPS
+        for step, got in enumerate(run["grads"]):
+            _assert_close(got, want["grads"][step], f"TRL {mode} rank {rank} step {step}", 1e-6)
+        _assert_close(run["weights"], want["weights"][0], f"TRL {mode} rank {rank} weights", 1e-6)
+        # statistics are per rank: each rank's equal its own single-process run's
+        assert run["m"].keys() == want["m"][rank].keys()
+        for layer, m in want["m"][rank].items():
+            assert run["m"][layer] == pytest.approx(m, rel=1e-6), (mode, rank, layer)
+    assert runs[0]["m"] != runs[1]["m"]
