@@ -2,7 +2,7 @@
 
     accelerate launch --multi_gpu --num_processes 2 tests/accelerate_worker.py OUT trl
     accelerate launch --config_file examples/accelerate_fsdp2.yaml --num_processes 2 \\
-        tests/accelerate_worker.py OUT fsdp2
+        --mixed_precision no tests/accelerate_worker.py OUT fsdp2
 
 (with ``ACCELERATE_USE_CPU=true`` on a machine without GPUs). Each rank saves what it saw and
 what it computed to ``OUT/<scenario>_rank<r>.pt``; the test recomputes it in one process.
@@ -52,18 +52,18 @@ def reward(completions, **kwargs):
     return [c.count("w7") + 0.1 * len(c.split()) for c in completions]
 
 
-def trl_config(mode: str, output_dir: str):
+def trl_config(mode: str, output_dir: str, **overrides):
     """Per process two microbatches of 4 completions (one prompt's group) per step; no clipping
     (it would hide a wrongly scaled gradient), a constant learning rate, the default loss
     (``dapo``); an eos bias varies the completion lengths."""
     from torch_isopo.integrations.trl import ISOPOGRPOConfig
-    return ISOPOGRPOConfig(
-        output_dir=output_dir, use_cpu=True, report_to="none", bf16=False, save_strategy="no",
-        disable_tqdm=True, per_device_train_batch_size=4, num_generations=4,
-        gradient_accumulation_steps=2, max_completion_length=6, max_steps=STEPS,
-        learning_rate=1e-2, lr_scheduler_type="constant", max_grad_norm=0.0,
-        generation_kwargs={"sequence_bias": [[[1], 2.5]]}, isopo_mode=mode,
-        isopo_fisher_probes=FISHER_PROBES)
+    kw = dict(output_dir=output_dir, use_cpu=True, report_to="none", bf16=False,
+              save_strategy="no", disable_tqdm=True, per_device_train_batch_size=4,
+              num_generations=4, gradient_accumulation_steps=2, max_completion_length=6,
+              max_steps=STEPS, learning_rate=1e-2, lr_scheduler_type="constant",
+              max_grad_norm=0.0, generation_kwargs={"sequence_bias": [[[1], 2.5]]},
+              isopo_mode=mode, isopo_fisher_probes=FISHER_PROBES)
+    return ISOPOGRPOConfig(**{**kw, **overrides})
 
 
 def _cpu(inputs: dict) -> dict:
@@ -120,31 +120,141 @@ def _full_weights(model) -> dict:
     return out
 
 
-def run_trl(out: str, scenario: str) -> dict:
+def run_trl(out: str, runs: dict) -> dict:
+    """``runs``: name -> (ISOPO mode, config overrides)."""
     results = {}
-    for mode in MODES:
+    for name, (mode, overrides) in runs.items():
+        _reset_accelerate()
+        args = trl_config(mode, os.path.join(out, "trl"), **overrides)
         trainer = _recording_trainer()(
-            model=trl_model(), reward_funcs=reward, args=trl_config(mode, os.path.join(out, "trl")),
-            train_dataset=trl_prompts(), processing_class=trl_tokenizer())
+            model=trl_model(), reward_funcs=reward, args=args, train_dataset=trl_prompts(),
+            processing_class=trl_tokenizer())
         trainer.train()
         isopo = trainer.isopo.state_dict()["isopo"]
-        results[mode] = {
+        fsdp = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+        results[name] = {
             "microbatches": trainer.microbatches, "grads": trainer.grads,
             "weights": _full_weights(trainer.model), "m": isopo["m"],
-            "generator": isopo["generator"], "seed": trainer.isopo.generator.initial_seed(),
+            "generator": isopo["generator"],
             "distributed_type": str(trainer.accelerator.distributed_type),
             "model_class": type(trainer.model_wrapped).__name__,
+            "param_dtype": str(getattr(fsdp and fsdp.mixed_precision_policy, "param_dtype", None)),
         }
     return results
 
 
+# -- a plain loop: accelerate's FSDP2 with gradient accumulation -------------------------------
+
+GA = 2                         # microbatches per optimizer step
+LR = 1e-3
+ISOPO_OPTIONS = dict(damping=0.5, fisher_probes=FISHER_PROBES)
+
+
+def microbatch(rank: int, step: int, k: int):
+    """Rank-specific data; the ranks hold different numbers of samples."""
+    from models import VOCAB
+    g = torch.Generator().manual_seed(1000 * rank + 10 * step + k)
+    n, L = 2 + rank, 6
+    ids = torch.randint(3, VOCAB, (n, L), generator=g)
+    mask = torch.ones(n, L, dtype=torch.long)
+    mask[0, L - 2:] = 0                            # right padding in one row
+    ids[0, L - 2:] = 0
+    return ids, mask, torch.randn(n, generator=g, dtype=torch.float64)
+
+
+def plain_model(dtype=torch.float64):
+    from models import qwen3
+    torch.manual_seed(0)
+    return qwen3().to(dtype)
+
+
+def isopo_for(model, mode: str, rank: int):
+    from torch_isopo import ISOPO
+    return ISOPO(model, torch.optim.AdamW(model.parameters(), lr=LR), mode=mode,
+                 generator=torch.Generator().manual_seed(rank), **ISOPO_OPTIONS)
+
+
+def run_plain(mode: str, mixed_precision: str, steps: int) -> dict:
+    """The loop of docs/distributed.md: ISOPO built before ``prepare``, ``accumulate``."""
+    from accelerate import Accelerator
+    from models import lm_losses
+    accelerator = Accelerator(gradient_accumulation_steps=GA, mixed_precision=mixed_precision)
+    rank = accelerator.process_index
+    model = plain_model(torch.float64 if mixed_precision == "no" else torch.float32)
+    isopo = isopo_for(model, mode, rank)
+    model, opt = accelerator.prepare(model, isopo)
+    grads = []
+    for step in range(steps):
+        for k in range(GA):
+            ids, mask, A = microbatch(rank, step, k)
+            with accelerator.accumulate(model):
+                with isopo.microbatch(A):
+                    accelerator.backward(lm_losses(model, ids, mask).sum())
+                if accelerator.sync_gradients:
+                    grads.append(_full_grads(model))
+                opt.step()
+                opt.zero_grad()
+    return {"grads": grads, "weights": _full_weights(model),
+            "m": isopo.state_dict()["isopo"]["m"],
+            "distributed_type": str(accelerator.distributed_type),
+            "fsdp_units": sorted(type(m).__name__ for m in model.modules()
+                                 if type(m).__name__.startswith("FSDP")),
+            "param_dtype": str(getattr(accelerator.state.fsdp_plugin.mixed_precision_policy,
+                                       "param_dtype", None))}
+
+
+def _reset_accelerate() -> None:
+    """A fresh Accelerator (other mixed precision) in the same processes."""
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+
+
+def fsdp_on_cpu() -> None:
+    """accelerate takes its FSDP path only on accelerator devices: on CPU its state quietly
+    falls back to DDP (``MULTI_CPU``), whatever the config says. After the state's own set-up,
+    switch it to FSDP with the plugin the launcher configured, so that accelerate's FSDP2 code
+    (sharding plan, optimizer parameter swap, ``no_sync``, mixed precision) runs on gloo."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    init = AcceleratorState.__init__
+
+    def __init__(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if (self.distributed_type == DistributedType.MULTI_CPU
+                and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"):
+            plugin = fsdp_plugin or FullyShardedDataParallelPlugin()
+            if self._mixed_precision != "no":
+                plugin.set_mixed_precision(self._mixed_precision)
+            self.fsdp_plugin = plugin
+            self.distributed_type = DistributedType.FSDP
+
+    AcceleratorState.__init__ = __init__
+
+
+def run_fsdp2(out: str) -> dict:
+    from accelerate.utils import is_bf16_available
+    fsdp_on_cpu()
+    results = {}
+    for mode in MODES:
+        _reset_accelerate()
+        results[mode] = run_plain(mode, "no", STEPS)
+    runs = {mode: (mode, {}) for mode in MODES}
+    if is_bf16_available():
+        _reset_accelerate()
+        results["ntk bf16"] = run_plain("ntk", "bf16", 1)
+        runs["ntk bf16"] = ("ntk", {"bf16": True, "max_steps": 1})
+    results["trl"] = run_trl(out, runs)
+    return results
+
+
 def main(out: str, scenario: str) -> None:
-    from accelerate import PartialState
+    import torch.distributed as dist
     torch.set_num_threads(1)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    results = run_trl(out, scenario)
-    rank = PartialState().process_index
-    torch.save(results, os.path.join(out, f"{scenario}_rank{rank}.pt"))
+    results = (run_trl(out, {mode: (mode, {}) for mode in MODES}) if scenario == "trl"
+               else run_fsdp2(out))
+    torch.save(results, os.path.join(out, f"{scenario}_rank{dist.get_rank()}.pt"))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,11 @@ pytest.importorskip("accelerate")
 import accelerate_worker as worker  # noqa: E402
 
 WORLD = 2
+# bf16 keeps 8 significant bits (rounding ≤ 2^-9 ≈ 2e-3 relative per operation); parameters,
+# activations, gradients and the reduce-scatter are rounded in every layer. Measured: 0.5-1.6%
+# per tensor. A real mistake (a microbatch or a rank lost, a wrong 1/GA or 1/world factor)
+# is off by tens of percent.
+BF16_TOL = 3e-2
 ROOT = Path(__file__).parents[1]
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -98,13 +103,13 @@ def _replay_trainer(mode: str, rank: int, out: str):
     return trainer
 
 
-def _trl_expected(mode: str, ranks: list[dict], out: str) -> dict:
+def _trl_expected(mode: str, ranks: list[dict], out: str, steps: int = worker.STEPS) -> dict:
     """Each rank's microbatches through its own single-process trainer, the gradients averaged
     over ranks before every step."""
     trainers = [_replay_trainer(mode, r, out) for r in range(WORLD)]
     ga = trainers[0].args.gradient_accumulation_steps
     grads = []
-    for step in range(worker.STEPS):
+    for step in range(steps):
         for rank, trainer in enumerate(trainers):
             for mb in ranks[rank][mode]["microbatches"][step * ga:(step + 1) * ga]:
                 # the rank's own loss: dapo divides by the tokens of all processes over their
@@ -120,29 +125,119 @@ def _trl_expected(mode: str, ranks: list[dict], out: str) -> dict:
             trainer.optimizer.step()
             trainer.optimizer.zero_grad()
     return {"grads": grads,
-            "weights": [{n: p.detach().double() for n, p in t.model.named_parameters()} for t in trainers],
+            "weights": [{n: p.detach().double() for n, p in t.model.named_parameters()}
+                        for t in trainers],
             "m": [t.isopo.state_dict()["isopo"]["m"] for t in trainers]}
 
 
-@pytest.mark.parametrize("mode", worker.MODES)
-def test_trl_grpo_two_processes_average_per_rank_isopo(trl_ranks, mode, tmp_path):
-    runs = [r[mode] for r in trl_ranks]
-    assert all(r["distributed_type"] == "DistributedType.MULTI_CPU" for r in runs)
-    assert all(r["model_class"] == "DistributedDataParallel" for r in runs)
+def _check_trl(runs: list[dict], mode: str, out: str) -> None:
     # the ranks trained on different completions of different prompts
     first = [r["microbatches"][0] for r in runs]
     assert not torch.equal(first[0]["prompt_ids"], first[1]["prompt_ids"])
-    # ... and draw their own probe positions
+    # ... and drew their own probe positions
     assert not torch.equal(runs[0]["generator"], runs[1]["generator"])
 
-    want = _trl_expected(mode, trl_ranks, str(tmp_path))
+    want = _trl_expected(mode, [{mode: r} for r in runs], out)
     for rank, run in enumerate(runs):
         assert len(run["grads"]) == worker.STEPS
         for step, got in enumerate(run["grads"]):
-            _assert_close(got, want["grads"][step], f"TRL {mode} rank {rank} step {step}", 1e-6)
-        _assert_close(run["weights"], want["weights"][0], f"TRL {mode} rank {rank} weights", 1e-6)
+            _assert_close(got, want["grads"][step], f"{mode} rank {rank} step {step}", 1e-6)
+        _assert_close(run["weights"], want["weights"][0], f"{mode} rank {rank} weights", 1e-6)
         # statistics are per rank: each rank's equal its own single-process run's
         assert run["m"].keys() == want["m"][rank].keys()
         for layer, m in want["m"][rank].items():
             assert run["m"][layer] == pytest.approx(m, rel=1e-6), (mode, rank, layer)
     assert runs[0]["m"] != runs[1]["m"]
+
+
+@pytest.mark.parametrize("mode", worker.MODES)
+def test_trl_grpo_ddp_averages_per_rank_isopo(trl_ranks, mode, tmp_path):
+    runs = [r[mode] for r in trl_ranks]
+    assert all(r["distributed_type"] == "DistributedType.MULTI_CPU" for r in runs)
+    assert all(r["model_class"] == "DistributedDataParallel" for r in runs)
+    _check_trl(runs, mode, str(tmp_path))
+
+
+@pytest.mark.parametrize("mode", worker.MODES)
+def test_trl_grpo_fsdp2_averages_per_rank_isopo(fsdp2_ranks, mode, tmp_path):
+    runs = [r["trl"][mode] for r in fsdp2_ranks]
+    assert all(r["distributed_type"] == "DistributedType.FSDP" for r in runs)
+    assert all(r["model_class"] == "FSDPQwen3ForCausalLM" for r in runs)
+    _check_trl(runs, mode, str(tmp_path))
+
+
+def _bf16_runs(ranks: list[dict]) -> list[dict]:
+    if "ntk bf16" not in ranks[0]:
+        pytest.skip("accelerate reports no bf16 support on this machine")
+    runs = [r["ntk bf16"] for r in ranks]
+    assert all(r["param_dtype"] == "torch.bfloat16" for r in runs)
+    return runs
+
+
+def test_trl_grpo_fsdp2_bf16(fsdp2_ranks, tmp_path):
+    """``--bf16``: accelerate's FSDP2 policy, bf16 parameters, forward, backward and
+    reduction. One step's gradients are within bf16 rounding of the float32 rerun."""
+    runs = _bf16_runs([r["trl"] for r in fsdp2_ranks])
+    want = _trl_expected("ntk", [{"ntk": r} for r in runs], str(tmp_path), steps=1)
+    for rank, run in enumerate(runs):
+        _assert_close(run["grads"][0], want["grads"][0], f"bf16 rank {rank}", BF16_TOL)
+
+
+# -- a plain loop with accelerate's FSDP2 ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fsdp2_ranks(tmp_path_factory):
+    return _launch(tmp_path_factory.mktemp("fsdp2"), "fsdp2",
+                   "--config_file", str(ROOT / "examples" / "accelerate_fsdp2.yaml"),
+                   "--mixed_precision", "no")
+
+
+def _plain_expected(mode: str, steps: int) -> dict:
+    """Per rank a single-process ISOPO on its microbatches, each loss over the accumulation
+    steps (what ``accelerator.backward`` does), gradients averaged over ranks before every
+    step; float64."""
+    from models import lm_losses
+    models = [worker.plain_model() for _ in range(WORLD)]
+    opts = [worker.isopo_for(m, mode, rank) for rank, m in enumerate(models)]
+    grads = []
+    for step in range(steps):
+        for rank, (model, opt) in enumerate(zip(models, opts)):
+            for k in range(worker.GA):
+                ids, mask, A = worker.microbatch(rank, step, k)
+                with opt.microbatch(A):
+                    (lm_losses(model, ids, mask).sum() / worker.GA).backward()
+        mean = {n: torch.stack([m.get_parameter(n).grad for m in models]).mean(0)
+                for n, _ in models[0].named_parameters()}
+        grads.append(mean)
+        for model, opt in zip(models, opts):
+            for n, p in model.named_parameters():
+                p.grad = mean[n].clone()
+            opt.step()
+            opt.zero_grad()
+    return {"grads": grads, "weights": {n: p.detach() for n, p in models[0].named_parameters()},
+            "m": [opt.state_dict()["isopo"]["m"] for opt in opts]}
+
+
+@pytest.mark.parametrize("mode", worker.MODES)
+def test_fsdp2_plain_loop_averages_per_rank_isopo(fsdp2_ranks, mode):
+    runs = [r[mode] for r in fsdp2_ranks]
+    for run in runs:
+        assert run["distributed_type"] == "DistributedType.FSDP"
+        assert run["fsdp_units"].count("FSDPQwen3DecoderLayer") == 2   # the config's wrap policy
+    want = _plain_expected(mode, worker.STEPS)
+    for rank, run in enumerate(runs):
+        for step, got in enumerate(run["grads"]):
+            _assert_close(got, want["grads"][step], f"FSDP2 {mode} rank {rank} step {step}", 1e-10)
+        _assert_close(run["weights"], want["weights"], f"FSDP2 {mode} rank {rank} weights", 1e-10)
+        for layer, m in want["m"][rank].items():
+            assert run["m"][layer] == pytest.approx(m, rel=1e-10), (mode, rank, layer)
+    assert runs[0]["m"] != runs[1]["m"]
+
+
+def test_fsdp2_plain_loop_bf16(fsdp2_ranks):
+    """``mixed_precision="bf16"``: one accumulated step's gradients are within bf16 rounding of
+    the float64 ones."""
+    runs = _bf16_runs(fsdp2_ranks)
+    want = _plain_expected("ntk", 1)
+    for rank, run in enumerate(runs):
+        _assert_close(run["grads"][0], want["grads"][0], f"FSDP2 bf16 rank {rank}", BF16_TOL)

@@ -181,7 +181,8 @@ class ISOPOGRPOTrainer(GRPOTrainer):
         if isopo is None:
             # one probe stream per process: ranks with equal token counts would draw the same
             # positions from equal seeds
-            generator = torch.Generator().manual_seed(self.args.seed + self.accelerator.process_index)
+            seed = self.args.seed + self.accelerator.process_index
+            generator = torch.Generator().manual_seed(seed)
             optimizer = self.optimizer = isopo = ISOPO(model, optimizer, generator=generator,
                                                        **_isopo_settings(self.args))
         elif isopo.model is not model:
