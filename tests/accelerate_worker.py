@@ -143,6 +143,22 @@ def run_trl(out: str, runs: dict) -> dict:
     return results
 
 
+def run_resume(out: str) -> dict:
+    """A one-step run that saves a checkpoint, then the same run resumed from it: the ISOPO
+    state (statistics, probe stream) each process saved and the one it resumed with."""
+    from torch_isopo.integrations.trl import ISOPOGRPOTrainer
+    args = trl_config("fisher", os.path.join(out, "resume"), max_steps=1, save_strategy="steps",
+                      save_steps=1)
+    states = []
+    for checkpoint in (None, os.path.join(args.output_dir, "checkpoint-1")):
+        _reset_accelerate()
+        trainer = ISOPOGRPOTrainer(model=trl_model(), reward_funcs=reward, args=args,
+                                   train_dataset=trl_prompts(), processing_class=trl_tokenizer())
+        trainer.train(resume_from_checkpoint=checkpoint)
+        states.append(trainer.isopo.state_dict()["isopo"])
+    return {"saved": states[0], "resumed": states[1]}
+
+
 # -- a plain loop: accelerate's FSDP2 with gradient accumulation -------------------------------
 
 GA = 2                         # microbatches per optimizer step
@@ -245,6 +261,7 @@ def run_fsdp2(out: str) -> dict:
         results["ntk bf16"] = run_plain("ntk", "bf16", 1)
         runs["ntk bf16"] = ("ntk", {"bf16": True, "max_steps": 1})
     results["trl"] = run_trl(out, runs)
+    results["resume"] = run_resume(out)
     return results
 
 
@@ -252,8 +269,11 @@ def main(out: str, scenario: str) -> None:
     import torch.distributed as dist
     torch.set_num_threads(1)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    results = (run_trl(out, {mode: (mode, {}) for mode in MODES}) if scenario == "trl"
-               else run_fsdp2(out))
+    if scenario == "trl":
+        results = run_trl(out, {mode: (mode, {}) for mode in MODES})
+        results["resume"] = run_resume(out)
+    else:
+        results = run_fsdp2(out)
     torch.save(results, os.path.join(out, f"{scenario}_rank{dist.get_rank()}.pt"))
 
 

@@ -183,6 +183,18 @@ def test_trl_grpo_fsdp2_bf16(fsdp2_ranks, tmp_path):
         _assert_close(run["grads"][0], want["grads"][0], f"bf16 rank {rank}", BF16_TOL)
 
 
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_trl_grpo_checkpoint_keeps_each_rank_isopo_state(trl_ranks, fsdp2_ranks, engine):
+    """The trainer's optimizer checkpoint holds the main process's ISOPO state under DDP and
+    none under FSDP2 (sharded); every process must resume with its own."""
+    ranks = trl_ranks if engine == "ddp" else fsdp2_ranks
+    states = [r["resume"] for r in ranks]
+    for state in states:
+        assert state["resumed"]["m"] == state["saved"]["m"]
+        assert torch.equal(state["resumed"]["generator"], state["saved"]["generator"])
+    assert states[0]["saved"]["m"] != states[1]["saved"]["m"]
+
+
 # -- a plain loop with accelerate's FSDP2 ---------------------------------------------------------
 
 @pytest.fixture(scope="module")
