@@ -102,6 +102,12 @@ def _recording_trainer():
     return Recording
 
 
+def _param_dtype(accelerator) -> str:
+    """FSDP2's compute dtype of the parameters ("None" without FSDP or mixed precision)."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    return str(getattr(plugin and plugin.mixed_precision_policy, "param_dtype", None))
+
+
 def _full_grads(model) -> dict:
     out = {}
     for n, p in model.named_parameters():
@@ -131,14 +137,13 @@ def run_trl(out: str, runs: dict) -> dict:
             processing_class=trl_tokenizer())
         trainer.train()
         isopo = trainer.isopo.state_dict()["isopo"]
-        fsdp = getattr(trainer.accelerator.state, "fsdp_plugin", None)
         results[name] = {
             "microbatches": trainer.microbatches, "grads": trainer.grads,
             "weights": _full_weights(trainer.model), "m": isopo["m"],
             "generator": isopo["generator"],
             "distributed_type": str(trainer.accelerator.distributed_type),
             "model_class": type(trainer.model_wrapped).__name__,
-            "param_dtype": str(getattr(fsdp and fsdp.mixed_precision_policy, "param_dtype", None)),
+            "param_dtype": _param_dtype(trainer.accelerator),
         }
     return results
 
@@ -199,6 +204,7 @@ def run_plain(mode: str, mixed_precision: str, steps: int) -> dict:
     model = plain_model(torch.float64 if mixed_precision == "no" else torch.float32)
     isopo = isopo_for(model, mode, rank)
     model, opt = accelerator.prepare(model, isopo)
+    inner = accelerator.unwrap_model(model)        # DDP's parameter names carry "module."
     grads = []
     for step in range(steps):
         for k in range(GA):
@@ -207,16 +213,16 @@ def run_plain(mode: str, mixed_precision: str, steps: int) -> dict:
                 with isopo.microbatch(A):
                     accelerator.backward(lm_losses(model, ids, mask).sum())
                 if accelerator.sync_gradients:
-                    grads.append(_full_grads(model))
+                    grads.append(_full_grads(inner))
                 opt.step()
                 opt.zero_grad()
-    return {"grads": grads, "weights": _full_weights(model),
+    return {"grads": grads, "weights": _full_weights(inner),
             "m": isopo.state_dict()["isopo"]["m"],
             "distributed_type": str(accelerator.distributed_type),
+            "model_class": type(model).__name__,
             "fsdp_units": sorted(type(m).__name__ for m in model.modules()
                                  if type(m).__name__.startswith("FSDP")),
-            "param_dtype": str(getattr(accelerator.state.fsdp_plugin.mixed_precision_policy,
-                                       "param_dtype", None))}
+            "param_dtype": _param_dtype(accelerator)}
 
 
 def _reset_accelerate() -> None:
@@ -272,6 +278,9 @@ def main(out: str, scenario: str) -> None:
     if scenario == "trl":
         results = run_trl(out, {mode: (mode, {}) for mode in MODES})
         results["resume"] = run_resume(out)
+        for mode in MODES:
+            _reset_accelerate()
+            results["plain", mode] = run_plain(mode, "no", STEPS)
     else:
         results = run_fsdp2(out)
     torch.save(results, os.path.join(out, f"{scenario}_rank{dist.get_rank()}.pt"))

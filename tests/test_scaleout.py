@@ -236,14 +236,26 @@ def test_fsdp2_plain_loop_averages_per_rank_isopo(fsdp2_ranks, mode):
     for run in runs:
         assert run["distributed_type"] == "DistributedType.FSDP"
         assert run["fsdp_units"].count("FSDPQwen3DecoderLayer") == 2   # the config's wrap policy
+    _check_plain(runs, mode)
+
+
+def _check_plain(runs: list[dict], mode: str) -> None:
     want = _plain_expected(mode, worker.STEPS)
     for rank, run in enumerate(runs):
+        assert len(run["grads"]) == worker.STEPS
         for step, got in enumerate(run["grads"]):
-            _assert_close(got, want["grads"][step], f"FSDP2 {mode} rank {rank} step {step}", 1e-10)
-        _assert_close(run["weights"], want["weights"], f"FSDP2 {mode} rank {rank} weights", 1e-10)
+            _assert_close(got, want["grads"][step], f"{mode} rank {rank} step {step}", 1e-10)
+        _assert_close(run["weights"], want["weights"], f"{mode} rank {rank} weights", 1e-10)
         for layer, m in want["m"][rank].items():
             assert run["m"][layer] == pytest.approx(m, rel=1e-10), (mode, rank, layer)
     assert runs[0]["m"] != runs[1]["m"]
+
+
+@pytest.mark.parametrize("mode", worker.MODES)
+def test_ddp_plain_loop_averages_per_rank_isopo(trl_ranks, mode):
+    runs = [r["plain", mode] for r in trl_ranks]
+    assert all(r["model_class"] == "DistributedDataParallel" for r in runs)
+    _check_plain(runs, mode)
 
 
 def test_fsdp2_plain_loop_bf16(fsdp2_ranks):
