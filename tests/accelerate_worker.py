@@ -273,6 +273,8 @@ def run_fsdp2(out: str) -> dict:
 
 def main(out: str, scenario: str) -> None:
     import torch.distributed as dist
+    with open(os.path.join(out, f"{scenario}_{os.environ['RANK']}.pid"), "w") as f:
+        f.write(str(os.getpid()))                  # for the test to stop it on a timeout
     torch.set_num_threads(1)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     if scenario == "trl":

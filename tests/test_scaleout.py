@@ -1,5 +1,5 @@
 """Scale-out as users run it: ``accelerate launch`` with two CPU processes (gloo) around TRL's
-GRPO trainer (DDP) and around a plain loop with FSDP2.
+GRPO trainer and around a plain training loop, each under DDP and under FSDP2.
 
 Every process records the microbatches it trained on and the gradients it stepped on
 (``accelerate_worker.py``). The test then reruns each rank's share in this one process, with a
@@ -11,10 +11,10 @@ generated instead of generating again.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -57,19 +57,43 @@ def _free_port() -> int:
 
 def _launch(out: Path, scenario: str, *launch_args: str, timeout: float = 240.0) -> list[dict]:
     """``accelerate launch`` the worker on WORLD CPU processes; what every rank saved."""
+    paths = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join(paths)}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_args,
            "--num_processes", str(WORLD), "--num_machines", "1", "--main_process_port",
            str(_free_port()), "--dynamo_backend", "no",
            str(Path(worker.__file__)), str(out), scenario]
-    start = time.monotonic()
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    log = out / f"{scenario}.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _stop(proc, out)
+            raise AssertionError(f"accelerate launch did not finish within {timeout:.0f}s:\n"
+                                 f"{log.read_text()[-6000:]}") from None
     if proc.returncode != 0:
-        raise AssertionError(f"accelerate launch failed ({proc.returncode}) after "
-                             f"{time.monotonic() - start:.0f}s:\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-6000:]}")
+        raise AssertionError(f"accelerate launch failed ({proc.returncode}):\n"
+                             f"{log.read_text()[-6000:]}")
     return [torch.load(out / f"{scenario}_rank{r}.pt") for r in range(WORLD)]
+
+
+def _stop(proc: subprocess.Popen, out: Path) -> None:
+    """SIGTERM lets the launcher stop its workers; those still alive after 20 s (they run in
+    sessions of their own and wrote their process ids) are killed."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    for pid_file in out.glob("*.pid"):
+        try:
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
 
 
 def _assert_close(got: dict, want: dict, what: str, tol: float) -> None:
