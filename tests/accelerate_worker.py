@@ -1,11 +1,11 @@
 """What each process runs under ``accelerate launch`` in ``test_scaleout.py``.
 
-    accelerate launch --multi_gpu --num_processes 2 tests/accelerate_worker.py OUT trl
+    accelerate launch --multi_gpu --num_processes 2 tests/accelerate_worker.py OUT ddp
     accelerate launch --config_file examples/accelerate_fsdp2.yaml --num_processes 2 \\
         --mixed_precision no tests/accelerate_worker.py OUT fsdp2
 
 (with ``ACCELERATE_USE_CPU=true`` on a machine without GPUs). Each rank saves what it saw and
-what it computed to ``OUT/<scenario>_rank<r>.pt``; the test recomputes it in one process.
+what it computed to ``OUT/<engine>_rank<r>.pt``; the test recomputes it in one process.
 The pieces both sides need (models, configs, data) live here too.
 """
 from __future__ import annotations
@@ -164,7 +164,7 @@ def run_resume(out: str) -> dict:
     return {"saved": states[0], "resumed": states[1]}
 
 
-# -- a plain loop: accelerate's FSDP2 with gradient accumulation -------------------------------
+# -- a plain loop with gradient accumulation ---------------------------------------------------
 
 GA = 2                         # microbatches per optimizer step
 LR = 1e-3
@@ -199,6 +199,7 @@ def run_plain(mode: str, mixed_precision: str, steps: int) -> dict:
     """The loop of docs/distributed.md: ISOPO built before ``prepare``, ``accumulate``."""
     from accelerate import Accelerator
     from models import lm_losses
+    _reset_accelerate()
     accelerator = Accelerator(gradient_accumulation_steps=GA, mixed_precision=mixed_precision)
     rank = accelerator.process_index
     model = plain_model(torch.float64 if mixed_precision == "no" else torch.float32)
@@ -254,38 +255,28 @@ def fsdp_on_cpu() -> None:
     AcceleratorState.__init__ = __init__
 
 
-def run_fsdp2(out: str) -> dict:
+def run(out: str, engine: str) -> dict:
+    """Everything one launch runs: the trainer and the plain loop (float32 and float64; with
+    FSDP2 also bf16), then a checkpoint and a resume."""
     from accelerate.utils import is_bf16_available
-    fsdp_on_cpu()
-    results = {}
-    for mode in MODES:
-        _reset_accelerate()
-        results[mode] = run_plain(mode, "no", STEPS)
-    runs = {mode: (mode, {}) for mode in MODES}
-    if is_bf16_available():
-        _reset_accelerate()
-        results["ntk bf16"] = run_plain("ntk", "bf16", 1)
-        runs["ntk bf16"] = ("ntk", {"bf16": True, "max_steps": 1})
-    results["trl"] = run_trl(out, runs)
-    results["resume"] = run_resume(out)
-    return results
+    if engine == "fsdp2":
+        fsdp_on_cpu()
+    trl_runs = {mode: (mode, {}) for mode in MODES}
+    plain = {mode: run_plain(mode, "no", STEPS) for mode in MODES}
+    if engine == "fsdp2" and is_bf16_available():
+        plain["ntk bf16"] = run_plain("ntk", "bf16", 1)
+        trl_runs["ntk bf16"] = ("ntk", {"bf16": True, "max_steps": 1})
+    return {"plain": plain, "trl": run_trl(out, trl_runs), "resume": run_resume(out)}
 
 
-def main(out: str, scenario: str) -> None:
+def main(out: str, engine: str) -> None:
     import torch.distributed as dist
-    with open(os.path.join(out, f"{scenario}_{os.environ['RANK']}.pid"), "w") as f:
+    with open(os.path.join(out, f"{engine}_{os.environ['RANK']}.pid"), "w") as f:
         f.write(str(os.getpid()))                  # for the test to stop it on a timeout
     torch.set_num_threads(1)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    if scenario == "trl":
-        results = run_trl(out, {mode: (mode, {}) for mode in MODES})
-        results["resume"] = run_resume(out)
-        for mode in MODES:
-            _reset_accelerate()
-            results["plain", mode] = run_plain(mode, "no", STEPS)
-    else:
-        results = run_fsdp2(out)
-    torch.save(results, os.path.join(out, f"{scenario}_rank{dist.get_rank()}.pt"))
+    results = run(out, engine)
+    torch.save(results, os.path.join(out, f"{engine}_rank{dist.get_rank()}.pt"))
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(out: Path, scenario: str, *launch_args: str, timeout: float = 240.0) -> list[dict]:
+def _launch(out: Path, engine: str, *launch_args: str, timeout: float = 240.0) -> list[dict]:
     """``accelerate launch`` the worker on WORLD CPU processes; what every rank saved."""
     paths = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
@@ -63,8 +63,8 @@ def _launch(out: Path, scenario: str, *launch_args: str, timeout: float = 240.0)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_args,
            "--num_processes", str(WORLD), "--num_machines", "1", "--main_process_port",
            str(_free_port()), "--dynamo_backend", "no",
-           str(Path(worker.__file__)), str(out), scenario]
-    log = out / f"{scenario}.log"
+           str(Path(worker.__file__)), str(out), engine]
+    log = out / f"{engine}.log"
     with open(log, "w") as sink:
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -77,7 +77,7 @@ def _launch(out: Path, scenario: str, *launch_args: str, timeout: float = 240.0)
     if proc.returncode != 0:
         raise AssertionError(f"accelerate launch failed ({proc.returncode}):\n"
                              f"{log.read_text()[-6000:]}")
-    return [torch.load(out / f"{scenario}_rank{r}.pt") for r in range(WORLD)]
+    return [torch.load(out / f"{engine}_rank{r}.pt") for r in range(WORLD)]
 
 
 def _stop(proc: subprocess.Popen, out: Path) -> None:
@@ -103,12 +103,42 @@ def _assert_close(got: dict, want: dict, what: str, tol: float) -> None:
         assert err <= tol, f"{what}: {n} relative error {err:.2e} > {tol:.0e}"
 
 
-# -- TRL: ISOPOGRPOTrainer on two processes (DDP) ----------------------------------------------
+# -- the two launches ---------------------------------------------------------------------------
+
+ENGINES = {   # accelerate's distributed type, the wrapped model's class
+    "ddp": ("DistributedType.MULTI_CPU", "DistributedDataParallel"),
+    "fsdp2": ("DistributedType.FSDP", "FSDPQwen3ForCausalLM"),
+}
+
 
 @pytest.fixture(scope="module")
-def trl_ranks(tmp_path_factory):
-    return _launch(tmp_path_factory.mktemp("trl"), "trl", "--multi_gpu")
+def ddp(tmp_path_factory):
+    return _launch(tmp_path_factory.mktemp("ddp"), "ddp", "--multi_gpu")
 
+
+@pytest.fixture(scope="module")
+def fsdp2(tmp_path_factory):
+    """The example FSDP2 config, in fp32/fp64 (the bf16 runs ask for bf16 themselves)."""
+    return _launch(tmp_path_factory.mktemp("fsdp2"), "fsdp2", "--config_file",
+                   str(ROOT / "examples" / "accelerate_fsdp2.yaml"), "--mixed_precision", "no")
+
+
+def _runs(request, engine: str, kind: str, name: str) -> list[dict]:
+    runs = [r[kind][name] for r in request.getfixturevalue(engine)]
+    for run in runs:
+        assert (run["distributed_type"], run["model_class"]) == ENGINES[engine]
+    return runs
+
+
+def _bf16(runs: list[dict]) -> list[dict]:
+    if "ntk bf16" not in runs[0]:
+        pytest.skip("accelerate reports no bf16 support on this machine")
+    out = [r["ntk bf16"] for r in runs]
+    assert all(r["param_dtype"] == "torch.bfloat16" for r in out)
+    return out
+
+
+# -- TRL: ISOPOGRPOTrainer ------------------------------------------------------------------------
 
 def _replay_trainer(mode: str, rank: int, out: str):
     """A single-process ISOPOGRPOTrainer that trains on given microbatches (no generation)."""
@@ -127,20 +157,20 @@ def _replay_trainer(mode: str, rank: int, out: str):
     return trainer
 
 
-def _trl_expected(mode: str, ranks: list[dict], out: str, steps: int = worker.STEPS) -> dict:
+def _trl_expected(mode: str, runs: list[dict], out: str, steps: int = worker.STEPS) -> dict:
     """Each rank's microbatches through its own single-process trainer, the gradients averaged
     over ranks before every step."""
     trainers = [_replay_trainer(mode, r, out) for r in range(WORLD)]
     ga = trainers[0].args.gradient_accumulation_steps
     grads = []
     for step in range(steps):
-        for rank, trainer in enumerate(trainers):
-            for mb in ranks[rank][mode]["microbatches"][step * ga:(step + 1) * ga]:
+        for run, trainer in zip(runs, trainers):
+            for mb in run["microbatches"][step * ga:(step + 1) * ga]:
                 # the rank's own loss: dapo divides by the tokens of all processes over their
                 # number, and here there is one process
                 mb = {**mb, "num_items_in_batch": mb["num_items_in_batch"] / WORLD}
                 trainer.training_step(trainer.model, mb)
-        mean = {n: torch.stack([dict(t.model.named_parameters())[n].grad for t in trainers]).mean(0)
+        mean = {n: torch.stack([t.model.get_parameter(n).grad for t in trainers]).mean(0)
                 for n, _ in trainers[0].model.named_parameters()}
         grads.append(mean)
         for trainer in trainers:
@@ -149,24 +179,26 @@ def _trl_expected(mode: str, ranks: list[dict], out: str, steps: int = worker.ST
             trainer.optimizer.step()
             trainer.optimizer.zero_grad()
     return {"grads": grads,
-            "weights": [{n: p.detach().double() for n, p in t.model.named_parameters()}
-                        for t in trainers],
+            "weights": {n: p.detach() for n, p in trainers[0].model.named_parameters()},
             "m": [t.isopo.state_dict()["isopo"]["m"] for t in trainers]}
 
 
-def _check_trl(runs: list[dict], mode: str, out: str) -> None:
-    # the ranks trained on different completions of different prompts
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("mode", worker.MODES)
+def test_trl_grpo_averages_per_rank_isopo(request, engine, mode, tmp_path):
+    runs = _runs(request, engine, "trl", mode)
+    # the ranks trained on different completions of different prompts ...
     first = [r["microbatches"][0] for r in runs]
     assert not torch.equal(first[0]["prompt_ids"], first[1]["prompt_ids"])
     # ... and drew their own probe positions
     assert not torch.equal(runs[0]["generator"], runs[1]["generator"])
 
-    want = _trl_expected(mode, [{mode: r} for r in runs], out)
+    want = _trl_expected(mode, runs, str(tmp_path))
     for rank, run in enumerate(runs):
         assert len(run["grads"]) == worker.STEPS
         for step, got in enumerate(run["grads"]):
             _assert_close(got, want["grads"][step], f"{mode} rank {rank} step {step}", 1e-6)
-        _assert_close(run["weights"], want["weights"][0], f"{mode} rank {rank} weights", 1e-6)
+        _assert_close(run["weights"], want["weights"], f"{mode} rank {rank} weights", 1e-6)
         # statistics are per rank: each rank's equal its own single-process run's
         assert run["m"].keys() == want["m"][rank].keys()
         for layer, m in want["m"][rank].items():
@@ -174,59 +206,27 @@ def _check_trl(runs: list[dict], mode: str, out: str) -> None:
     assert runs[0]["m"] != runs[1]["m"]
 
 
-@pytest.mark.parametrize("mode", worker.MODES)
-def test_trl_grpo_ddp_averages_per_rank_isopo(trl_ranks, mode, tmp_path):
-    runs = [r[mode] for r in trl_ranks]
-    assert all(r["distributed_type"] == "DistributedType.MULTI_CPU" for r in runs)
-    assert all(r["model_class"] == "DistributedDataParallel" for r in runs)
-    _check_trl(runs, mode, str(tmp_path))
-
-
-@pytest.mark.parametrize("mode", worker.MODES)
-def test_trl_grpo_fsdp2_averages_per_rank_isopo(fsdp2_ranks, mode, tmp_path):
-    runs = [r["trl"][mode] for r in fsdp2_ranks]
-    assert all(r["distributed_type"] == "DistributedType.FSDP" for r in runs)
-    assert all(r["model_class"] == "FSDPQwen3ForCausalLM" for r in runs)
-    _check_trl(runs, mode, str(tmp_path))
-
-
-def _bf16_runs(ranks: list[dict]) -> list[dict]:
-    if "ntk bf16" not in ranks[0]:
-        pytest.skip("accelerate reports no bf16 support on this machine")
-    runs = [r["ntk bf16"] for r in ranks]
-    assert all(r["param_dtype"] == "torch.bfloat16" for r in runs)
-    return runs
-
-
-def test_trl_grpo_fsdp2_bf16(fsdp2_ranks, tmp_path):
+def test_trl_grpo_fsdp2_bf16(fsdp2, tmp_path):
     """``--bf16``: accelerate's FSDP2 policy, bf16 parameters, forward, backward and
     reduction. One step's gradients are within bf16 rounding of the float32 rerun."""
-    runs = _bf16_runs([r["trl"] for r in fsdp2_ranks])
-    want = _trl_expected("ntk", [{"ntk": r} for r in runs], str(tmp_path), steps=1)
+    runs = _bf16([r["trl"] for r in fsdp2])
+    want = _trl_expected("ntk", runs, str(tmp_path), steps=1)
     for rank, run in enumerate(runs):
         _assert_close(run["grads"][0], want["grads"][0], f"bf16 rank {rank}", BF16_TOL)
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
-def test_trl_grpo_checkpoint_keeps_each_rank_isopo_state(trl_ranks, fsdp2_ranks, engine):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_trl_grpo_checkpoint_keeps_each_rank_isopo_state(request, engine):
     """The trainer's optimizer checkpoint holds the main process's ISOPO state under DDP and
     none under FSDP2 (sharded); every process must resume with its own."""
-    ranks = trl_ranks if engine == "ddp" else fsdp2_ranks
-    states = [r["resume"] for r in ranks]
+    states = [r["resume"] for r in request.getfixturevalue(engine)]
     for state in states:
         assert state["resumed"]["m"] == state["saved"]["m"]
         assert torch.equal(state["resumed"]["generator"], state["saved"]["generator"])
     assert states[0]["saved"]["m"] != states[1]["saved"]["m"]
 
 
-# -- a plain loop with accelerate's FSDP2 ---------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def fsdp2_ranks(tmp_path_factory):
-    return _launch(tmp_path_factory.mktemp("fsdp2"), "fsdp2",
-                   "--config_file", str(ROOT / "examples" / "accelerate_fsdp2.yaml"),
-                   "--mixed_precision", "no")
-
+# -- a plain loop with accumulate -----------------------------------------------------------------
 
 def _plain_expected(mode: str, steps: int) -> dict:
     """Per rank a single-process ISOPO on its microbatches, each loss over the accumulation
@@ -254,16 +254,13 @@ def _plain_expected(mode: str, steps: int) -> dict:
             "m": [opt.state_dict()["isopo"]["m"] for opt in opts]}
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("mode", worker.MODES)
-def test_fsdp2_plain_loop_averages_per_rank_isopo(fsdp2_ranks, mode):
-    runs = [r[mode] for r in fsdp2_ranks]
-    for run in runs:
-        assert run["distributed_type"] == "DistributedType.FSDP"
-        assert run["fsdp_units"].count("FSDPQwen3DecoderLayer") == 2   # the config's wrap policy
-    _check_plain(runs, mode)
-
-
-def _check_plain(runs: list[dict], mode: str) -> None:
+def test_plain_loop_averages_per_rank_isopo(request, engine, mode):
+    runs = _runs(request, engine, "plain", mode)
+    if engine == "fsdp2":
+        for run in runs:       # the config's wrap policy: one unit per decoder layer
+            assert run["fsdp_units"].count("FSDPQwen3DecoderLayer") == 2
     want = _plain_expected(mode, worker.STEPS)
     for rank, run in enumerate(runs):
         assert len(run["grads"]) == worker.STEPS
@@ -275,17 +272,10 @@ def _check_plain(runs: list[dict], mode: str) -> None:
     assert runs[0]["m"] != runs[1]["m"]
 
 
-@pytest.mark.parametrize("mode", worker.MODES)
-def test_ddp_plain_loop_averages_per_rank_isopo(trl_ranks, mode):
-    runs = [r["plain", mode] for r in trl_ranks]
-    assert all(r["model_class"] == "DistributedDataParallel" for r in runs)
-    _check_plain(runs, mode)
-
-
-def test_fsdp2_plain_loop_bf16(fsdp2_ranks):
+def test_plain_loop_fsdp2_bf16(fsdp2):
     """``mixed_precision="bf16"``: one accumulated step's gradients are within bf16 rounding of
     the float64 ones."""
-    runs = _bf16_runs(fsdp2_ranks)
+    runs = _bf16([r["plain"] for r in fsdp2])
     want = _plain_expected("ntk", 1)
     for rank, run in enumerate(runs):
-        _assert_close(run["grads"][0], want["grads"][0], f"FSDP2 bf16 rank {rank}", BF16_TOL)
+        _assert_close(run["grads"][0], want["grads"][0], f"bf16 rank {rank}", BF16_TOL)
