@@ -15,7 +15,7 @@ the update is the mean of their ISOPO updates, and ISOPO's statistics stay per p
     accelerate launch --multi_gpu --num_processes 2 examples/trl_grpo.py --use_cpu true
                                                     # two CPU processes (gloo), the tiny model
 
-Without GPUs ``--use_cpu true`` is required: otherwise every process trains alone.
+Without GPUs ``--use_cpu true`` is required: otherwise the processes are independent runs.
 
 Every ``GRPOConfig`` option works on the command line (or in a ``--config`` YAML file), plus
 ISOPO's: ``--isopo_mode {ntk,fisher,reinforce}``, ``--isopo_damping``, ``--isopo_ema``,
