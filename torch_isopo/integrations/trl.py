@@ -208,7 +208,7 @@ class ISOPOGRPOTrainer(GRPOTrainer):
             self.isopo.load_state_dict({**self.isopo.optimizer.state_dict(), "isopo": own})
 
     def _isopo_file(self, folder: str) -> str:
-        return os.path.join(folder, f"isopo_rank{self.args.process_index}.pt")
+        return os.path.join(folder, f"isopo_rank{self.accelerator.process_index}.pt")
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # The ISOPO microbatch opened by the loss stays open through the backward.
