@@ -5,6 +5,18 @@
         --per_device_train_batch_size 8 --num_generations 8 --max_completion_length 64 \\
         --learning_rate 1e-6 --max_steps 200 --isopo_mode ntk --isopo_damping 1.0
 
+Several processes, with accelerate (each process trains on its own share of the completions;
+the update is the mean of their ISOPO updates, and ISOPO's statistics stay per process)::
+
+    accelerate launch --multi_gpu --num_processes 8 examples/trl_grpo.py \\
+        --model_name_or_path Qwen/Qwen3-0.6B --bf16 true            # DDP, one process per GPU
+    accelerate launch --config_file examples/accelerate_fsdp2.yaml --num_processes 8 \\
+        examples/trl_grpo.py --model_name_or_path Qwen/Qwen3-0.6B --bf16 true      # FSDP2
+    accelerate launch --multi_gpu --num_processes 2 examples/trl_grpo.py --use_cpu true
+                                                    # two CPU processes (gloo), the tiny model
+
+Without GPUs ``--use_cpu true`` is required: otherwise the processes are independent runs.
+
 Every ``GRPOConfig`` option works on the command line (or in a ``--config`` YAML file), plus
 ISOPO's: ``--isopo_mode {ntk,fisher,reinforce}``, ``--isopo_damping``, ``--isopo_ema``,
 ``--isopo_fisher_probes``. ``--isopo_mode reinforce`` is the plain-gradient baseline to compare

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -179,7 +180,10 @@ class ISOPOGRPOTrainer(GRPOTrainer):
         optimizer = super().create_optimizer(model)
         isopo = _find_isopo(optimizer)
         if isopo is None:
-            generator = torch.Generator().manual_seed(self.args.seed)
+            # one probe stream per process: ranks with equal token counts would draw the same
+            # positions from equal seeds
+            seed = self.args.seed + self.accelerator.process_index
+            generator = torch.Generator().manual_seed(seed)
             optimizer = self.optimizer = isopo = ISOPO(model, optimizer, generator=generator,
                                                        **_isopo_settings(self.args))
         elif isopo.model is not model:
@@ -187,6 +191,24 @@ class ISOPOGRPOTrainer(GRPOTrainer):
                              "than the trainer's")
         self.isopo = isopo
         return optimizer
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        """Also each process's own ISOPO statistics and probe stream, next to its RNG state: the
+        optimizer file holds the main process's only, and FSDP's sharded one none at all."""
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.isopo is not None:
+            os.makedirs(output_dir, exist_ok=True)
+            torch.save(self.isopo.state_dict()["isopo"], self._isopo_file(output_dir))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        path = None if checkpoint is None else self._isopo_file(checkpoint)
+        if self.isopo is not None and path is not None and os.path.isfile(path):
+            own = torch.load(path, weights_only=True)
+            self.isopo.load_state_dict({**self.isopo.optimizer.state_dict(), "isopo": own})
+
+    def _isopo_file(self, folder: str) -> str:
+        return os.path.join(folder, f"isopo_rank{self.accelerator.process_index}.pt")
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # The ISOPO microbatch opened by the loss stays open through the backward.
