@@ -40,11 +40,10 @@ def ntk_coefficients(K: Tensor, A: Tensor, damping: float, m_used: float | None 
     n = A.numel()
     m = torch.diagonal(K).sum() / n
     rho = _statistic(m, damping, m_used)
-    safe = torch.where(rho > 0, rho, torch.ones_like(rho))
-    damped = K.clone()
-    damped.diagonal().add_(safe)
-    solved, _ = torch.linalg.solve_ex(damped, A[:, None])
-    return Coefficients(safe * solved[:, 0], m, rho, K)
+    safe = rho + (rho == 0)                  # ρ = 0 only for a zero K: any ρ gives c = A
+    damped = torch.diagonal_scatter(K, torch.diagonal(K) + safe)
+    solved, _ = torch.linalg.solve_ex(damped, A)
+    return Coefficients(safe * solved, m, rho, K)
 
 
 def fisher_coefficients(nu2: Tensor, A: Tensor, damping: float, m_used: float | None = None) -> Coefficients:

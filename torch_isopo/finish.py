@@ -85,6 +85,8 @@ def layer_gradients(uses: list, params: list[Tensor], A: Tensor, cfg: Settings,
     products are ``K``'s entries.
     """
     n = A.numel()
+    if len(uses) == 1 and _rows_of_samples(uses[0]):
+        return _one_row_each(uses[0], params, A, cfg, m_used)
     factor = merge_uses([u for u in uses if isinstance(u, FactorUse)])
     explicit = _explicit_gradients([u for u in uses if isinstance(u, ExplicitUse)], params)
     ref = factor[0].V if factor else explicit.G
@@ -114,6 +116,37 @@ def layer_gradients(uses: list, params: list[Tensor], A: Tensor, cfg: Settings,
 
         coef = _coefficients(cfg, A, m_used, kernel, fisher)
     return _contract(factor, explicit, kept, params, coef.c.to(ref.device), n), coef
+
+
+def _rows_of_samples(u) -> bool:
+    return isinstance(u, FactorUse) and not u.indexed and u.smap.trivial
+
+
+def _one_row_each(u: FactorUse, params, A: Tensor, cfg: Settings, m_used):
+    """A single use with one row per sample (an MLP policy's layer): ``G_i = U_i ⊗ V_i (+ δ_i)``,
+    so ``K = (UUᵀ) ⊙ (VVᵀ) + ΔΔᵀ`` in a few products, every sample its own token."""
+    dt = factors.work_dtype(u.V)
+    U, V, d = (x if x.dtype == dt else x.to(dt) for x in (u.U, u.V, u.delta))
+    if cfg.mode == "reinforce":
+        coef = _reinforce(A)
+    else:
+        K = 0
+        if u.weight is not None:
+            K = (U @ U.T) * (V @ V.T)
+        if u.bias is not None:
+            K = K + d @ d.T
+        if cfg.mode == "ntk":
+            coef = ntk_coefficients(K, A, cfg.damping, m_used)
+        else:
+            coef = fisher_coefficients(fisher_nu2(*_sample_pieces(K, cfg)), A, cfg.damping, m_used)
+    c = coef.c.to(device=u.V.device, dtype=u.V.dtype)[:, None]
+    grads: list[Tensor | None] = [None] * len(params)
+    if u.weight is not None:
+        W = (u.U * c).T @ u.V if u.U.shape[1] <= u.V.shape[1] else u.U.T @ (u.V * c)
+        grads[u.weight] = W.view(params[u.weight].shape)
+    if u.bias is not None:
+        grads[u.bias] = (u.delta * c).sum(0)
+    return grads, coef
 
 
 def _contract(factor, explicit, kept, params, c, n) -> list[Tensor | None]:

@@ -36,6 +36,11 @@ class SampleMap:
     def tokens(self) -> int:
         return self.rows // self.inner
 
+    @property
+    def trivial(self) -> bool:
+        """One row per sample, in order (an MLP policy's rows)."""
+        return self.layout == "first" and self.T == 1 and self.inner == 1
+
     def padded(self, X: Tensor) -> Tensor:
         """``X`` (rows, F) as (n, T', F) with the rows of sample i in slot i (zeros fill)."""
         F = X.shape[-1]
