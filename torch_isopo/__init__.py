@@ -1,5 +1,6 @@
 """torch_isopo: Isometric Policy Optimization as a one-line optimizer wrapper."""
 from .optimizer import ISOPO
+from .surrogate import surrogate_weights
 
-__all__ = ["ISOPO"]
+__all__ = ["ISOPO", "surrogate_weights"]
 __version__ = "0.1.0"
