@@ -1,4 +1,5 @@
-"""Learning benchmark: ISOPO (fisher, ntk) against REINFORCE, GRPO and CISPO.
+"""Learning benchmark: ISOPO (fisher, ntk; one step or inside GRPO epochs) against REINFORCE,
+GRPO and CISPO.
 
     python benchmarks/learning.py                # full run: about 1.5 CPU-hours, 2 workers
     python benchmarks/learning.py --report       # rebuild docs/benchmarks.md from saved results
@@ -12,6 +13,8 @@ per step and the same number of steps, for every learning rate and seed:
 * GRPO-k: k epochs over 4 minibatches of the batch, PPO ratio clipping (ε = 0.2).
 * CISPO: 1 epoch over 4 minibatches, ``−sg(min(r, 1 + 0.28))·A·log π`` (no lower clip).
 * ISOPO fisher / ntk: one AdamW step on the ISOPO gradient (default damping 1, ema 0.9).
+* GRPO-k + ISOPO ntk: GRPO-k's epochs and minibatches, each step an ISOPO step on the
+  advantage-free clipped surrogate (``surrogate_weights``); in ``reinforce`` mode it is GRPO-k.
 
 Per step it records samples, wall-clock and CPU seconds (sampling + update), the batch's
 mean reward and the KL(π_before ‖ π_after) of the update, averaged over the batch's action rows.
@@ -27,6 +30,7 @@ import math
 import multiprocessing as mp
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +45,7 @@ from cartpole import CartPoleTask  # noqa: E402
 from rl import final_reward as final, first_reach, smooth  # noqa: E402
 from tiny_lm import ReverseTask  # noqa: E402
 
-from torch_isopo import ISOPO  # noqa: E402
+from torch_isopo import ISOPO, surrogate_weights  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "learning.jsonl"
 DOC, IMG = ROOT / "docs" / "benchmarks.md", ROOT / "docs" / "img"
@@ -56,6 +60,9 @@ METHODS = {
     "CISPO": dict(kind="cispo", epochs=1),
     "ISOPO fisher": dict(kind="isopo", mode="fisher"),
     "ISOPO ntk": dict(kind="isopo", mode="ntk"),
+    "GRPO-1 + ISOPO ntk": dict(kind="grpo", epochs=1, mode="ntk"),
+    "GRPO-2 + ISOPO ntk": dict(kind="grpo", epochs=2, mode="ntk"),
+    "GRPO-4 + ISOPO ntk": dict(kind="grpo", epochs=4, mode="ntk"),
 }
 ABLATION = {   # damping, on the reverse task at ABLATION_LR
     "ISOPO ntk, damping 0.1": dict(kind="isopo", mode="ntk", damping=0.1),
@@ -70,15 +77,27 @@ MINIBATCHES, CLIP, CISPO_HIGH = 4, 0.2, 0.28
 
 
 def surrogate_step(model, opt, task, batch, kind, epochs, gen):
-    """GRPO or CISPO: ``epochs`` passes over shuffled minibatches, one AdamW step each."""
+    """GRPO or CISPO: ``epochs`` passes over shuffled minibatches, one AdamW step each. With
+    ISOPO, each step backpropagates the advantage-free surrogate inside a microbatch."""
     n = len(batch.rewards)
     old = batch.old_logp.gather(1, batch.actions[:, None]).squeeze(1)
     for _ in range(epochs):
         for idx in torch.randperm(n, generator=gen).chunk(MINIBATCHES):
             idx = idx.sort().values
             rows = torch.isin(batch.sample, idx)
+            A = batch.advantages[batch.sample[rows]]
+            if isinstance(opt, ISOPO):
+                segments = (None if batch.segments is None
+                            else torch.searchsorted(idx, batch.segments[rows]))
+                with opt.microbatch(batch.advantages[idx], segments=segments):
+                    logp, _ = task.logprobs(model, batch, idx)
+                    v = surrogate_weights(logp, old[rows], A, eps_low=CLIP)
+                    (-(v * logp).mean()).backward()
+                opt.step()
+                opt.zero_grad()
+                continue
             logp, _ = task.logprobs(model, batch, idx)
-            A, ratio = batch.advantages[batch.sample[rows]], (logp - old[rows]).exp()
+            ratio = (logp - old[rows]).exp()
             if kind == "grpo":
                 obj = torch.min(ratio * A, ratio.clamp(1 - CLIP, 1 + CLIP) * A)
             else:
@@ -98,7 +117,7 @@ def run(task_name: str, method: str, lr: float, seed: int, steps: int | None = N
     gen, shuffle = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
     model = task.policy()
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    if spec["kind"] == "isopo":
+    if "mode" in spec:
         opt = ISOPO(model, opt, mode=spec["mode"], damping=spec.get("damping", 1.0))
     hist = {k: [] for k in ("samples", "seconds", "cpu", "reward", "kl")}
     samples = seconds = cpu = 0.0
@@ -134,6 +153,16 @@ def _run(job):
     return run(*job)
 
 
+def library_commit() -> str:
+    """The repository commit the runs measure (``+`` when the work tree has changes)."""
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    try:
+        return git("rev-parse", "--short", "HEAD") + ("+" if git("status", "--porcelain") else "")
+    except OSError:
+        return "unknown"
+
+
 def jobs(quick: bool) -> list[tuple]:
     """(task, method, lr, seed, steps) of every run; ``quick``: 3 steps, one lr and seed."""
     steps, lrs, seeds = (3, [ABLATION_LR], SEEDS[:1]) if quick else (None, LRS, SEEDS)
@@ -152,9 +181,10 @@ def collect_runs(args) -> list[dict]:
     todo = [j for j in jobs(args.quick) if j[:4] not in have]
     print(f"{len(done)} runs saved, {len(todo)} to do, {args.workers} workers", flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    start = time.time()
+    start, commit = time.time(), library_commit()
     with mp.get_context("spawn").Pool(args.workers) as pool, path.open("a") as f:
         for i, r in enumerate(pool.imap_unordered(_run, todo), 1):
+            r["commit"] = commit
             f.write(json.dumps(r) + "\n")
             f.flush()
             done.append(r)

@@ -39,3 +39,17 @@ def test_benchmark_methods(task):
         r = learning.run(task, method, 1e-3, 0, steps=1)
         assert len(r["reward"]) == len(r["kl"]) == 1
         assert all(kl > -1e-6 for kl in r["kl"]), method
+
+
+@pytest.mark.parametrize("task", ["reverse", "cartpole"])
+def test_benchmark_isopo_in_epochs_reinforce_is_grpo(task, monkeypatch):
+    """ISOPO inside GRPO-2's epochs in ``reinforce`` mode reproduces GRPO-2's run."""
+    import learning
+
+    monkeypatch.setitem(learning.METHODS, "GRPO-2 + ISOPO reinforce",
+                        dict(kind="grpo", epochs=2, mode="reinforce"))
+    want = learning.run(task, "GRPO-2", 3e-3, 0, steps=3)
+    got = learning.run(task, "GRPO-2 + ISOPO reinforce", 3e-3, 0, steps=3)
+    assert got["reward"] == want["reward"]
+    assert got["kl"] == pytest.approx(want["kl"], rel=1e-3)
+    assert min(want["kl"]) > 0
