@@ -172,13 +172,23 @@ def jobs(quick: bool) -> list[tuple]:
     return sorted(out, key=lambda j: -(j[0] == "cartpole") - METHODS.get(j[1], {}).get("epochs", 1))
 
 
-def collect_runs(args) -> list[dict]:
-    path = Path(args.results)
+def retime_jobs(runs: list[dict]) -> list[tuple]:
+    """The runs of every table row (each method at its best learning rate, the damping rows),
+    seed by seed, so that each method's runs spread over the session."""
+    groups = group(runs)
+    rows = [(t, m, best_lr(groups, t, m)) for t in TASKS for m in METHODS]
+    rows += [("reverse", m, ABLATION_LR) for m in ["ISOPO ntk", "ISOPO fisher", *ABLATION]]
+    rows = list(dict.fromkeys(rows))
+    return [(t, m, lr, s, None) for s in SEEDS for t, m, lr in rows]
+
+
+def collect_runs(args, path: Path, todo: list[tuple]) -> list[dict]:
+    """Run the jobs of ``todo`` not yet in ``path``, appending each result; all of its runs."""
     if args.fresh and path.exists():
         path.unlink()
     done = [json.loads(line) for line in path.open()] if path.exists() else []
     have = {(r["task"], r["method"], r["lr"], r["seed"]) for r in done}
-    todo = [j for j in jobs(args.quick) if j[:4] not in have]
+    todo = [j for j in todo if j[:4] not in have]
     print(f"{len(done)} runs saved, {len(todo)} to do, {args.workers} workers", flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     start, commit = time.time(), library_commit()
@@ -195,6 +205,26 @@ def collect_runs(args) -> list[dict]:
 
 
 # -- summary -------------------------------------------------------------------------------------
+
+def with_retimed_clocks(runs: list[dict], retimed: list[dict]) -> list[dict]:
+    """The runs, with wall-clock and CPU seconds from the re-timing session where it repeated
+    them. A repeat must reproduce the run (rewards and KL, up to float32 reduction order)."""
+    again = {(r["task"], r["method"], r["lr"], r["seed"]): r for r in retimed}
+    out = []
+    for r in runs:
+        a = again.get((r["task"], r["method"], r["lr"], r["seed"]))
+        if a is not None:
+            same = (len(a["reward"]) == len(r["reward"])
+                    and max(abs(x - y) for x, y in zip(a["reward"], r["reward"])) <= 1e-4
+                    and all(math.isclose(x, y, rel_tol=1e-2, abs_tol=1e-6)
+                            for x, y in zip(a["kl"], r["kl"])))
+            if not same:
+                raise ValueError(f"the re-timed run {a['task']} {a['method']} lr={a['lr']} "
+                                 f"seed={a['seed']} does not reproduce the saved one")
+            r = {**r, "seconds": a["seconds"], "cpu": a["cpu"], "clock_commit": a["commit"]}
+        out.append(r)
+    return out
+
 
 def target_of(task: str) -> float:
     return TASKS[task]["make"].target
@@ -278,7 +308,24 @@ def summary(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+EPOCHS = ["GRPO-1", "GRPO-2", "GRPO-4", "GRPO-1 + ISOPO ntk", "GRPO-2 + ISOPO ntk",
+          "GRPO-4 + ISOPO ntk", "ISOPO ntk"]
+
+
 def plots(runs: list[dict]) -> None:
+    """Per task: every one-step and GRPO/CISPO method (``learning_<task>.png``), and GRPO-k
+    against ISOPO inside GRPO-k's epochs (``learning_<task>_epochs.png``)."""
+    one_step = [m for m in METHODS if "+" not in m]
+    for task in TASKS:
+        figure(runs, task, {m: dict(color=f"C{i}") for i, m in enumerate(one_step)},
+               f"learning_{task}.png")
+        styles = {m: dict(color=f"C{i % 3}", ls="-" if "+" not in m else "--")
+                  for i, m in enumerate(EPOCHS[:-1])}
+        styles["ISOPO ntk"] = dict(color="grey", ls=":")
+        figure(runs, task, styles, f"learning_{task}_epochs.png")
+
+
+def figure(runs: list[dict], task: str, styles: dict, name: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -286,42 +333,52 @@ def plots(runs: list[dict]) -> None:
 
     groups = group(runs)
     IMG.mkdir(parents=True, exist_ok=True)
-    for task, cfg in TASKS.items():
-        make = cfg["make"]
-        fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-        axes = axes.ravel()
-        for i, m in enumerate(METHODS):
-            if not all((task, m, lr) in groups for lr in LRS):
-                continue
-            color, lr = f"C{i}", best_lr(groups, task, m)
-            rs = groups[(task, m, lr)]
-            R = np.array([smooth(r["reward"]) for r in rs])
-            x = np.array(rs[0]["samples"])
-            axes[0].plot(x, R.mean(0), color=color, label=f"{m} (lr {lr:g})")
-            axes[0].fill_between(x, R.min(0), R.max(0), color=color, alpha=0.15)
-            axes[1].plot(np.array([r["cpu"] for r in rs]).mean(0), R.mean(0), color=color)
-            kl = np.array([smooth(r["kl"]) for r in rs]).mean(0)
-            axes[2].plot(np.arange(1, len(kl) + 1), kl, color=color)
-            finals = [statistics.fmean(map(final, groups[(task, m, lr)])) for lr in LRS]
-            axes[3].plot(LRS, finals, "o-", color=color)
-        axes[0].set(xlabel=make.unit, ylabel="reward (5-step mean)",
-                    title=f"{make.name}: best lr, mean and range of {len(SEEDS)} seeds")
-        axes[1].set(xlabel="CPU seconds (sampling + update)", title="reward vs compute")
-        axes[2].set(xlabel="step", ylabel="KL(before ‖ after)", yscale="log", title="KL per update")
-        axes[3].set(xlabel="learning rate", ylabel="final reward", xscale="log",
-                    title="learning-rate sweep")
-        for ax in axes[:2]:
-            ax.axhline(make.target, color="grey", lw=0.8, ls=":")
-        for ax in axes:
-            ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(IMG / f"learning_{task}.png", dpi=80)
-        plt.close(fig)
+    make = TASKS[task]["make"]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    axes = axes.ravel()
+    for m, style in styles.items():
+        if not all((task, m, lr) in groups for lr in LRS):
+            continue
+        lr = best_lr(groups, task, m)
+        rs = groups[(task, m, lr)]
+        R = np.array([smooth(r["reward"]) for r in rs])
+        x = np.array(rs[0]["samples"])
+        axes[0].plot(x, R.mean(0), label=f"{m} (lr {lr:g})", **style)
+        axes[0].fill_between(x, R.min(0), R.max(0), color=style["color"], alpha=0.1)
+        axes[1].plot(np.array([r["cpu"] for r in rs]).mean(0), R.mean(0), **style)
+        kl = np.array([smooth(r["kl"]) for r in rs]).mean(0)
+        axes[2].plot(np.arange(1, len(kl) + 1), kl, **style)
+        finals = [statistics.fmean(map(final, groups[(task, m, lr)])) for lr in LRS]
+        axes[3].plot(LRS, finals, marker="o", **style)
+    axes[0].set(xlabel=make.unit, ylabel="reward (5-step mean)",
+                title=f"{make.name}: best lr, mean and range of {len(SEEDS)} seeds")
+    axes[1].set(xlabel="CPU seconds (sampling + update)", title="reward vs compute")
+    axes[2].set(xlabel="step", ylabel="KL(before ‖ after)", yscale="log", title="KL per update")
+    axes[3].set(xlabel="learning rate", ylabel="final reward", xscale="log",
+                title="learning-rate sweep")
+    for ax in axes[:2]:
+        ax.axhline(make.target, color="grey", lw=0.8, ls=":")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(IMG / name, dpi=80)
+    plt.close(fig)
+
+
+def clocks(runs: list[dict]) -> str:
+    """Where the time columns come from."""
+    commits = sorted({r["clock_commit"] for r in runs if "clock_commit" in r})
+    if not commits:
+        return "Times as measured by each run."
+    return (f"Wall-clock and CPU seconds (tables and the reward-vs-compute plots) come from "
+            f"`python benchmarks/learning.py --retime`, which repeats every table row's runs in one "
+            f"session, with the library at commit {', '.join(commits)}; the repeats reproduce the "
+            f"saved rewards and KL.")
 
 
 def write_doc(runs: list[dict], command: str) -> None:
-    body = f"Produced by `{command}`.\n\n" + summary(runs)
+    body = f"Produced by `{command}`. {clocks(runs)}\n\n" + summary(runs)
     empty = f"# Learning benchmark\n\n{MARKERS[0]}\n{MARKERS[1]}\n"
     text = DOC.read_text() if DOC.exists() else empty
     head, rest = text.split(MARKERS[0])
@@ -335,17 +392,26 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--report", action="store_true", help="only rebuild the report")
+    p.add_argument("--retime", action="store_true",
+                   help="repeat every method's best-lr runs in one session, for its clocks")
     p.add_argument("--quick", action="store_true", help="3 steps per run, no report")
     p.add_argument("--fresh", action="store_true", help="discard saved results")
     args = p.parse_args(argv)
     if args.quick:
         args.results = os.path.join(tempfile.mkdtemp(), "quick.jsonl")
-    if args.report:
-        runs = [json.loads(line) for line in open(args.results)]
+    path = Path(args.results)
+    retimed_path = path.with_name(path.stem + "_retimed.jsonl")
+    if args.report or args.retime:
+        runs = [json.loads(line) for line in path.open()]
     else:
-        runs = collect_runs(args)
+        runs = collect_runs(args, path, jobs(args.quick))
     wanted = {j[:4] for j in jobs(args.quick)}
     runs = [r for r in runs if (r["task"], r["method"], r["lr"], r["seed"]) in wanted]
+    if args.retime:
+        args.fresh = False
+        collect_runs(args, retimed_path, retime_jobs(runs))
+    if retimed_path.exists():
+        runs = with_retimed_clocks(runs, [json.loads(line) for line in retimed_path.open()])
     if not args.quick:
         write_doc(runs, "python benchmarks/learning.py")
 
