@@ -1,7 +1,8 @@
 """Learning benchmark: ISOPO (fisher, ntk; one step or inside GRPO epochs) against REINFORCE,
 GRPO and CISPO.
 
-    python benchmarks/learning.py                # full run: about 1.5 CPU-hours, 2 workers
+    python benchmarks/learning.py                # the runs not saved yet (all: 372), 2 workers
+    python benchmarks/learning.py --retime       # re-run the table rows' runs in one session
     python benchmarks/learning.py --report       # rebuild docs/benchmarks.md from saved results
     python benchmarks/learning.py --quick        # 3 steps of every method (smoke test)
 
@@ -18,9 +19,12 @@ per step and the same number of steps, for every learning rate and seed:
 
 Per step it records samples, wall-clock and CPU seconds (sampling + update), the batch's
 mean reward and the KL(π_before ‖ π_after) of the update, averaged over the batch's action rows.
-Each finished run is appended to ``benchmarks/results/learning.jsonl``; a rerun skips the runs
-already there (``--fresh`` starts over). The report goes to ``docs/benchmarks.md`` (between its
-results markers) and ``docs/img/``.
+Each finished run is appended to ``benchmarks/results/learning.jsonl`` with the repository commit
+it ran at; a rerun skips the runs already there (``--fresh`` starts over). CPU seconds measured
+in different sessions need not compare (load, machine), so ``--retime`` re-runs the runs behind
+the tables in one session (``learning_retimed.jsonl``), and the report takes its times from
+there. The report goes to ``docs/benchmarks.md`` (between its results markers) and
+``docs/img/``.
 """
 from __future__ import annotations
 
@@ -207,23 +211,19 @@ def collect_runs(args, path: Path, todo: list[tuple]) -> list[dict]:
 # -- summary -------------------------------------------------------------------------------------
 
 def with_retimed_clocks(runs: list[dict], retimed: list[dict]) -> list[dict]:
-    """The runs, with wall-clock and CPU seconds from the re-timing session where it repeated
-    them. A repeat must reproduce the run (rewards and KL, up to float32 reduction order)."""
+    """Each run with its repeat from the re-timing session, if any, as ``clock``: time columns
+    and reward-vs-compute curves read the repeat (its own rewards and clocks), so that every
+    time in a table was measured in one session."""
     again = {(r["task"], r["method"], r["lr"], r["seed"]): r for r in retimed}
-    out = []
-    for r in runs:
-        a = again.get((r["task"], r["method"], r["lr"], r["seed"]))
-        if a is not None:
-            same = (len(a["reward"]) == len(r["reward"])
-                    and max(abs(x - y) for x, y in zip(a["reward"], r["reward"])) <= 1e-4
-                    and all(math.isclose(x, y, rel_tol=1e-2, abs_tol=1e-6)
-                            for x, y in zip(a["kl"], r["kl"])))
-            if not same:
-                raise ValueError(f"the re-timed run {a['task']} {a['method']} lr={a['lr']} "
-                                 f"seed={a['seed']} does not reproduce the saved one")
-            r = {**r, "seconds": a["seconds"], "cpu": a["cpu"], "clock_commit": a["commit"]}
-        out.append(r)
-    return out
+    return [{**r, "clock": again[k]} if (k := (r["task"], r["method"], r["lr"], r["seed"])) in again
+            else r for r in runs]
+
+
+def reproduces(a: dict, r: dict) -> bool:
+    """Whether run ``a`` repeats run ``r`` step for step (up to float32 reduction order)."""
+    return (max(abs(x - y) for x, y in zip(a["reward"], r["reward"])) <= 1e-4
+            and all(math.isclose(x, y, rel_tol=1e-2, abs_tol=1e-6)
+                    for x, y in zip(a["kl"], r["kl"])))
 
 
 def target_of(task: str) -> float:
@@ -262,13 +262,15 @@ def mean_sd(values: list[float], digits: int = 3) -> str:
 
 
 def cells(groups: dict, task: str, method: str, lr: float, tgt: float) -> list[str]:
-    """Final reward, samples / wall / CPU seconds to target and KL of one configuration."""
+    """Final reward, samples / wall / CPU seconds to target and KL of one configuration (times
+    from the runs' re-timing repeats, where there are any)."""
     rs = groups[(task, method, lr)]
+    timed = [r.get("clock", r) for r in rs]
     return [mean_sd([final(r) for r in rs], 3 if tgt < 10 else 1),
             fmt_reach([first_reach(r, tgt, "samples") for r in rs], 0),
-            fmt_reach([first_reach(r, tgt, "seconds") for r in rs], 1),
-            fmt_reach([first_reach(r, tgt, "cpu") for r in rs], 1),
-            f"{statistics.fmean(r['cpu'][-1] / len(r['cpu']) for r in rs):.2f}",
+            fmt_reach([first_reach(r, tgt, "seconds") for r in timed], 1),
+            fmt_reach([first_reach(r, tgt, "cpu") for r in timed], 1),
+            f"{statistics.fmean(r['cpu'][-1] / len(r['cpu']) for r in timed):.2f}",
             f"{statistics.fmean(statistics.fmean(r['kl']) for r in rs):.2g}"]
 
 
@@ -305,7 +307,34 @@ def summary(runs: list[dict]) -> str:
                 lines.append(f"| {m} | {ABLATION_LR:g} | "
                              + " | ".join(cells(groups, task, m, ABLATION_LR, tgt)) + " |")
         lines += ["", f"![{make.name}](img/learning_{task}.png)", ""]
+        lines += epochs_table(groups, task) + [
+            "", f"![{make.name}: GRPO-k and ISOPO inside its epochs]"
+            f"(img/learning_{task}_epochs.png)", ""]
     return "\n".join(lines)
+
+
+def epochs_table(groups: dict, task: str) -> list[str]:
+    """GRPO-k against GRPO-k + ISOPO ntk at the same learning rates (each one's best)."""
+    make, tgt = TASKS[task]["make"], target_of(task)
+    lines = ["GRPO-k and ISOPO inside GRPO-k's epochs at the same learning rate (the best of "
+             "either; mean over seeds):", "",
+             f"| k | lr | GRPO-k final | + ISOPO final | GRPO-k {make.unit} to target "
+             f"| + ISOPO {make.unit} to target | GRPO-k KL | + ISOPO KL |",
+             "|---|---|---|---|---|---|---|---|"]
+    for k in (1, 2, 4):
+        pair = [f"GRPO-{k}", f"GRPO-{k} + ISOPO ntk"]
+        if not all((task, m, lr) in groups for m in pair for lr in LRS):
+            continue
+        for lr in sorted({best_lr(groups, task, m) for m in pair}):
+            rs = [groups[(task, m, lr)] for m in pair]
+            digits = 3 if tgt < 10 else 1
+            lines.append(" | ".join(
+                [f"| {k}", f"{lr:g}"]
+                + [f"{statistics.fmean(map(final, r)):.{digits}f}" for r in rs]
+                + [fmt_reach([first_reach(x, tgt, "samples") for x in r], 0) for r in rs]
+                + [f"{statistics.fmean(statistics.fmean(x['kl']) for x in r):.2g}" for r in rs])
+                + " |")
+    return lines
 
 
 EPOCHS = ["GRPO-1", "GRPO-2", "GRPO-4", "GRPO-1 + ISOPO ntk", "GRPO-2 + ISOPO ntk",
@@ -345,7 +374,9 @@ def figure(runs: list[dict], task: str, styles: dict, name: str) -> None:
         x = np.array(rs[0]["samples"])
         axes[0].plot(x, R.mean(0), label=f"{m} (lr {lr:g})", **style)
         axes[0].fill_between(x, R.min(0), R.max(0), color=style["color"], alpha=0.1)
-        axes[1].plot(np.array([r["cpu"] for r in rs]).mean(0), R.mean(0), **style)
+        timed = [r.get("clock", r) for r in rs]
+        axes[1].plot(np.array([r["cpu"] for r in timed]).mean(0),
+                     np.array([smooth(r["reward"]) for r in timed]).mean(0), **style)
         kl = np.array([smooth(r["kl"]) for r in rs]).mean(0)
         axes[2].plot(np.arange(1, len(kl) + 1), kl, **style)
         finals = [statistics.fmean(map(final, groups[(task, m, lr)])) for lr in LRS]
@@ -368,13 +399,16 @@ def figure(runs: list[dict], task: str, styles: dict, name: str) -> None:
 
 def clocks(runs: list[dict]) -> str:
     """Where the time columns come from."""
-    commits = sorted({r["clock_commit"] for r in runs if "clock_commit" in r})
-    if not commits:
+    repeated = [r for r in runs if "clock" in r]
+    if not repeated:
         return "Times as measured by each run."
-    return (f"Wall-clock and CPU seconds (tables and the reward-vs-compute plots) come from "
-            f"`python benchmarks/learning.py --retime`, which repeats every table row's runs in one "
-            f"session, with the library at commit {', '.join(commits)}; the repeats reproduce the "
-            f"saved rewards and KL.")
+    commits = sorted({r["clock"]["commit"] for r in repeated})
+    same = sum(reproduces(r["clock"], r) for r in repeated)
+    return (f"Wall-clock and CPU seconds (tables and reward-vs-compute plots) come from "
+            f"`python benchmarks/learning.py --retime`, which re-runs every table row's runs in "
+            f"one session (library at commit {', '.join(commits)}), reading time to target on "
+            f"each re-run's own reward curve; {same} of its {len(repeated)} re-runs repeat their "
+            f"saved run step for step.")
 
 
 def write_doc(runs: list[dict], command: str) -> None:

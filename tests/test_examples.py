@@ -53,3 +53,17 @@ def test_benchmark_isopo_in_epochs_reinforce_is_grpo(task, monkeypatch):
     assert got["reward"] == want["reward"]
     assert got["kl"] == pytest.approx(want["kl"], rel=1e-3)
     assert min(want["kl"]) > 0
+
+
+def test_benchmark_times_come_from_the_retimed_runs():
+    import learning
+
+    run = dict(task="reverse", method="GRPO-1", lr=1e-3, seed=0, samples=[128, 256],
+               seconds=[5.0, 10.0], cpu=[4.0, 8.0], reward=[0.95, 0.95], kl=[0.1, 0.1])
+    again = {**run, "seconds": [1.0, 2.0], "cpu": [0.5, 1.0], "commit": "abc"}
+    (r,) = learning.with_retimed_clocks([run], [again])
+    assert learning.reproduces(r["clock"], r)
+    assert not learning.reproduces({**again, "reward": [0.95, 0.5]}, r)
+    cells = learning.cells(learning.group([r]), "reverse", "GRPO-1", 1e-3, 0.9)
+    assert cells[1:5] == ["128", "1.0", "0.5", "0.50"]
+    assert "1 of its 1 re-runs" in learning.clocks([r])

@@ -99,7 +99,8 @@ class ISOPOGRPOConfig(GRPOConfig):
     """
 
     isopo_mode: str = field(default="ntk", metadata={
-        "help": "ISOPO mode: 'ntk', 'fisher' or 'reinforce' (TRL's own gradient, the A/B baseline)."})
+        "help": "ISOPO mode: 'ntk', 'fisher' or 'reinforce' (TRL's own gradient, the A/B "
+                "baseline)."})
     isopo_damping: float = field(default=1.0, metadata={
         "help": "ISOPO damping (rho / m); > 0 for 'ntk', >= 0 for 'fisher'."})
     isopo_ema: float | None = field(default=0.9, metadata={
