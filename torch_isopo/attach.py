@@ -102,6 +102,8 @@ class Ledger:
 
     def checker(self, p: Tensor, name: str):
         def check(grad):
+            if grad is None:                   # a gate that gave this parameter nothing
+                return None
             made = None
             if self.task == _compat.graph_task_id():
                 made = self.made.pop(id(p), None)
