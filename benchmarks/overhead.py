@@ -1,6 +1,9 @@
 """Step time and peak memory of ISOPO against plain REINFORCE, on the same model and batch.
 
     python benchmarks/overhead.py                      # CPU: small Qwen3-shaped model
+    python benchmarks/overhead.py --size short         # the same, 64 sequences of 64 tokens
+    python benchmarks/overhead.py --size tiny          # 2-layer d=48 transformer, microbatches of 8
+    python benchmarks/overhead.py --size mlp --n 8 32 128 512    # MLP policy, a row per sample
     python benchmarks/overhead.py --size 0.6b --device cuda --dtype bf16   # GPU: Qwen3-0.6B shape
 
 One step is forward + backward + inner AdamW step. Methods: plain REINFORCE (advantages in the
@@ -26,6 +29,8 @@ from torch import nn
 SIZES = {  # Qwen3-shaped, random init
     "small": dict(hidden_size=256, num_hidden_layers=4, vocab_size=2048, intermediate_size=768,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=64, B=8, L=256),
+    "short": dict(hidden_size=256, num_hidden_layers=4, vocab_size=2048, intermediate_size=768,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, B=64, L=64),
     "0.6b": dict(hidden_size=1024, num_hidden_layers=28, vocab_size=151936,
                  intermediate_size=3072, num_attention_heads=16, num_key_value_heads=8,
                  head_dim=128, B=8, L=1024),
@@ -33,7 +38,11 @@ SIZES = {  # Qwen3-shaped, random init
 METHODS = ["reinforce", "ntk", "fisher", "reference-style"]
 
 
-def build(size: str, device: str, dtype: torch.dtype):
+def build(size: str, device: str, dtype: torch.dtype, n: int = 32):
+    if size == "tiny":
+        return _tiny(device, dtype)
+    if size == "mlp":
+        return _mlp(device, dtype, n)
     from transformers import Qwen3Config, Qwen3ForCausalLM
     cfg = dict(SIZES[size])
     B, L = cfg.pop("B"), cfg.pop("L")
@@ -48,30 +57,85 @@ def build(size: str, device: str, dtype: torch.dtype):
     return model, ids, mask, A
 
 
+def _tiny(device, dtype):
+    """The README example's transformer at d = 48: 128 sequences of 17 tokens, in 16
+    microbatches of 8 (one AdamW step per 128)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+    from tiny_lm import VOCAB, TinyLM
+    torch.manual_seed(0)
+    model = TinyLM(d=48).to(device, dtype)
+    ids = torch.randint(0, VOCAB, (128, 17), device=device)
+    mask = torch.ones(128, 17, device=device)
+    mask[:, :6] = 0                              # the prompt: 5 digits and the separator
+    return model, ids, mask, torch.randn(128, device=device)
+
+
+class _MLPPolicy(nn.Module):
+    """An 8-64-64-4 tanh policy over discrete actions; ``input_ids`` are observations here."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(),
+                                 nn.Linear(64, 4))
+
+    def forward(self, input_ids):
+        return self.net(input_ids)
+
+
+def _mlp(device, dtype, n):
+    torch.manual_seed(0)
+    x = torch.randn(n, 8, device=device, dtype=dtype)
+    return _MLPPolicy().to(device, dtype), x, None, torch.randn(n, device=device)
+
+
+def microbatches(size, ids, mask, A):
+    """The microbatches of one update: one for every size but ``tiny`` (16 of 8)."""
+    if size != "tiny":
+        return [(ids, mask, A)]
+    return [(ids[i:i + 8], mask[i:i + 8], A[i:i + 8]) for i in range(0, ids.shape[0], 8)]
+
+
 def token_logp(model, ids):
+    if isinstance(model, _MLPPolicy):             # a row per sample: the first action's log-prob
+        return torch.log_softmax(model(ids).float(), -1)[:, :1]
+    if not hasattr(model, "config"):              # the tiny transformer takes the ids directly
+        logits = model(ids)[:, :-1]
+        return torch.log_softmax(logits.float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     logits = model(input_ids=ids).logits[:, :-1]
     return torch.log_softmax(logits.float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
 
 
-def make_step(method: str, model, ids, mask, A):
-    m = mask[:, 1:]
-    ntok = m.sum()
+def make_step(method: str, model, ids, mask, A, size: str = "small"):
+    """One update: forward and backward of every microbatch, then the AdamW step (for ``mlp``,
+    forward and backward only: the cost per backward of a policy)."""
+    parts = []
+    for i, k, a in microbatches(size, ids, mask, A):
+        m = torch.ones(i.shape[0], 1, device=i.device) if k is None else k[:, 1:]
+        parts.append((i, m, m.sum(), a))
     inner = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    update = size != "mlp"
     if method == "reinforce":
         def step():
-            (-(A[:, None] * token_logp(model, ids) * m).sum() / ntok).backward()
-            inner.step(); inner.zero_grad()
+            for i, m, ntok, a in parts:
+                (-(a[:, None] * token_logp(model, i) * m).sum() / ntok).backward()
+            if update:
+                inner.step()
+            inner.zero_grad()
         return step
     if method in ("ntk", "fisher"):
         from torch_isopo import ISOPO
         opt = ISOPO(model, inner, mode=method)
 
         def step():
-            with opt.microbatch(A):
-                (-(token_logp(model, ids) * m).sum() / ntok).backward()
-            opt.step(); opt.zero_grad()
+            for i, m, ntok, a in parts:
+                with opt.microbatch(a):
+                    (-(token_logp(model, i) * m).sum() / ntok).backward()
+            if update:
+                opt.step()
+            opt.zero_grad()
         return step
-    return reference_style_step(model, inner, ids, m, ntok, A)
+    i, m, ntok, a = parts[0]
+    return reference_style_step(model, inner, i, m, ntok, a)
 
 
 def reference_style_step(model, inner, ids, m, ntok, A, damping=1.0):
@@ -112,8 +176,8 @@ def sync(device):
 def time_methods(args, dtype):
     steps = {}
     for method in args.methods:
-        model, ids, mask, A = build(args.size, args.device, dtype)
-        steps[method] = make_step(method, model, ids, mask, A)
+        model, ids, mask, A = build(args.size, args.device, dtype, args.n)
+        steps[method] = make_step(method, model, ids, mask, A, args.size)
         for _ in range(args.warmup):
             steps[method]()
     wall = {k: [] for k in steps}
@@ -135,7 +199,7 @@ def time_methods(args, dtype):
 def peak_memory(args, method):
     """Peak memory of one method, measured in a fresh process."""
     cmd = [sys.executable, __file__, "--size", args.size, "--device", args.device, "--dtype",
-           args.dtype, "--memory-of", method, "--warmup", "1"]
+           args.dtype, "--memory-of", method, "--warmup", "1", "--n", str(args.n)]
     # a fixed mmap threshold makes freed tensors leave the resident set, so its peak is the
     # peak of live memory rather than of the allocator's retained arenas
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
@@ -144,8 +208,8 @@ def peak_memory(args, method):
 
 
 def measure_one(args, dtype):
-    model, ids, mask, A = build(args.size, args.device, dtype)
-    step = make_step(args.memory_of, model, ids, mask, A)
+    model, ids, mask, A = build(args.size, args.device, dtype, args.n)
+    step = make_step(args.memory_of, model, ids, mask, A, args.size)
     if args.device == "cuda":
         step()
         torch.cuda.synchronize()
@@ -173,29 +237,117 @@ def _status_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
+def count_ops(args, dtype):
+    """Dispatched aten ops (kernel launches on a GPU) per ISOPO layer and microbatch, beyond
+    plain REINFORCE's: counted with a ``TorchDispatchMode`` over one update."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+    counts = {}
+    for method in ("reinforce", "ntk", "fisher"):
+        model, ids, mask, A = build(args.size, args.device, dtype, args.n[0])
+        step = make_step(method, model, ids, mask, A, args.size)
+        step()
+        with Count() as c:
+            step()
+        counts[method] = c.n
+    from torch_isopo.layers import find_layers
+    layers = len(find_layers(build(args.size, args.device, dtype, args.n[0])[0]))
+    mbs = len(microbatches(args.size, ids, mask, A))
+    print(f"{args.size}: {layers} ISOPO layers, {mbs} microbatch(es) per update; aten ops per update")
+    for method, n in counts.items():
+        extra = (n - counts["reinforce"]) / (layers * mbs)
+        print(f"  {method:<10}{n:>8}  ({extra:+.1f} per layer and microbatch)")
+
+
+def routes(args, dtype):
+    """Time of one ntk backward of a linear layer by each route, for samples of L rows."""
+    from torch_isopo import ISOPO
+    print("route crossover: one Linear(d, d), n samples of L rows, ntk, ms per forward+backward")
+    print(f"{'d':>5}{'n':>5}{'L':>6}{'gram':>9}{'mat':>9}  faster   auto picks")
+    for d in (64, 256):
+        for n in (8, 32):
+            for L in (1, 4, 16, 64, 256):
+                x = torch.randn(n, L, d, dtype=dtype)
+                res = {}
+                for route in ("gram", "materialise"):
+                    torch.manual_seed(0)
+                    lin = nn.Linear(d, d).to(dtype)
+                    opt = ISOPO(lin, torch.optim.SGD(lin.parameters(), lr=0.0), route=route,
+                                gates="layer")
+                    A = torch.randn(n)
+
+                    def f():
+                        with opt.microbatch(A):
+                            lin(x).square().sum().backward()
+                        opt.zero_grad()
+                    f()
+                    ts = []
+                    for _ in range(args.repeats):
+                        t = time.perf_counter()
+                        f()
+                        ts.append(time.perf_counter() - t)
+                    res[route] = statistics.median(ts) * 1e3
+                N, P = n * L, d
+                auto = "gram" if N * N * (P + d) < N * P * d + n * n * P * d else "materialise"
+                faster = min(res, key=res.get)
+                print(f"{d:>5}{n:>5}{L:>6}{res['gram']:>9.2f}{res['materialise']:>9.2f}  "
+                      f"{faster:<9}{auto}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", choices=SIZES, default="small")
+    p.add_argument("--size", choices=[*SIZES, "tiny", "mlp"], default="small")
+    p.add_argument("--n", type=int, nargs="+", default=[32], help="samples of --size mlp")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
     p.add_argument("--memory-of", choices=METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--ops", action="store_true", help="count dispatched ops per layer instead")
+    p.add_argument("--routes", action="store_true", help="time the two routes for K instead")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    if args.size != "mlp" and "reference-style" not in args.methods and len(args.n) > 1:
+        p.error("--n takes several values for --size mlp only")
     if args.memory_of:
+        args.n = args.n[0]
         return measure_one(args, dtype)
+    if args.ops:
+        return count_ops(args, dtype)
+    if args.routes:
+        return routes(args, dtype)
+    if args.size == "mlp" and "reference-style" in args.methods:
+        args.methods = [m for m in args.methods if m != "reference-style"]
+    for n in args.n:
+        report(args, dtype, n)
+
+
+def report(args, dtype, n):
+    args = argparse.Namespace(**{**vars(args), "n": n})
     times, cpu, rt, rc = time_methods(args, dtype)
     mems = {m: peak_memory(args, m) for m in args.methods}
     base_m = mems["reinforce"]
-    print(f"{args.size} model, {args.device}, {args.dtype}, {args.repeats} interleaved rounds; "
-          "step s / cpu s: medians of wall and process CPU time; × time / × cpu: median over "
+    what = f"{args.size} model" + (f", n = {args.n}" if args.size == "mlp" else "")
+    print(f"{what}, {args.device}, {args.dtype}, {torch.get_num_threads()} threads, "
+          f"{args.repeats} interleaved rounds; "
+          "step ms / cpu ms: medians of wall and process CPU time; × time / × cpu: median over "
           "rounds of the ratio to REINFORCE in the same round")
-    print(f"{'method':<16}{'step s':>8}{'× time':>8}{'cpu s':>8}{'× cpu':>7}{'peak MiB':>10}"
+    print(f"{'method':<16}{'step ms':>9}{'× time':>8}{'cpu ms':>9}{'× cpu':>7}{'peak MiB':>10}"
           f"{'× mem':>7}")
     for m in args.methods:
-        print(f"{m:<16}{times[m]:>8.3f}{rt[m]:>8.2f}{cpu[m]:>8.3f}{rc[m]:>7.2f}"
+        print(f"{m:<16}{times[m] * 1e3:>9.2f}{rt[m]:>8.2f}{cpu[m] * 1e3:>9.2f}{rc[m]:>7.2f}"
               f"{mems[m] / 2**20:>10.1f}{mems[m] / base_m:>7.2f}")
     if "reference-style" in times and "ntk" in times:
         print(f"reference-style / ntk: {rt['reference-style'] / rt['ntk']:.2f}× (time), "
