@@ -591,3 +591,32 @@ def test_torch_compile(order):
                 _logp(cm(x)).sum().backward()
             for p, q in zip(m.parameters(), ref.parameters()):
                 assert torch.allclose(p.grad, want[q], rtol=1e-9, atol=1e-12), (mode, order)
+
+
+class NoisyBox(nn.Module):
+    """A module without a rule, with dropout inside: its recompute must replay the same mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4) * 0.5)
+        self.drop = nn.Dropout(0.4)
+
+    def forward(self, x):
+        return self.drop(torch.tanh(x @ self.w))
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+def test_dropout_everywhere(setting):
+    """Dropout between layers, inside a generic module and in attention, in training mode."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"a": nn.Linear(3, 4), "drop": nn.Dropout(0.3), "box": NoisyBox(),
+                           "att": nn.MultiheadAttention(4, 2, dropout=0.2, batch_first=True),
+                           "head": nn.Linear(4, 2)}).to(D).train()
+    x = torch.randn(5, 6, 3, dtype=D)
+
+    def losses(m):
+        torch.manual_seed(3)
+        h = m["box"](m["drop"](m["a"](x)))
+        h, _ = m["att"](h, h, h)
+        return _logp(m["head"](h)).sum(1)
+    check_family(model, losses, 5, *setting, rules=["linear", "generic", "attention", "linear"])
