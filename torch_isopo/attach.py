@@ -54,10 +54,9 @@ class PatchedForward:
         tracker = mb.tracker
         if tracker is None:
             return self.entry.rule.forward(mb, self.layer, self.entry, self.orig, args, kwargs)
-        where = f"the input of module '{self.entry.name}'"
-        for t in _compat.tree_flatten((args, kwargs))[0]:
+        for t in (*args, *kwargs.values()):
             if isinstance(t, Tensor):
-                tracker.refuse_free(t, where)
+                tracker.refuse_free(t, f"the input of module '{self.entry.name}'")
         if tracker.on_top():
             with _compat.without_function_mode():
                 return self.entry.rule.forward(mb, self.layer, self.entry, self.orig, args, kwargs)

@@ -75,7 +75,8 @@ class Prepared:
     explicit: "_Explicit | None"
     stat: Tensor | None = None
     kept: dict = None
-    one_row: FactorUse | None = None    # a single use with one row per sample (fast path)
+    single: FactorUse | None = None     # a single use with rows (n, R) in order (fast path)
+    single_G: tuple | None = None       # its per-sample (weight, bias) gradients, when formed
 
     @property
     def ref(self) -> Tensor:
@@ -88,11 +89,10 @@ def prepare(uses: list, params: list[Tensor], n: int, cfg: Settings,
     ``Σ c_i G_i`` add up over the layer's parameters: factor uses per weight and per bias slot
     (``factors``), explicit uses over the slots they cover. With ``sample_pieces`` the Fisher
     positions are the samples themselves (``g_i = G_i``), whose products are ``K``'s entries."""
-    if len(uses) == 1 and isinstance(uses[0], FactorUse) and not uses[0].indexed and \
-            uses[0].smap.trivial:
-        p = Prepared(params, [uses[0]], None, one_row=uses[0])
+    if len(uses) == 1 and _in_order(uses[0], n, cfg, sample_pieces):
+        p = Prepared(params, [uses[0]], None, single=uses[0])
         if cfg.mode != "reinforce":
-            p.stat = _statistic(_one_row_kernel(uses[0]), cfg, True, key)
+            p.stat = _statistic(_single_kernel(p, n, cfg), cfg, True, key)
         return p
     factor = merge_uses([u for u in uses if isinstance(u, FactorUse)])
     explicit = _explicit_gradients([u for u in uses if isinstance(u, ExplicitUse)], params)
@@ -117,14 +117,42 @@ def _generator(cfg: Settings, key: int) -> torch.Generator:
     return torch.Generator().manual_seed(cfg.probe_seed + key)
 
 
-def _one_row_kernel(u: FactorUse) -> Tensor:
-    """``K = (UUᵀ) ⊙ (VVᵀ) + ΔΔᵀ`` when row i is sample i (``G_i = U_i ⊗ V_i``, bias ``Δ_i``)."""
+def _in_order(u, n: int, cfg: Settings, sample_pieces: bool) -> bool:
+    """A use whose rows are ``(n, R)`` in memory order (one per sample, or a padded batch), on
+    which ``K`` and the contraction take a few products within the memory budget; for ``fisher``
+    only when each sample is one position (one row per sample, or positions that are samples)."""
+    if not (isinstance(u, FactorUse) and not u.indexed and u.smap.layout == "first"
+            and (cfg.mode != "fisher" or sample_pieces or u.smap.trivial)):
+        return False
+    N, P, Q = u.U.shape[0], u.U.shape[1], u.V.shape[1]
+    return min(N * N, n * (P * Q + P)) * 8 <= cfg.budget_bytes
+
+
+def _single_kernel(p: Prepared, n: int, cfg: Settings) -> Tensor:
+    """``K`` of a single use with rows ``(n, R)``: by the token Gram ``(UUᵀ) ⊙ (VVᵀ) + ΔΔᵀ``
+    summed over each sample's rows, or by forming ``G_i`` (kept for the contraction), whichever
+    costs less (the same cost model as ``_weight_kernel``)."""
+    u = p.single
     dt = factors.work_dtype(u.V)
     U, V, d = (x if x.dtype == dt else x.to(dt) for x in (u.U, u.V, u.delta))
-    if u.weight is not None and u.bias is not None and u.U is u.delta:   # nn.Linear: U = Δ
-        return (d @ d.T) * (V @ V.T + 1)
-    K = (U @ U.T) * (V @ V.T) if u.weight is not None else 0
-    return K + d @ d.T if u.bias is not None else K
+    N, P, Q = U.shape[0], U.shape[1], V.shape[1]
+    R = N // n
+    gram = N * N * (P + Q) < N * P * Q + n * n * P * Q
+    fits = {"gram": N * N * 8 <= cfg.budget_bytes, "form": n * (P * Q + P) * 8 <= cfg.budget_bytes}
+    choice = cfg.route if cfg.route != "auto" else ("gram" if gram else "materialise")
+    if R == 1 or (choice == "gram" and fits["gram"]) or not fits["form"]:
+        if u.weight is not None and u.bias is not None and u.U is u.delta:   # nn.Linear: U = Δ
+            M = (d @ d.T) * (V @ V.T + 1)
+        else:
+            M = (U @ U.T) * (V @ V.T) if u.weight is not None else 0
+            M = M + d @ d.T if u.bias is not None else M
+        return M if R == 1 else M.view(n, R, n, R).sum((1, 3))
+    G = torch.bmm(U.view(n, R, P).transpose(1, 2), V.view(n, R, Q)).view(n, -1) \
+        if u.weight is not None else None
+    Gb = d.view(n, R, -1).sum(1) if u.bias is not None else None
+    p.single_G = (G, Gb)
+    K = G @ G.T if G is not None else 0
+    return K + Gb @ Gb.T if Gb is not None else K
 
 
 def _kernel(p: Prepared, n: int, dt, budget: int, cfg: Settings) -> Tensor:
@@ -162,11 +190,21 @@ def coefficients(stats: list[Tensor], A: Tensor, cfg: Settings,
 
 def contract(p: Prepared, c: Tensor) -> list[Tensor | None]:
     """The layer's gradient per parameter slot (``None`` where it has none): ``Σ_i c_i G_i``."""
-    if p.one_row is None:
+    if p.single is None:
         return _contract(p.factor, p.explicit, p.kept, p.params, c.to(p.ref.device), c.numel())
-    u = p.one_row
-    c = c.to(device=u.V.device, dtype=u.V.dtype)[:, None]
+    u = p.single
     grads: list[Tensor | None] = [None] * len(p.params)
+    if p.single_G is not None:
+        G, Gb = p.single_G
+        c = c.to(device=u.V.device, dtype=(G if G is not None else Gb).dtype)
+        if G is not None:
+            grads[u.weight] = (c @ G).view(p.params[u.weight].shape).to(u.V.dtype)
+        if Gb is not None:
+            grads[u.bias] = (c @ Gb).to(u.V.dtype)
+        return grads
+    R = u.U.shape[0] // c.numel()
+    c = c.to(device=u.V.device, dtype=u.V.dtype)
+    c = (c if R == 1 else c.repeat_interleave(R))[:, None]
     scaled = u.U * c if u.weight is not None and u.U.shape[1] <= u.V.shape[1] else None
     if u.weight is not None:
         W = scaled.T @ u.V if scaled is not None else u.U.T @ (u.V * c)

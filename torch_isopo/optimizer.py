@@ -21,12 +21,13 @@ SMALL = 1 << 20   # a model with at most this many trainable parameters has one 
                   # layers: they finish together, solved in one batch (docs/performance.md)
 
 
-def _constants(model: nn.Module) -> list:
+def _constants(modules: list[nn.Module]) -> list:
     """Tensors a free parameter may meet that are not data: buffers and tensors held by modules."""
-    out = list(model.buffers())
-    for m in model.modules():
+    out = []
+    for m in modules:
+        out.extend(m.buffers(recurse=False))
         out.extend(v for v in vars(m).values() if isinstance(v, torch.Tensor))
-    return out
+    return [t for t in out if t is not None]
 
 
 class _Unset:
@@ -112,6 +113,7 @@ class ISOPO(torch.optim.Optimizer):
         self.grad_scaler = grad_scaler
         self.layers: list[Layer] = find_layers(model)
         self.gates = gates
+        self._modules_list = list(model.modules())
         self._together = gates == "model" or gates == "auto" and sum(
             p.numel() for layer in self.layers for p in layer.params) <= SMALL
         self._attachment = Attachment()
@@ -220,7 +222,7 @@ class ISOPO(torch.optim.Optimizer):
             mb.gate_all = self.layers
         free = [layer for layer in self.layers if layer.rule == "parameter"]
         if free:
-            mb.tracker = Tracker(self._attachment, free, _constants(self.model))
+            mb.tracker = Tracker(self._attachment, free, _constants(self._modules_list))
         self._attachment.active = mb
         self._attachment.graphs.add(mb)
         try:
