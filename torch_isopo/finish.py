@@ -12,10 +12,11 @@ import math
 import torch
 from torch import Tensor
 
-from . import factors
+from . import factors, probes
 from .coefficients import Coefficients, fisher_coefficients, fisher_nu2, ntk_coefficients
 from .factors import FactorUse
 from .samples import SampleMap
+from .settings import Settings
 
 
 @dataclass
@@ -27,43 +28,6 @@ class ExplicitUse:
     pieces: Tensor | None       # (k, D) Fisher pieces, per token (norms) or per sample
     candidates: Tensor | None   # which pieces are non-zero (both only in fisher mode)
     slots: tuple[int, ...] | None = None
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The optimizer's settings as one microbatch sees them."""
-
-    mode: str
-    damping: float
-    fisher_probes: int | None
-    route: str
-    budget_bytes: int
-    probe_seed: int       # fisher: each layer draws its probes from a generator seeded with
-                          # this plus its index, so results do not depend on the finishing order
-
-
-def _draw(candidates: list[Tensor], k: int | None, gen: torch.Generator) -> list[tuple[Tensor, Tensor]]:
-    """Probe positions: per use, token indices and 0/1 weights.
-
-    All tokens when ``k`` is None or not smaller than their number (tokens without output
-    gradient have zero pieces). Otherwise a uniform random ``k``-subset of the candidates: the
-    ``k`` smallest of i.i.d. uniform keys, with non-candidates keyed ``inf``. No device sync.
-    """
-    counts = [c.numel() for c in candidates]
-    total = sum(counts)
-    if k is None or total <= k:
-        return [(torch.arange(c.numel(), device=c.device), c) for c in candidates]
-    dev = candidates[0].device
-    keys = torch.rand(total, generator=gen, dtype=torch.float64).to(dev)
-    keys = keys.masked_fill(~torch.cat(candidates), torch.inf)
-    chosen = keys.topk(k, largest=False).indices
-    valid = torch.isfinite(keys[chosen])
-    out, start = [], 0
-    for c in counts:
-        mine = (chosen >= start) & (chosen < start + c) & valid
-        out.append(((chosen - start).clamp(0, c - 1), mine))
-        start += c
-    return out
 
 
 @dataclass
@@ -104,17 +68,13 @@ def prepare(uses: list, params: list[Tensor], n: int, cfg: Settings,
     if cfg.mode == "ntk" or sample_pieces:
         p.stat = _statistic(_kernel(p, n, dt, budget, cfg), cfg, sample_pieces, key)
     else:
-        p.stat = fisher_nu2(*_fisher_products(factor, explicit, n, dt, budget, cfg, key))
+        p.stat = fisher_nu2(*probes.fisher_products(factor, explicit, n, dt, budget, cfg, key))
     return p
 
 
 def _statistic(K: Tensor, cfg: Settings, sample_pieces: bool, key: int) -> Tensor:
     """``K`` for ntk; ``ν²`` for fisher when every sample is one position."""
-    return K if cfg.mode == "ntk" else fisher_nu2(*_sample_pieces(K, cfg, key))
-
-
-def _generator(cfg: Settings, key: int) -> torch.Generator:
-    return torch.Generator().manual_seed(cfg.probe_seed + key)
+    return K if cfg.mode == "ntk" else fisher_nu2(*probes.sample_pieces(K, cfg, key))
 
 
 def _in_order(u, n: int, cfg: Settings, sample_pieces: bool) -> bool:
@@ -300,35 +260,6 @@ def _explicit_gradients(uses: list[ExplicitUse], params) -> _Explicit | None:
     ex = _Explicit(union, uses[0].G, uses, [params[s].numel() for s in union])
     ex.G = sum(ex.widen(u.G, u.slots) for u in uses)
     return ex
-
-
-def _fisher_products(factor, explicit, n, dt, budget, cfg, key):
-    """``⟨g_t, G_i⟩`` (probes × n) and ``‖g_t‖²`` over the layer's probe positions: the tokens of
-    its factor uses, then the pieces of its explicit uses, drawn together."""
-    euses = [] if explicit is None else explicit.uses
-    candidates = factors.fisher_candidates(factor) + [u.candidates for u in euses]
-    probes = _draw(candidates, cfg.fisher_probes, _generator(cfg, key))
-    dots, norms = [], []
-    if factor:
-        d, q = factors.fisher_products(factor, probes[:len(factor)], n, dt, budget)
-        dots.append(d)
-        norms.append(q)
-    if euses:
-        pieces = torch.cat([explicit.widen(u.pieces[idx] * w[:, None].to(u.pieces.dtype), u.slots)
-                            for u, (idx, w) in zip(euses, probes[len(factor):])])
-        dots.append(pieces @ explicit.G.T)
-        norms.append((pieces ** 2).sum(1))
-    if len(dots) == 1:
-        return dots[0], norms[0]
-    return torch.cat([d.to(dt) for d in dots]), torch.cat([q.to(dt) for q in norms])
-
-
-def _sample_pieces(K: Tensor, cfg: Settings, key: int):
-    """Fisher products when each sample is one position: ``⟨G_t, G_i⟩ = K_ti`` for probe samples
-    ``t`` drawn among those with a non-zero gradient."""
-    (idx, w), = _draw([torch.diagonal(K) > 0], cfg.fisher_probes, _generator(cfg, key))
-    w = w.to(K.dtype)
-    return K[idx] * w[:, None], torch.diagonal(K)[idx] * w
 
 
 def _weight_kernel(uses, n, shape, dt, budget, route):

@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from . import _compat
-from .finish import ExplicitUse, Settings, coefficients, contract, prepare
+from .finish import ExplicitUse, coefficients, contract, prepare
+from .settings import Settings
 from .gate import Gate, descends_from_use
 from .layers import _is_dtensor
 from .samples import SampleMap, batch_map, expand_shared, sample_map

@@ -11,23 +11,13 @@ from torch import nn
 from . import _compat
 from .attach import Attachment, Ledger, attach, detach
 from .coefficients import condition_number
-from .finish import Settings
+from .settings import Settings, check_settings
 from .layers import Layer, find_layers
 from .microbatch import Microbatch, check_advantages, check_segments
-from .shared import Tracker
+from .shared import Tracker, constants
 
-MODES = ("ntk", "fisher", "reinforce")
 SMALL = 1 << 20   # a model with at most this many trainable parameters has one gate for all
                   # layers: they finish together, solved in one batch (docs/performance.md)
-
-
-def _constants(modules: list[nn.Module]) -> list:
-    """Tensors a free parameter may meet that are not data: buffers and tensors held by modules."""
-    out = []
-    for m in modules:
-        out.extend(m.buffers(recurse=False))
-        out.extend(v for v in vars(m).values() if isinstance(v, torch.Tensor))
-    return [t for t in out if t is not None]
 
 
 class _Unset:
@@ -87,22 +77,8 @@ class ISOPO(torch.optim.Optimizer):
                  gates: str = "auto"):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+        check_settings(mode, damping, ema, fisher_probes, route, grad_scaler, gates)
         damping = float(damping)
-        if not math.isfinite(damping) or damping < 0 or (mode == "ntk" and damping == 0):
-            raise ValueError(f"damping must be {'> 0' if mode == 'ntk' else '>= 0'} and finite for "
-                             f"mode {mode!r}, got {damping}")
-        if ema is not None and not 0.0 <= float(ema) < 1.0:
-            raise ValueError(f"ema must be None or in [0, 1), got {ema}")
-        if fisher_probes is not None and (not isinstance(fisher_probes, int) or fisher_probes < 1):
-            raise ValueError(f"fisher_probes must be None or a positive int, got {fisher_probes!r}")
-        if route not in ("auto", "gram", "materialise"):
-            raise ValueError(f"unknown route {route!r}; choose 'auto', 'gram' or 'materialise'")
-        if gates not in ("auto", "layer", "model"):
-            raise ValueError(f"unknown gates {gates!r}; choose 'auto', 'layer' or 'model'")
-        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
-            raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
         self.optimizer = _Unset()
         super().__init__([{"params": []}], {})    # hook registries and step profiling, as torch sets them
         self.optimizer = optimizer
@@ -222,7 +198,7 @@ class ISOPO(torch.optim.Optimizer):
             mb.gate_all = self.layers
         free = [layer for layer in self.layers if layer.rule == "parameter"]
         if free:
-            mb.tracker = Tracker(self._attachment, free, _constants(self._modules_list))
+            mb.tracker = Tracker(self._attachment, free, constants(self._modules_list))
         self._attachment.active = mb
         self._attachment.graphs.add(mb)
         try:

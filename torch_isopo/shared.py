@@ -18,7 +18,7 @@ a free parameter to the loss that never met the samples is an error, never a sil
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd import Function
 from torch.overrides import TorchFunctionMode
 import weakref
@@ -133,6 +133,15 @@ class Tracker(TorchFunctionMode):
                 f"ISOPO: {where} (shape {tuple(x.shape)}) is computed from parameters and "
                 "constants alone: its rows are not samples. Broadcast it against the batch first "
                 "(e.g. table.expand(n, *table.shape), or add it to the batch's activations)")
+
+
+def constants(modules: list[nn.Module]) -> list:
+    """Tensors a free parameter may meet that are not data: buffers and tensors held by modules."""
+    out = []
+    for m in modules:
+        out.extend(m.buffers(recurse=False))
+        out.extend(v for v in vars(m).values() if isinstance(v, torch.Tensor))
+    return [t for t in out if t is not None]
 
 
 def _tensors(args, kwargs):

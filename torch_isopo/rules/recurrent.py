@@ -131,17 +131,30 @@ def _direction(p: _Params, record, smap_of, kind, x, h, c, sfx, reverse, lengths
     return torch.stack(outs), h, c
 
 
-@register(nn.RNN, nn.GRU, nn.LSTM)
-class RecurrentRule(Rule):
-    name = "recurrent"
+class _Recurrent(Rule):
     factor = True
     pieces = "samples"
 
-    def forward(self, mb, layer, entry, orig, args, kwargs):
+    @staticmethod
+    def inputs(entry, args, kwargs):
         m = entry.module
         a = inspect.signature(type(m).forward).bind(m, *args, **kwargs).arguments
-        x, hx = a["input"], a.get("hx")
-        kind = _kind(m)
+        return m, a, a["input"], a.get("hx"), _kind(m)
+
+
+def _maps(mb, entry, device):
+    """Sample maps of ``N`` batch entries of ``L`` steps, time-major."""
+    def smap_of(N, L):
+        return mb.batch_map(N, L, f"module '{entry.name}' input", device, entry_major=False)
+    return smap_of
+
+
+@register(nn.RNN, nn.GRU, nn.LSTM)
+class RecurrentRule(_Recurrent):
+    name = "recurrent"
+
+    def forward(self, mb, layer, entry, orig, args, kwargs):
+        m, a, x, hx, kind = self.inputs(entry, args, kwargs)
         packed = isinstance(x, PackedSequence)
         lengths = source = None
         if packed:
@@ -179,10 +192,7 @@ def _run(mb, layer, entry, m, kind, x, hx, packed):
         h0, c0 = hx if kind == "lstm" else (hx, None)
     record, gated = mb.gate(layer)
     p = _Params(entry, gated)
-
-    def smap_of(N_, L_):
-        return mb.batch_map(N_, L_, f"module '{entry.name}' input", x.device, entry_major=False)
-
+    smap_of = _maps(mb, entry, x.device)
     hs, cs, inp = [], [], x
     for k in range(m.num_layers):
         outs = []
@@ -228,18 +238,13 @@ def _dropout(x: Tensor, p: float, source: PackedSequence | None) -> Tensor:
 
 
 @register(nn.RNNCell, nn.GRUCell, nn.LSTMCell)
-class CellRule(Rule):
+class CellRule(_Recurrent):
     """One step of a recurrent cell, called in the user's own loop over time."""
 
     name = "recurrent_cell"
-    factor = True
-    pieces = "samples"
 
     def forward(self, mb, layer, entry, orig, args, kwargs):
-        m = entry.module
-        a = inspect.signature(type(m).forward).bind(m, *args, **kwargs).arguments
-        x, hx = a["input"], a.get("hx")
-        kind = _kind(m)
+        m, a, x, hx, kind = self.inputs(entry, args, kwargs)
         single = x.dim() == 1
         if single:
             x = x[None]
@@ -250,12 +255,8 @@ class CellRule(Rule):
         else:
             h, c = hx if kind == "lstm" else (hx, None)
         record, gated = mb.gate(layer)
-        p = _Params(entry, gated)
-
-        def smap_of(N_, L_):
-            return mb.batch_map(N_, L_, f"module '{entry.name}' input", x.device, entry_major=False)
-
-        out, h_new, c_new = _direction(p, record, smap_of, kind, x[None], h, c, "", False, None)
+        out, h_new, c_new = _direction(_Params(entry, gated), record, _maps(mb, entry, x.device),
+                                       kind, x[None], h, c, "", False, None)
         out = (h_new, c_new) if kind == "lstm" else h_new
         if single:
             out = tuple(t[0] for t in out) if kind == "lstm" else out[0]
