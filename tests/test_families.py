@@ -265,6 +265,48 @@ def test_unbatched_recurrent_inputs(setting):
     check_family(model, losses, 1, *setting)
 
 
+class SequenceMajorLSTM(nn.Module):
+    """sb3-contrib's RecurrentPPO layout: an MLP over ``n·T`` sequence-major rows, an LSTM over
+    the same rows time-major ``(T, n)`` with given initial states, a head over ``n·T`` rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.lstm, self.head = nn.Linear(3, 4), nn.LSTM(4, 5), nn.Linear(5, 2)
+
+    def forward(self, x, n, hx):
+        f = torch.tanh(self.enc(x)).reshape(n, -1, 4).swapaxes(0, 1)
+        out, _ = self.lstm(f, hx)
+        return _logp(self.head(out.transpose(0, 1).flatten(0, 1)))
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+def test_one_sample_per_sequence_through_time_major_lstm(setting):
+    """One ``segments`` id per row (the sequence's) describes the MLP's rows and the LSTM's
+    ``(T, n)`` rows alike; each row's term carries its own weight (per-step advantages)."""
+    torch.manual_seed(0)
+    n, T = 3, 4
+    x, w = torch.randn(n * T, 3, dtype=D), torch.randn(n * T, dtype=D)
+    hx = (torch.randn(1, n, 5, dtype=D), torch.randn(1, n, 5, dtype=D))
+    seq = torch.arange(n).repeat_interleave(T)
+    check_family(SequenceMajorLSTM().to(D),
+                 lambda m: torch.zeros(n, dtype=D).index_add(0, seq, w * m(x, n, hx)), n,
+                 *setting, segments=seq, rules=["linear", "recurrent", "linear"])
+
+
+def test_steps_of_one_sequence_in_different_samples_are_refused():
+    """A sample per step inside a recurrent layer cannot be attributed (the state mixes the
+    steps' gradients): refused rather than silently wrong."""
+    from torch_isopo import ISOPO
+    n, T = 3, 4
+    model = SequenceMajorLSTM().to(D)
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x = torch.randn(n * T, 3, dtype=D)
+    hx = (torch.zeros(1, n, 5, dtype=D), torch.zeros(1, n, 5, dtype=D))
+    with pytest.raises(ValueError, match="one sample per sequence"):
+        with opt.microbatch(torch.randn(n * T), torch.arange(n * T)):
+            model(x, n, hx).sum().backward()
+
+
 # -- parametrizations ---------------------------------------------------------------------------
 class Doubled(nn.Module):
     """A user parametrization."""

@@ -181,7 +181,17 @@ def _run(mb, layer, entry, m, kind, x, hx, packed):
     p = _Params(entry, gated)
 
     def smap_of(N_, L_):
-        return mb.batch_map(N_, L_, f"module '{entry.name}' input", x.device, entry_major=False)
+        where = f"module '{entry.name}' input"
+        smap = mb.batch_map(N_, L_, where, x.device, entry_major=False)
+        if L_ > 1 and smap.layout is None:
+            ids = smap.ids.view(L_, N_)
+            if not bool((ids == ids[:1]).all()):
+                raise ValueError(
+                    f"{where}: segments give the steps of one sequence to different samples; "
+                    "the state carries every step into the later ones, so a step's gradient "
+                    "holds those of the later steps' samples and cannot be credited to one. "
+                    "Give all steps of a sequence the same sample id (one sample per sequence)")
+        return smap
 
     hs, cs, inp = [], [], x
     for k in range(m.num_layers):
