@@ -1,6 +1,7 @@
 """Policy-network families against the float64 brute force, in every mode (``families.SETTINGS``):
 convolutions, channel norms, free parameters (Gaussian policies), attention, recurrent layers,
 parametrizations, and the refusals where samples cannot be told apart."""
+import copy
 import itertools
 
 import pytest
@@ -517,6 +518,29 @@ def test_free_parameter_outside_the_samples_is_refused():
         with opt.microbatch(torch.randn(6)):
             logp, _ = model.evaluate_actions(X3.float(), ACT.float())
             (-logp.sum() - 0.01 * model.log_std.sum()).backward()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_free_parameter_whose_sample_gradients_cancel_at_float32(seed):
+    """A Gaussian policy's ``log_std`` at its fit: its per-sample gradients (``z² − 1``) cancel,
+    leaving a sum far below the terms. The float32 rounding of that sum scales with the terms,
+    and the gate's check accepts it."""
+    from torch_isopo import ISOPO
+    torch.manual_seed(seed)
+    model = SB3Gaussian()
+    x = torch.randn(64, 3)
+    with torch.no_grad():
+        mean, log_std = model(x)
+        d = torch.rand(64, 2) - 0.5
+        z = (1 + d - d.mean(0)).sqrt() * torch.randn(64, 2).sign()    # Σ (z² − 1) = 0
+        a = mean + z * log_std.exp()
+    plain = copy.deepcopy(model)
+    (-plain.evaluate_actions(x, a)[0].sum()).backward()
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1), mode="reinforce")
+    with opt.microbatch(torch.ones(64)):
+        (-model.evaluate_actions(x, a)[0].sum()).backward()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-5)
 
 
 def test_table_used_as_a_layer_input_is_refused():
