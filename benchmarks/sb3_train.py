@@ -5,8 +5,10 @@
 
 Each case collects one rollout with the stock algorithm, then times ``train()`` on copies of that
 model and rollout: stock, ISOPO ``reinforce`` and ISOPO ``ntk`` (damping 1), in interleaved
-rounds. The table reports the median seconds of each and the median over rounds of ISOPO's time
-divided by stock's in the same round.
+rounds. It also times the policy-gradient step alone on one minibatch (forward of the actor and
+backward; best of 3 per round): plain autograd with the advantages in the loss, and ISOPO ``ntk``.
+The table reports the median time of each and the median over rounds of the ratio of times
+measured in the same round.
 
 * ``cnn``: ``PPO("CnnPolicy")`` (NatureCNN) on 36×36 grey images, 8 envs × 32 steps,
   minibatches of 64, 4 epochs (16 steps).
@@ -72,6 +74,20 @@ def timed(model, seed: int = 0) -> float:
     return time.perf_counter() - t
 
 
+def pg_step(model, mb: dict, isopo: bool) -> float:
+    """Seconds of one policy-gradient forward + backward on the minibatch ``mb`` (the
+    integration's own forward of the actor): plain autograd with the advantages in the loss, or
+    the advantage-free loss inside the ISOPO microbatch."""
+    model.policy.zero_grad()
+    t = time.perf_counter()
+    if isopo:
+        with model.isopo.microbatch(mb["sample_advantages"], mb["segments"]):
+            (-(mb["weights"] * mb["log_prob"]()).sum()).backward()
+    else:
+        (-(mb["weights"] * mb["advantages"] * mb["log_prob"]()).sum()).backward()
+    return time.perf_counter() - t
+
+
 def run(case: str, rounds: int, n_steps: int = 32) -> dict:
     stock_cls, cls, policy, env, kw, stock = build(case, n_steps)
     state = copy.deepcopy(stock.policy.state_dict())
@@ -80,7 +96,13 @@ def run(case: str, rounds: int, n_steps: int = 32) -> dict:
         m = cls(policy, env, isopo_mode=mode, **kw)
         m.policy.load_state_dict(state)
         variants[mode] = m
-    times = {k: [] for k in variants}
+    ntk = variants["ntk"]
+    np.random.seed(0)
+    data = next(iter(stock.rollout_buffer.get(kw["batch_size"])))
+    actions = data.actions.long().flatten()
+    mb = ntk._minibatch(data, actions)
+    n = len(mb["sample_advantages"])
+    times = {k: [] for k in [*variants, "pg plain", "pg ntk"]}
     for r in range(rounds + 1):                    # round 0 warms up
         for name, m in variants.items():
             m.policy.load_state_dict(state)
@@ -90,9 +112,14 @@ def run(case: str, rounds: int, n_steps: int = 32) -> dict:
             t = timed(m)
             if r:
                 times[name].append(t)
-    ratio = {k: statistics.median(a / b for a, b in zip(times[k], times["stock"]))
-             for k in ("reinforce", "ntk")}
-    return {"median": {k: statistics.median(v) for k, v in times.items()}, "ratio": ratio}
+        for name, isopo in (("pg plain", False), ("pg ntk", True)):
+            t = min(pg_step(ntk, mb, isopo) for _ in range(3))
+            if r:
+                times[name].append(t)
+    ratio = {k: statistics.median(a / b for a, b in zip(times[k], times[base]))
+             for k, base in (("reinforce", "stock"), ("ntk", "stock"), ("pg ntk", "pg plain"))}
+    return {"median": {k: statistics.median(v) for k, v in times.items()}, "ratio": ratio,
+            "n": n, "rows": len(actions)}
 
 
 def main(argv=None) -> dict:
@@ -104,14 +131,17 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = {}
-    print("| policy | stock s | ISOPO reinforce s | ISOPO ntk s | reinforce / stock | ntk / stock |\n"
-          "|---|---|---|---|---|---|")
+    print("| policy | train() stock s | ISOPO reinforce s | ISOPO ntk s | reinforce / stock "
+          "| ntk / stock | policy-gradient step: samples (rows) | plain ms | ISOPO ntk ms "
+          "| ntk / plain |\n|---|---|---|---|---|---|---|---|---|---|")
     for case in args.cases:
         r = results[case] = run(case, args.rounds, args.n_steps)
         name = {"cnn": "PPO CnnPolicy", "lstm": "RecurrentPPO MlpLstmPolicy"}[case]
         med, ratio = r["median"], r["ratio"]
         print(f"| {name} | {med['stock']:.2f} | {med['reinforce']:.2f} | {med['ntk']:.2f} | "
-              f"{ratio['reinforce']:.2f}× | {ratio['ntk']:.2f}× |", flush=True)
+              f"{ratio['reinforce']:.2f}× | {ratio['ntk']:.2f}× | {r['n']} ({r['rows']}) | "
+              f"{1e3 * med['pg plain']:.1f} | {1e3 * med['pg ntk']:.1f} | "
+              f"{ratio['pg ntk']:.2f}× |", flush=True)
     return results
 
 

@@ -263,7 +263,8 @@ if RecurrentPPO is not None:
 @pytest.mark.parametrize("cls,policy,env,kw", END_TO_END,
                          ids=[f"{c.__name__}-{p}" for c, p, _, _ in END_TO_END])
 def test_learns_end_to_end_and_round_trips(cls, policy, env, kw, tmp_path):
-    model = cls(policy, _env(env, 2), seed=0, device="cpu", isopo_mode="ntk", **kw)
+    model = cls(policy, _env(env, 2), seed=0, device="cpu", isopo_mode="ntk", isopo_damping=0.5,
+                **kw)
     model.set_logger(configure(None, []))
     before = copy.deepcopy(model.policy.state_dict())
     model.learn(256)
@@ -276,7 +277,8 @@ def test_learns_end_to_end_and_round_trips(cls, policy, env, kw, tmp_path):
     model.save(tmp_path / "model")
     loaded = cls.load(tmp_path / "model", env=_env(env, 2), device="cpu")
     assert loaded.isopo.optimizer is loaded.policy.optimizer and loaded.isopo.model is loaded.policy
-    assert loaded.isopo.mode == "ntk" and loaded.isopo.state_dict()["isopo"]["m"] == stats
+    assert (loaded.isopo.mode, loaded.isopo.damping) == ("ntk", 0.5)
+    assert loaded.isopo.state_dict()["isopo"]["m"] == stats
     for k, v in model.policy.state_dict().items():
         assert torch.equal(v, loaded.policy.state_dict()[k])
     loaded.learn(2 * model.n_steps, reset_num_timesteps=False)
@@ -294,6 +296,23 @@ def test_loads_a_stock_checkpoint(tmp_path):
         assert torch.equal(v, model.policy.state_dict()[k])
     assert model.policy.optimizer.state_dict()["state"]
     model.learn(64)
+
+
+@pytest.mark.parametrize("cls,policy,env,kw", [
+    (ISOPOPPO, "MlpPolicy", "Pendulum-v1", dict(target_kl=1e-9)),     # stops at its 1st minibatch
+    (ISOPOA2C, "MlpPolicy", "CartPole-v1", {}),
+    *([(ISOPORecurrentPPO, "MlpLstmPolicy", "CartPole-v1", {})] if RecurrentPPO else [])])
+def test_a_trained_model_is_freed(cls, policy, env, kw):
+    """No graph of ISOPO's layers outlives train() (SB3's distribution object keeps the last
+    forward's tensors): a deleted model is collected, its policy with it."""
+    import gc
+    import weakref
+    model = cls(policy, env, n_steps=16, seed=0, device="cpu", **kw)
+    model.learn(32)
+    ref = weakref.ref(model.policy)
+    del model
+    gc.collect()
+    assert ref() is None
 
 
 def test_settings_reach_isopo_and_are_checked():

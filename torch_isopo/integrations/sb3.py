@@ -171,19 +171,6 @@ class _PPOTrain(_ISOPO):
                 mb = self._minibatch(rollout_data, actions)
                 mask, advantages = mb["mask"], mb["advantages"]
 
-                # value loss and entropy bonus: a plain forward, plain gradients
-                values, plain_log_prob, entropy = mb["evaluate"]()
-                values = values.flatten()
-                if self.clip_range_vf is None:
-                    values_pred = values
-                else:
-                    values_pred = rollout_data.old_values + torch.clamp(
-                        values - rollout_data.old_values, -clip_range_vf, clip_range_vf)
-                value_loss = _masked_mean((rollout_data.returns - values_pred) ** 2, mask)
-                value_losses.append(value_loss.item())
-                entropy_loss = -_masked_mean(-plain_log_prob if entropy is None else entropy, mask)
-                entropy_losses.append(entropy_loss.item())
-
                 # the policy-gradient term: ISOPO applies the advantages
                 self.isopo.zero_grad()
                 with self.isopo.microbatch(mb["sample_advantages"], mb["segments"]):
@@ -200,17 +187,35 @@ class _PPOTrain(_ISOPO):
                         approx_kl_div = _masked_mean(torch.exp(log_ratio) - 1 - log_ratio,
                                                      mask).cpu().numpy()
                         approx_kl_divs.append(approx_kl_div)
-                    loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * value_loss
-                    if self.target_kl is not None and approx_kl_div > 1.5 * self.target_kl:
-                        continue_training = False
-                        if self.verbose >= 1:
-                            print(f"Early stopping at step {epoch} due to reaching max kl: "
-                                  f"{approx_kl_div:.2f}")
-                        break
-                    v = surrogate_weights(log_prob, rollout_data.old_log_prob, advantages,
-                                          None if mask is None else mask.to(log_prob.dtype),
-                                          eps_low=clip_range)
-                    (-(mb["weights"] * v * log_prob).sum()).backward()
+                    stop = self.target_kl is not None and approx_kl_div > 1.5 * self.target_kl
+                    if not stop:
+                        v = surrogate_weights(log_prob, rollout_data.old_log_prob, advantages,
+                                              None if mask is None else mask.to(log_prob.dtype),
+                                              eps_low=clip_range)
+                        (-(mb["weights"] * v * log_prob).sum()).backward()
+                del log_prob
+
+                # value loss and entropy bonus: a plain forward, plain gradients. It runs last:
+                # SB3's distribution object keeps the last forward's tensors, and a graph of
+                # ISOPO's layers kept there would hold the policy in a cycle through autograd
+                values, plain_log_prob, entropy = mb["evaluate"]()
+                values = values.flatten()
+                if self.clip_range_vf is None:
+                    values_pred = values
+                else:
+                    values_pred = rollout_data.old_values + torch.clamp(
+                        values - rollout_data.old_values, -clip_range_vf, clip_range_vf)
+                value_loss = _masked_mean((rollout_data.returns - values_pred) ** 2, mask)
+                value_losses.append(value_loss.item())
+                entropy_loss = -_masked_mean(-plain_log_prob if entropy is None else entropy, mask)
+                entropy_losses.append(entropy_loss.item())
+                loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * value_loss
+                if stop:
+                    continue_training = False
+                    if self.verbose >= 1:
+                        print(f"Early stopping at step {epoch} due to reaching max kl: "
+                              f"{approx_kl_div:.2f}")
+                    break
                 self._isopo_step(self.ent_coef * entropy_loss + self.vf_coef * value_loss)
             self._n_updates += 1
             if not continue_training:
@@ -262,19 +267,22 @@ class ISOPOA2C(_ISOPO, A2C):
             if isinstance(self.action_space, spaces.Discrete):
                 actions = actions.long().flatten()
             obs = rollout_data.observations
-            values, plain_log_prob, entropy = self.policy.evaluate_actions(obs, actions)
-            values = values.flatten()
             advantages = rollout_data.advantages
             if self.normalize_advantage:
                 advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-            value_loss = F.mse_loss(rollout_data.returns, values)
-            entropy_loss = -torch.mean(-plain_log_prob if entropy is None else entropy)
 
             self.isopo.zero_grad()
             with self.isopo.microbatch(advantages):
                 log_prob = self.policy.get_distribution(obs).log_prob(actions)
                 (-log_prob.mean()).backward()
             policy_loss = -(advantages * log_prob.detach()).mean()
+            del log_prob
+
+            # plain forward last: SB3's distribution object keeps its tensors (see _PPOTrain)
+            values, plain_log_prob, entropy = self.policy.evaluate_actions(obs, actions)
+            values = values.flatten()
+            value_loss = F.mse_loss(rollout_data.returns, values)
+            entropy_loss = -torch.mean(-plain_log_prob if entropy is None else entropy)
             self._isopo_step(self.ent_coef * entropy_loss + self.vf_coef * value_loss)
 
         explained_var = explained_variance(self.rollout_buffer.values.flatten(),
