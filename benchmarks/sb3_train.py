@@ -112,7 +112,9 @@ def run(case: str, rounds: int, n_steps: int = 32) -> dict:
             t = timed(m)
             if r:
                 times[name].append(t)
-        for name, isopo in (("pg plain", False), ("pg ntk", True)):
+        # plain last: SB3's distribution object keeps the last forward's tensors, and ISOPO's
+        # graph kept there would hold the policy in a cycle through autograd
+        for name, isopo in (("pg ntk", True), ("pg plain", False)):
             t = min(pg_step(ntk, mb, isopo) for _ in range(3))
             if r:
                 times[name].append(t)

@@ -40,8 +40,9 @@ class Frames(gym.Env):
 
     def __init__(self, dict_obs: bool = False):
         image = gym.spaces.Box(0, 255, (36, 36, 1), np.uint8)
-        self.observation_space = gym.spaces.Dict(
-            {"image": image, "vector": gym.spaces.Box(-1, 1, (3,), np.float32)}) if dict_obs else image
+        vector = gym.spaces.Box(-1, 1, (3,), np.float32)
+        self.observation_space = gym.spaces.Dict({"image": image, "vector": vector}) \
+            if dict_obs else image
         self.action_space = gym.spaces.Discrete(2)
         self.dict_obs = dict_obs
 
@@ -108,7 +109,8 @@ def trained(model, seed=1):
 
 
 CASES = {   # name: (stock, ISOPO, policy, env, n_envs, kwargs)
-    "ppo-discrete": (PPO, ISOPOPPO, "MlpPolicy", "CartPole-v1", 1, dict(n_steps=64, batch_size=32, n_epochs=1)),
+    "ppo-discrete": (PPO, ISOPOPPO, "MlpPolicy", "CartPole-v1", 1, dict(
+        n_steps=64, batch_size=32, n_epochs=1)),
     "ppo-discrete-epochs": (PPO, ISOPOPPO, "MlpPolicy", "CartPole-v1", 2, dict(
         n_steps=32, batch_size=16, n_epochs=4, clip_range=0.05, clip_range_vf=0.1, ent_coef=0.01,
         learning_rate=3e-3)),
@@ -118,7 +120,8 @@ CASES = {   # name: (stock, ISOPO, policy, env, n_envs, kwargs)
         n_steps=32, batch_size=16, n_epochs=2, use_sde=True)),
     "ppo-target-kl": (PPO, ISOPOPPO, "MlpPolicy", "CartPole-v1", 1, dict(
         n_steps=64, batch_size=16, n_epochs=5, learning_rate=3e-2, target_kl=1e-3)),
-    "ppo-cnn": (PPO, ISOPOPPO, "CnnPolicy", "frames", 1, dict(n_steps=16, batch_size=8, n_epochs=2)),
+    "ppo-cnn": (PPO, ISOPOPPO, "CnnPolicy", "frames", 1, dict(
+        n_steps=16, batch_size=8, n_epochs=2)),
     "ppo-dict": (PPO, ISOPOPPO, "MultiInputPolicy", "frames-dict", 1, dict(
         n_steps=16, batch_size=8, n_epochs=2)),
     "a2c-discrete": (A2C, ISOPOA2C, "MlpPolicy", "CartPole-v1", 2, dict(n_steps=8)),
@@ -145,8 +148,8 @@ def test_reinforce_train_equals_stock(case):
     ours = collected(cls, policy, env, n_envs, isopo_mode="reinforce", **kw)
     for name in ("observations", "actions", "advantages", "log_probs"):
         a, b = getattr(stock.rollout_buffer, name), getattr(ours.rollout_buffer, name)
-        for k in (a if isinstance(a, dict) else {0: a}):
-            assert np.array_equal(a[k] if isinstance(a, dict) else a, b[k] if isinstance(b, dict) else b)
+        a, b = (a, b) if isinstance(a, dict) else ({0: a}, {0: b})
+        assert all(np.array_equal(a[k], b[k]) for k in a)
     before = {k: v.double() for k, v in stock.policy.state_dict().items()}
     want, got = trained(to_float64(stock)), trained(to_float64(ours))
     moved = 0

@@ -2,7 +2,7 @@
 
 Example::
 
-    from torch_isopo.integrations.sb3 import ISOPOPPO        # was: from stable_baselines3 import PPO
+    from torch_isopo.integrations.sb3 import ISOPOPPO    # was: from stable_baselines3 import PPO
 
     model = ISOPOPPO("MlpPolicy", "CartPole-v1", isopo_mode="ntk", seed=0)
     model.learn(50_000)
@@ -11,7 +11,8 @@ Example::
 arguments plus ``isopo_mode``, ``isopo_damping``, ``isopo_ema`` and ``isopo_fisher_probes`` (the
 arguments of :class:`~torch_isopo.ISOPO`). ``model.isopo`` is ISOPO around the policy's optimizer
 (its ``diagnostics``; its statistics are saved and loaded with the model, and a checkpoint of the
-stock algorithm loads too). ``train()`` is the algorithm's own, with each minibatch's loss taken apart:
+stock algorithm loads too). ``train()`` is the algorithm's own, with each minibatch's loss taken
+apart:
 
 * the policy-gradient term runs inside ``isopo.microbatch``, without its advantages: A2C's
   ``−log π``, PPO's clipped surrogate as ``−v · log π`` with ``v = surrogate_weights(...)``
@@ -130,8 +131,8 @@ class _ISOPO:
         self.isopo.step()
 
     def _log_isopo(self) -> None:
-        """ISOPO's figures of the last step of the train() call (they are computed when read):
-        the mean over layers of ``rho`` and ``‖c‖/‖A‖``, and the largest condition number of a
+        """ISOPO's figures of the last step of the train() call (computed when read): the
+        mean over layers of ``rho`` and ``‖c‖/‖A‖``, and the largest condition number of a
         layer's kernel."""
         layers = self.isopo.diagnostics.values()
         if layers:
@@ -320,7 +321,8 @@ if RecurrentPPO is not None:
             mask = rollout_data.mask > 1e-8
             advantages = rollout_data.advantages
             if self.normalize_advantage:
-                advantages = (advantages - advantages[mask].mean()) / (advantages[mask].std() + 1e-8)
+                real = advantages[mask]
+                advantages = (advantages - real.mean()) / (real.std() + 1e-8)
             obs, states = rollout_data.observations, rollout_data.lstm_states
             starts = rollout_data.episode_starts
             n_seq = states.pi[0].shape[1]
