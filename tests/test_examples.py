@@ -31,6 +31,26 @@ def test_cartpole(tmp_path):
     assert out.stat().st_size > 0
 
 
+def test_sb3_ppo(tmp_path):
+    pytest.importorskip("stable_baselines3")
+    import sb3_ppo
+
+    out = tmp_path / "sb3_ppo.png"
+    runs = sb3_ppo.main(["--steps", "512", "--envs", "2", "--n-steps", "64", "--batch-size", "64",
+                         "--seeds", "1", "--lrs", "3e-3", "--out", str(out)])
+    assert set(runs) == {"PPO, lr 0.003", "ISOPOPPO ntk, lr 0.003"}
+    assert all(h["steps"][-1] == 512 for hists in runs.values() for h in hists)
+    assert out.stat().st_size > 0
+
+
+def test_sb3_train_benchmark():
+    pytest.importorskip("sb3_contrib")
+    import sb3_train
+
+    r = sb3_train.main(["--rounds", "1", "--n-steps", "8"])
+    assert set(r) == {"cnn", "lstm"} and all(v["ratio"]["ntk"] > 0 for v in r.values())
+
+
 @pytest.mark.parametrize("task", ["reverse", "cartpole"])
 def test_benchmark_methods(task):
     import learning

@@ -1,6 +1,7 @@
 """Policy-network families against the float64 brute force, in every mode (``families.SETTINGS``):
 convolutions, channel norms, free parameters (Gaussian policies), attention, recurrent layers,
 parametrizations, and the refusals where samples cannot be told apart."""
+import copy
 import itertools
 
 import pytest
@@ -265,6 +266,48 @@ def test_unbatched_recurrent_inputs(setting):
     check_family(model, losses, 1, *setting)
 
 
+class SequenceMajorLSTM(nn.Module):
+    """sb3-contrib's RecurrentPPO layout: an MLP over ``n·T`` sequence-major rows, an LSTM over
+    the same rows time-major ``(T, n)`` with given initial states, a head over ``n·T`` rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.lstm, self.head = nn.Linear(3, 4), nn.LSTM(4, 5), nn.Linear(5, 2)
+
+    def forward(self, x, n, hx):
+        f = torch.tanh(self.enc(x)).reshape(n, -1, 4).swapaxes(0, 1)
+        out, _ = self.lstm(f, hx)
+        return _logp(self.head(out.transpose(0, 1).flatten(0, 1)))
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+def test_one_sample_per_sequence_through_time_major_lstm(setting):
+    """One ``segments`` id per row (the sequence's) describes the MLP's rows and the LSTM's
+    ``(T, n)`` rows alike; each row's term carries its own weight (per-step advantages)."""
+    torch.manual_seed(0)
+    n, T = 3, 4
+    x, w = torch.randn(n * T, 3, dtype=D), torch.randn(n * T, dtype=D)
+    hx = (torch.randn(1, n, 5, dtype=D), torch.randn(1, n, 5, dtype=D))
+    seq = torch.arange(n).repeat_interleave(T)
+    check_family(SequenceMajorLSTM().to(D),
+                 lambda m: torch.zeros(n, dtype=D).index_add(0, seq, w * m(x, n, hx)), n,
+                 *setting, segments=seq, rules=["linear", "recurrent", "linear"])
+
+
+def test_steps_of_one_sequence_in_different_samples_are_refused():
+    """A sample per step inside a recurrent layer cannot be attributed (the state mixes the
+    steps' gradients): refused rather than silently wrong."""
+    from torch_isopo import ISOPO
+    n, T = 3, 4
+    model = SequenceMajorLSTM().to(D)
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x = torch.randn(n * T, 3, dtype=D)
+    hx = (torch.zeros(1, n, 5, dtype=D), torch.zeros(1, n, 5, dtype=D))
+    with pytest.raises(ValueError, match="one sample per sequence"):
+        with opt.microbatch(torch.randn(n * T), torch.arange(n * T)):
+            model(x, n, hx).sum().backward()
+
+
 # -- parametrizations ---------------------------------------------------------------------------
 class Doubled(nn.Module):
     """A user parametrization."""
@@ -475,6 +518,29 @@ def test_free_parameter_outside_the_samples_is_refused():
         with opt.microbatch(torch.randn(6)):
             logp, _ = model.evaluate_actions(X3.float(), ACT.float())
             (-logp.sum() - 0.01 * model.log_std.sum()).backward()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_free_parameter_whose_sample_gradients_cancel_at_float32(seed):
+    """A Gaussian policy's ``log_std`` at its fit: its per-sample gradients (``z² − 1``) cancel,
+    leaving a sum far below the terms. The float32 rounding of that sum scales with the terms,
+    and the gate's check accepts it."""
+    from torch_isopo import ISOPO
+    torch.manual_seed(seed)
+    model = SB3Gaussian()
+    x = torch.randn(64, 3)
+    with torch.no_grad():
+        mean, log_std = model(x)
+        d = torch.rand(64, 2) - 0.5
+        z = (1 + d - d.mean(0)).sqrt() * torch.randn(64, 2).sign()    # Σ (z² − 1) = 0
+        a = mean + z * log_std.exp()
+    plain = copy.deepcopy(model)
+    (-plain.evaluate_actions(x, a)[0].sum()).backward()
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1), mode="reinforce")
+    with opt.microbatch(torch.ones(64)):
+        (-model.evaluate_actions(x, a)[0].sum()).backward()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-5)
 
 
 def test_table_used_as_a_layer_input_is_refused():

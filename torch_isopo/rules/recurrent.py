@@ -143,9 +143,20 @@ class _Recurrent(Rule):
 
 
 def _maps(mb, entry, device):
-    """Sample maps of ``N`` batch entries of ``L`` steps, time-major."""
+    """Sample maps of ``N`` batch entries of ``L`` steps, time-major. All steps of an entry
+    belong to one sample: the state carries each step into the later ones."""
     def smap_of(N, L):
-        return mb.batch_map(N, L, f"module '{entry.name}' input", device, entry_major=False)
+        where = f"module '{entry.name}' input"
+        smap = mb.batch_map(N, L, where, device, entry_major=False)
+        if L > 1 and smap.layout is None:
+            ids = smap.ids.view(L, N)
+            if not bool((ids == ids[:1]).all()):
+                raise ValueError(
+                    f"{where}: segments give the steps of one sequence to different samples; "
+                    "the state carries every step into the later ones, so a step's gradient "
+                    "holds those of the later steps' samples and cannot be credited to one. "
+                    "Give all steps of a sequence the same sample id (one sample per sequence)")
+        return smap
     return smap_of
 
 
