@@ -39,3 +39,31 @@ def test_benchmark_methods(task):
         r = learning.run(task, method, 1e-3, 0, steps=1)
         assert len(r["reward"]) == len(r["kl"]) == 1
         assert all(kl > -1e-6 for kl in r["kl"]), method
+
+
+@pytest.mark.parametrize("task", ["reverse", "cartpole"])
+def test_benchmark_isopo_in_epochs_reinforce_is_grpo(task, monkeypatch):
+    """ISOPO inside GRPO-2's epochs in ``reinforce`` mode reproduces GRPO-2's run."""
+    import learning
+
+    monkeypatch.setitem(learning.METHODS, "GRPO-2 + ISOPO reinforce",
+                        dict(kind="grpo", epochs=2, mode="reinforce"))
+    want = learning.run(task, "GRPO-2", 3e-3, 0, steps=3)
+    got = learning.run(task, "GRPO-2 + ISOPO reinforce", 3e-3, 0, steps=3)
+    assert got["reward"] == want["reward"]
+    assert got["kl"] == pytest.approx(want["kl"], rel=1e-3)
+    assert min(want["kl"]) > 0
+
+
+def test_benchmark_times_come_from_the_retimed_runs():
+    import learning
+
+    run = dict(task="reverse", method="GRPO-1", lr=1e-3, seed=0, samples=[128, 256],
+               seconds=[5.0, 10.0], cpu=[4.0, 8.0], reward=[0.95, 0.95], kl=[0.1, 0.1])
+    again = {**run, "seconds": [1.0, 2.0], "cpu": [0.5, 1.0], "commit": "abc"}
+    (r,) = learning.with_retimed_clocks([run], [again])
+    assert learning.reproduces(r["clock"], r)
+    assert not learning.reproduces({**again, "reward": [0.95, 0.5]}, r)
+    cells = learning.cells(learning.group([r]), "reverse", "GRPO-1", 1e-3, 0.9)
+    assert cells[1:5] == ["128", "1.0", "0.5", "0.50"]
+    assert "1 of its 1 re-runs" in learning.clocks([r])

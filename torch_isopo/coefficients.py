@@ -15,21 +15,31 @@ from torch import Tensor
 
 @dataclass
 class Coefficients:
-    """``c`` for one layer and microbatch, with the figures worth logging (0-d tensors)."""
+    """``c`` for one layer and microbatch, with the figures worth logging (0-d tensors); or, with
+    a leading layer axis, for several layers at once (``split`` them)."""
 
     c: Tensor
     m: Tensor          # the microbatch's own statistic (tr K / n, or mean ν²)
     rho: Tensor        # damping · m_used
     spectrum: Tensor   # K (ntk) or ν² (fisher): its condition number is computed at step()
 
+    def split(self) -> list["Coefficients"]:
+        if self.c.dim() == 1:
+            return [self]
+        return [Coefficients(*parts) for parts in zip(self.c, self.m, self.rho, self.spectrum)]
 
-def _statistic(m: Tensor, damping: float, m_used: float | None) -> Tensor:
-    return damping * (m if m_used is None else torch.as_tensor(m_used, dtype=m.dtype,
-                                                                device=m.device))
+
+def _statistic(m: Tensor, damping: float, m_used) -> Tensor:
+    """``damping · m``, with ``m_used`` (a float, or one per layer with NaN for "own") instead."""
+    if m_used is None:
+        return damping * m
+    used = torch.as_tensor(m_used, dtype=m.dtype, device=m.device)
+    return damping * torch.where(torch.isnan(used), m, used)
 
 
-def ntk_coefficients(K: Tensor, A: Tensor, damping: float, m_used: float | None = None) -> Coefficients:
-    """``c = ρ (K + ρI)⁻¹ A`` with ``ρ = damping · m`` and ``m = tr(K)/n`` (or ``m_used``).
+def ntk_coefficients(K: Tensor, A: Tensor, damping: float, m_used=None) -> Coefficients:
+    """``c = ρ (K + ρI)⁻¹ A`` with ``ρ = damping · m`` and ``m = tr(K)/n`` (or ``m_used``);
+    ``K`` is ``(n, n)`` or a batch ``(L, n, n)`` of layers solved together.
 
     ``c`` is invariant to the scale of ``K``. A zero ``K`` (the layer got no gradient) gives
     ``ρ = 0`` and ``c = A``, whose contraction with zero gradients is zero anyway. A non-finite
@@ -38,26 +48,28 @@ def ntk_coefficients(K: Tensor, A: Tensor, damping: float, m_used: float | None 
     K = K.to(torch.float64)
     A = A.to(K)
     n = A.numel()
-    m = torch.diagonal(K).sum() / n
+    diag = torch.diagonal(K, dim1=-2, dim2=-1)
+    m = diag.sum(-1) / n
     rho = _statistic(m, damping, m_used)
     safe = rho + (rho == 0)                  # ρ = 0 only for a zero K: any ρ gives c = A
-    damped = torch.diagonal_scatter(K, torch.diagonal(K) + safe)
-    solved, _ = torch.linalg.solve_ex(damped, A)
-    return Coefficients(safe * solved, m, rho, K)
+    damped = torch.diagonal_scatter(K, diag + safe[..., None], dim1=-2, dim2=-1)
+    solved, _ = torch.linalg.solve_ex(damped, A.expand(K.shape[:-1]))
+    return Coefficients(safe[..., None] * solved, m, rho, K)
 
 
-def fisher_coefficients(nu2: Tensor, A: Tensor, damping: float, m_used: float | None = None) -> Coefficients:
-    """``c_i = A_i / sqrt(ν_i² + damping · m)`` with ``m`` the mean of ``ν²`` (or ``m_used``).
+def fisher_coefficients(nu2: Tensor, A: Tensor, damping: float, m_used=None) -> Coefficients:
+    """``c_i = A_i / sqrt(ν_i² + damping · m)`` with ``m`` the mean of ``ν²`` (or ``m_used``);
+    ``ν²`` is ``(n,)`` or a batch ``(L, n)`` of layers.
 
     A sample whose denominator is zero (ν_i = 0 and no damping) contributes nothing: ``c_i = 0``.
     """
     nu2 = nu2.to(torch.float64)
     A = A.to(nu2)
-    m = nu2.mean()
+    m = nu2.mean(-1)
     rho = _statistic(m, damping, m_used)
-    denom = torch.sqrt(nu2 + rho)
+    denom = torch.sqrt(nu2 + rho[..., None])
     zero = denom == 0             # not NaN: overflowed statistics must give a NaN c, not zero
-    c = torch.where(zero, torch.zeros_like(A), A / torch.where(zero, torch.ones_like(denom), denom))
+    c = torch.where(zero, torch.zeros_like(denom), A / torch.where(zero, torch.ones_like(denom), denom))
     return Coefficients(c, m, rho, nu2)
 
 

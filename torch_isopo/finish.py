@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -63,90 +65,111 @@ def _draw(candidates: list[Tensor], k: int | None, gen: torch.Generator) -> list
     return out
 
 
-def _coefficients(cfg: Settings, A: Tensor, m_used: float | None, kernel, fisher) -> Coefficients:
-    if cfg.mode == "ntk":
-        return ntk_coefficients(kernel(), A, cfg.damping, m_used)
-    return fisher_coefficients(fisher_nu2(*fisher()), A, cfg.damping, m_used)
-
-
 def _reinforce(A: Tensor) -> Coefficients:
     zero = A.new_zeros(())
     return Coefficients(A, zero, zero, A)
 
 
-def layer_gradients(uses: list, params: list[Tensor], A: Tensor, cfg: Settings,
-                    m_used: float | None, sample_pieces: bool = False
-                    ) -> tuple[list[Tensor | None], Coefficients]:
-    """The layer's ISOPO gradient per parameter slot (``None`` where it has none), and its ``c``.
+@dataclass
+class Prepared:
+    """One layer's uses, sorted and summed, with its statistic: ``K`` (ntk) or ``ν²`` (fisher)."""
 
-    ``K``, the Fisher products and ``Σ c_i G_i`` add up over the layer's parameters: factor uses
-    per weight and per bias slot (``factors``), explicit uses over the slots they cover. With
-    ``sample_pieces`` the Fisher positions are the samples themselves (``g_i = G_i``), whose
-    products are ``K``'s entries.
-    """
-    n = A.numel()
-    if len(uses) == 1 and _rows_of_samples(uses[0]):
-        return _one_row_each(uses[0], params, A, cfg, m_used)
+    params: list[Tensor]
+    factor: list[FactorUse]
+    explicit: "_Explicit | None"
+    stat: Tensor | None = None
+    kept: dict = None
+    one_row: FactorUse | None = None    # a single use with one row per sample (fast path)
+
+    @property
+    def ref(self) -> Tensor:
+        return self.factor[0].V if self.factor else self.explicit.G
+
+
+def prepare(uses: list, params: list[Tensor], n: int, cfg: Settings,
+            sample_pieces: bool = False) -> Prepared:
+    """Sort a layer's uses and compute its statistic. ``K``, the Fisher products and
+    ``Σ c_i G_i`` add up over the layer's parameters: factor uses per weight and per bias slot
+    (``factors``), explicit uses over the slots they cover. With ``sample_pieces`` the Fisher
+    positions are the samples themselves (``g_i = G_i``), whose products are ``K``'s entries."""
+    if len(uses) == 1 and isinstance(uses[0], FactorUse) and not uses[0].indexed and \
+            uses[0].smap.trivial:
+        p = Prepared(params, [uses[0]], None, one_row=uses[0])
+        if cfg.mode != "reinforce":
+            p.stat = _statistic(_one_row_kernel(uses[0]), cfg, True)
+        return p
     factor = merge_uses([u for u in uses if isinstance(u, FactorUse)])
     explicit = _explicit_gradients([u for u in uses if isinstance(u, ExplicitUse)], params)
-    ref = factor[0].V if factor else explicit.G
-    dt = factors.work_dtype(ref)
-    budget = max(1, cfg.budget_bytes * 8 // torch.finfo(dt).bits)
-    kept: dict[int, tuple] = {}
+    p = Prepared(params, factor, explicit, kept={})
     if cfg.mode == "reinforce":
-        coef = _reinforce(A)
+        return p
+    dt = factors.work_dtype(p.ref)
+    budget = max(1, cfg.budget_bytes * 8 // torch.finfo(dt).bits)
+    if cfg.mode == "ntk" or sample_pieces:
+        p.stat = _statistic(_kernel(p, n, dt, budget, cfg), cfg, sample_pieces)
     else:
-        def kernel():
-            K = torch.zeros(n, n, dtype=dt, device=ref.device)
-            for s, group in _by_slot(factor, "weight").items():
-                KW, kept[s] = _weight_kernel(group, n, _matrix(params[s]), dt, budget, cfg.route)
-                K += KW
-            for group in _by_slot(factor, "bias").values():
-                Gb = factors.bias_gradients(group, n, dt)
-                K += Gb @ Gb.T
-            if explicit is not None:
-                G = explicit.G.to(dt)
-                K += G @ G.T
-            return K
-
-        def fisher():
-            if sample_pieces:
-                return _sample_pieces(kernel(), cfg)
-            return _fisher_products(factor, explicit, n, dt, budget, cfg)
-
-        coef = _coefficients(cfg, A, m_used, kernel, fisher)
-    return _contract(factor, explicit, kept, params, coef.c.to(ref.device), n), coef
+        p.stat = fisher_nu2(*_fisher_products(factor, explicit, n, dt, budget, cfg))
+    return p
 
 
-def _rows_of_samples(u) -> bool:
-    return isinstance(u, FactorUse) and not u.indexed and u.smap.trivial
+def _statistic(K: Tensor, cfg: Settings, sample_pieces: bool) -> Tensor:
+    """``K`` for ntk; ``ν²`` for fisher when every sample is one position."""
+    return K if cfg.mode == "ntk" else fisher_nu2(*_sample_pieces(K, cfg))
 
 
-def _one_row_each(u: FactorUse, params, A: Tensor, cfg: Settings, m_used):
-    """A single use with one row per sample (an MLP policy's layer): ``G_i = U_i ⊗ V_i (+ δ_i)``,
-    so ``K = (UUᵀ) ⊙ (VVᵀ) + ΔΔᵀ`` in a few products, every sample its own token."""
+def _one_row_kernel(u: FactorUse) -> Tensor:
+    """``K = (UUᵀ) ⊙ (VVᵀ) + ΔΔᵀ`` when row i is sample i (``G_i = U_i ⊗ V_i``, bias ``Δ_i``)."""
     dt = factors.work_dtype(u.V)
     U, V, d = (x if x.dtype == dt else x.to(dt) for x in (u.U, u.V, u.delta))
+    K = (U @ U.T) * (V @ V.T) if u.weight is not None else 0
+    return K + d @ d.T if u.bias is not None else K
+
+
+def _kernel(p: Prepared, n: int, dt, budget: int, cfg: Settings) -> Tensor:
+    K = torch.zeros(n, n, dtype=dt, device=p.ref.device)
+    for s, group in _by_slot(p.factor, "weight").items():
+        KW, p.kept[s] = _weight_kernel(group, n, _matrix(p.params[s]), dt, budget, cfg.route)
+        K += KW
+    for group in _by_slot(p.factor, "bias").values():
+        Gb = factors.bias_gradients(group, n, dt)
+        K += Gb @ Gb.T
+    if p.explicit is not None:
+        G = p.explicit.G.to(dt)
+        K += G @ G.T
+    return K
+
+
+def coefficients(stats: list[Tensor], A: Tensor, cfg: Settings,
+                 m_used: list[float | None]) -> list[Coefficients]:
+    """``c`` of several layers at once: their statistics stacked, one batched solve (ntk) or one
+    batched normalisation (fisher) for all of them."""
     if cfg.mode == "reinforce":
-        coef = _reinforce(A)
-    else:
-        K = 0
-        if u.weight is not None:
-            K = (U @ U.T) * (V @ V.T)
-        if u.bias is not None:
-            K = K + d @ d.T
-        if cfg.mode == "ntk":
-            coef = ntk_coefficients(K, A, cfg.damping, m_used)
-        else:
-            coef = fisher_coefficients(fisher_nu2(*_sample_pieces(K, cfg)), A, cfg.damping, m_used)
-    c = coef.c.to(device=u.V.device, dtype=u.V.dtype)[:, None]
-    grads: list[Tensor | None] = [None] * len(params)
+        return [_reinforce(A) for _ in stats]
+    if len(stats) == 1:
+        return [(ntk_coefficients if cfg.mode == "ntk" else fisher_coefficients)(
+            stats[0], A, cfg.damping, m_used[0])]
+    if len({(s.shape, s.device) for s in stats}) > 1:
+        return [coefficients([s], A, cfg, [m])[0] for s, m in zip(stats, m_used)]
+    stat = torch.stack([s.to(torch.float64) for s in stats])
+    used = None if all(m is None for m in m_used) else [math.nan if m is None else m
+                                                         for m in m_used]
+    make = ntk_coefficients if cfg.mode == "ntk" else fisher_coefficients
+    return make(stat, A.to(stat), cfg.damping, used).split()
+
+
+def contract(p: Prepared, c: Tensor) -> list[Tensor | None]:
+    """The layer's gradient per parameter slot (``None`` where it has none): ``Σ_i c_i G_i``."""
+    if p.one_row is None:
+        return _contract(p.factor, p.explicit, p.kept, p.params, c.to(p.ref.device), c.numel())
+    u = p.one_row
+    c = c.to(device=u.V.device, dtype=u.V.dtype)[:, None]
+    grads: list[Tensor | None] = [None] * len(p.params)
     if u.weight is not None:
         W = (u.U * c).T @ u.V if u.U.shape[1] <= u.V.shape[1] else u.U.T @ (u.V * c)
-        grads[u.weight] = W.view(params[u.weight].shape)
+        grads[u.weight] = W.view(p.params[u.weight].shape)
     if u.bias is not None:
         grads[u.bias] = (u.delta * c).sum(0)
-    return grads, coef
+    return grads
 
 
 def _contract(factor, explicit, kept, params, c, n) -> list[Tensor | None]:

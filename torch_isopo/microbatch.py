@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from . import _compat
-from .finish import ExplicitUse, Settings, layer_gradients
+from .finish import ExplicitUse, Settings, coefficients, contract, prepare
 from .gate import Gate, descends_from_use
 from .samples import SampleMap, batch_map, expand_shared, sample_map
 
@@ -39,29 +39,61 @@ class LayerRecord:
             self.uses, self.task = [], task
         self.uses.append(use)
 
+    def take(self) -> list:
+        """The uses of the backward that is running (an interrupted one's are dropped)."""
+        uses = self.uses if self.task == _compat.graph_task_id() else []
+        self.uses = []
+        return uses
+
     def finish(self, arrived: tuple) -> tuple:
         """The layer's ISOPO gradients, one per gated parameter (the gate's backward);
         ``arrived`` is what autograd delivered to the gate around the rules."""
-        uses = self.uses if self.task == _compat.graph_task_id() else []
-        self.uses = []
-        _check_arrived(self.layer, uses, arrived, self.autocast)
-        if not uses:
-            return (None,) * len(self.params)
-        mb, cfg = self.mb, self.mb.settings
-        A, back, S = mb.advantages(self.params[0].device)
-        m_used = None if mb.stats is None else mb.stats.get(self.layer.name)
-        if m_used is not None:
-            m_used *= S * S               # the averages are kept in units of the unscaled loss
-        if cfg.mode == "fisher":
-            back *= S                     # the fisher gradient ignores the loss scale: restore it
-        grads, coef = layer_gradients(uses, self.params, A, cfg, m_used,
-                                       self.layer.pieces == "samples")
-        out = tuple(None if g is None else _scaled(g.to(p.dtype), back).contiguous()
-                    for g, p in zip(grads, self.params))
-        mb.ledger.record(self.params, out)
-        if cfg.mode != "reinforce":       # tensors, read at step() and when logged
-            mb.figures.setdefault(self.layer.name, []).append((coef, A, S))
-        return out
+        return finish_records([self], [arrived])[0]
+
+
+class ModelRecord:
+    """The records of all layers of a small model behind one gate: they finish together at the
+    end of the backward, their coefficients solved in one batch."""
+
+    def __init__(self, records: list[LayerRecord]):
+        self.records = records
+
+    def finish(self, arrived: tuple) -> tuple:
+        parts, start = [], 0
+        for r in self.records:
+            parts.append(arrived[start:start + len(r.params)])
+            start += len(r.params)
+        return tuple(g for out in finish_records(self.records, parts) for g in out)
+
+
+def finish_records(records: list[LayerRecord], arrived: list[tuple]) -> list[tuple]:
+    """The ISOPO gradients of the layers whose gates are running, per layer and parameter."""
+    outs = [(None,) * len(r.params) for r in records]
+    live = []
+    for k, (r, got) in enumerate(zip(records, arrived)):
+        uses = r.take()
+        _check_arrived(r.layer, uses, got, r.autocast)
+        if uses:
+            live.append((k, r, uses))
+    if not live:
+        return outs
+    mb, cfg = records[0].mb, records[0].mb.settings
+    A, back, S = mb.advantages(live[0][1].params[0].device)
+    if cfg.mode == "fisher":
+        back *= S                     # the fisher gradient ignores the loss scale: restore it
+    preps = [prepare(uses, r.params, mb.n, cfg, r.layer.pieces == "samples")
+             for _, r, uses in live]
+    m_used = [None if mb.stats is None or r.layer.name not in mb.stats
+              else mb.stats[r.layer.name] * S * S for _, r, _ in live]   # kept unscaled
+    coefs = coefficients([p.stat for p in preps], A, cfg, m_used)
+    for (k, r, _), p, coef in zip(live, preps, coefs):
+        grads = contract(p, coef.c)
+        outs[k] = tuple(None if g is None else _scaled(g.to(q.dtype), back).contiguous()
+                        for g, q in zip(grads, r.params))
+        mb.ledger.record(r.params, outs[k])
+        if cfg.mode != "reinforce":   # tensors, read at step() and when logged
+            mb.figures.setdefault(r.layer.name, []).append((coef, A, S))
+    return outs
 
 
 class Microbatch:

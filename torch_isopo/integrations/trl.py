@@ -10,32 +10,86 @@ Example::
 
 The trainer builds its optimizer as TRL would (``args.optim``, or ``optimizers=(opt, None)``) and
 wraps it in :class:`~torch_isopo.ISOPO`. Each microbatch's forward and backward run inside
-``isopo.microbatch(advantages)``, and the loss they backpropagate is TRL's own loss for the chosen
-``loss_type`` with every advantage set to 1: the advantage-free log-likelihood, with TRL's token
-weights (aggregation, masks, importance-sampling corrections). ISOPO then applies the real
-advantages, layer by layer.
+``isopo.microbatch(|A|)``, and the loss they backpropagate is TRL's own loss for the chosen
+``loss_type`` with each advantage ``A_i`` replaced by its sign ``s_i`` (``+1`` for ``A_i ≥ 0``,
+``−1`` below). ISOPO then applies the advantages' sizes, layer by layer.
 
-That is exact because ISOPO trains on-policy. With one iteration per generation batch the ratio
-π/π_old is 1 with gradient ∇log π, where every TRL loss type's gradient is the advantage times a
-detached weight times ∇log π, the same weight for any advantage. The settings under which that
-fails, or which add terms that ISOPO would scale by the advantages, are refused up front.
+Why that is exact, for every ``num_iterations``. In every TRL loss type a sample's term depends
+on its advantage only through a factor ``A_i`` and through the sign of ``A_i`` (which side of the
+clip binds, SAPO's temperature, VESPO's shape, the off-policy mask); ratios, clipping and token
+weights do not depend on its size. So the gradient of the term with ``s_i`` is ``G_i = s_i Ĝ_i``,
+with ``Ĝ_i`` the advantage-free gradient under the masks of the real advantage, and
+``|A_i| G_i = A_i Ĝ_i``: in ``reinforce`` mode the sum is TRL's gradient. For ``ntk`` and
+``fisher``, flipping ``G_i`` and the advantage of the same samples (``S = diag(s)``) turns the
+kernel into ``K = S K̂ S`` with the same trace, so ``c = ρ(SK̂S + ρI)⁻¹ S A = S ĉ``; Fisher norms
+``ν_i`` only see squares and are unchanged, so ``c_i = s_i ĉ_i``. Either way ``Σ_i c_i G_i =
+Σ_i ĉ_i Ĝ_i``: the ISOPO step of the advantage-free surrogate with the real masks
+(``torch_isopo.surrogate`` describes it). With one iteration the ratios are 1, nothing is
+clipped, and this is the on-policy advantage-free log-likelihood. Terms that do not carry the
+advantage as a factor (KL, entropy bonus, MoE auxiliary loss) are refused up front.
+
+The integration uses TRL internals (``GRPOTrainer._compute_loss``, its metrics, the fused LM
+head's calling convention); it is tested with TRL ``SUPPORTED_TRL`` and raises an ``ImportError``
+naming those versions when the internals it uses are missing.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from accelerate.utils import is_peft_model
+from packaging.specifiers import SpecifierSet
 from transformers import TrainerCallback
-from trl import GRPOConfig, GRPOTrainer
-from trl.trainer.utils import FusedCausalLMOutput, selective_log_softmax_and_entropy
 
 from ..optimizer import ISOPO
 
-__all__ = ["ISOPOGRPOConfig", "ISOPOGRPOTrainer"]
+SUPPORTED_TRL = ">=1.16,<1.17"
+"""The TRL releases this integration is tested with."""
+
+
+def _unsupported(what: str) -> ImportError:
+    return ImportError(f"torch_isopo.integrations.trl supports TRL {SUPPORTED_TRL} (pip install "
+                       f"'trl{SUPPORTED_TRL}'), and relies on TRL internals; {what}")
+
+
+try:
+    import trl
+    from trl import GRPOConfig, GRPOTrainer
+    from trl.trainer.utils import FusedCausalLMOutput, selective_log_softmax_and_entropy
+except ImportError as error:
+    raise _unsupported(f"importing them failed: {error}") from error
+
+# What the integration reads from TRL beyond the Trainer API.
+_TRAINER_METHODS = ("_compute_loss",)
+_TRAINER_STATE = ("_metrics", "aux_loss_enabled", "temperature")
+_CONFIG_FIELDS = ("beta", "entropy_coef", "use_adaptive_entropy", "cast_lm_head_to_fp32")
+
+
+def _check_trl(trainer: GRPOTrainer | None = None) -> None:
+    """Raise if the TRL internals the integration uses (of ``trainer``, once built) are missing."""
+    fields = {f.name for f in dataclasses.fields(GRPOConfig)}
+    missing = [f"GRPOTrainer.{name}" for name in _TRAINER_METHODS
+               if not callable(getattr(GRPOTrainer, name, None))]
+    missing += [f"GRPOConfig.{name}" for name in _CONFIG_FIELDS if name not in fields]
+    if trainer is not None:
+        missing += [f"GRPOTrainer().{name}" for name in _TRAINER_STATE
+                    if not hasattr(trainer, name)]
+    if missing:
+        raise _unsupported(f"TRL {trl.__version__} lacks {', '.join(missing)}")
+
+
+_check_trl()
+if trl.__version__ not in SpecifierSet(SUPPORTED_TRL, prereleases=True):
+    warnings.warn(f"torch_isopo.integrations.trl is tested with TRL {SUPPORTED_TRL}, not "
+                  f"{trl.__version__}; compare isopo_mode='reinforce' with GRPOTrainer before "
+                  "relying on it")
+
+__all__ = ["ISOPOGRPOConfig", "ISOPOGRPOTrainer", "SUPPORTED_TRL"]
 
 
 @dataclass
@@ -46,7 +100,8 @@ class ISOPOGRPOConfig(GRPOConfig):
     """
 
     isopo_mode: str = field(default="ntk", metadata={
-        "help": "ISOPO mode: 'ntk', 'fisher' or 'reinforce' (plain REINFORCE, the A/B baseline)."})
+        "help": "ISOPO mode: 'ntk', 'fisher' or 'reinforce' (TRL's own gradient, the A/B "
+                "baseline)."})
     isopo_damping: float = field(default=1.0, metadata={
         "help": "ISOPO damping (rho / m); > 0 for 'ntk', >= 0 for 'fisher'."})
     isopo_ema: float | None = field(default=0.9, metadata={
@@ -62,28 +117,15 @@ def _isopo_settings(args: GRPOConfig) -> dict:
 
 
 def _refusals(args: GRPOConfig) -> list[str]:
-    """The settings that break ISOPO's assumptions (on-policy data, an advantage-free loss)."""
+    """The settings that add loss terms without the advantage as a factor (ISOPO would scale
+    them by the advantages), or that replace the modules ISOPO runs."""
     rules = [
-        (args.num_iterations != 1,
-         f"num_iterations={args.num_iterations}: later iterations reuse the batch off-policy "
-         "(importance ratios); ISOPO needs num_iterations=1"),
-        (args.gradient_accumulation_steps % args.steps_per_generation != 0,
-         f"steps_per_generation={args.steps_per_generation} does not divide "
-         f"gradient_accumulation_steps={args.gradient_accumulation_steps}: a generation batch would "
-         "outlive an optimizer step and be trained on off-policy"),
         (args.beta != 0.0,
-         f"beta={args.beta}: a KL term in the loss would be scaled by the advantages; set beta=0.0"),
+         f"beta={args.beta}: the KL term's gradient would be scaled by the advantages; set "
+         "beta=0.0"),
         (args.entropy_coef != 0.0 or args.use_adaptive_entropy,
-         "an entropy bonus (entropy_coef, use_adaptive_entropy) in the loss would be scaled by the "
+         "an entropy bonus (entropy_coef, use_adaptive_entropy) would be scaled by the "
          "advantages; set entropy_coef=0.0 and use_adaptive_entropy=False"),
-        (args.off_policy_mask_threshold is not None,
-         "off_policy_mask_threshold masks sequences by the sign of their advantage, which the "
-         "advantage-free loss does not see; leave it None"),
-        (args.delta is not None and args.delta < 1.0,
-         f"delta={args.delta} < 1 clips the on-policy ratio itself; use delta >= 1 or None"),
-        (args.loss_type == "vespo" and args.use_vllm and args.vllm_importance_sampling_correction,
-         "loss_type='vespo' with vLLM importance sampling weighs sequences by the sign of their "
-         "advantage; set vllm_importance_sampling_correction=False or pick another loss_type"),
         (args.cast_lm_head_to_fp32,
          "cast_lm_head_to_fp32 replaces lm_head's forward with one ISOPO does not run (ISOPO "
          "computes the head's linear map itself, in the model's dtype); set it to False"),
@@ -159,14 +201,16 @@ class ISOPOGRPOTrainer(GRPOTrainer):
     Takes the arguments of ``GRPOTrainer``; ISOPO's settings come from ``args`` when it is an
     :class:`ISOPOGRPOConfig`. ``optimizers=(opt, None)`` is wrapped in ISOPO, or used as it is
     when ``opt`` already is an ISOPO optimizer around the trainer's model. The logged ``loss``
-    is that of the backpropagated advantage-free objective, a constant (−1 for ``dapo``).
+    is that of the backpropagated objective, TRL's loss with the advantages' signs.
     """
 
     def __init__(self, *args, **kwargs):
+        _check_trl()
         config = kwargs.get("args", args[2] if len(args) > 2 else None)
         if config is not None:
             _refuse(_refusals(config))
         super().__init__(*args, **kwargs)
+        _check_trl(self)
         if self.aux_loss_enabled:
             _refuse(["the MoE router auxiliary loss would be scaled by the advantages; set "
                      "router_aux_loss_coef=0.0"])
@@ -225,16 +269,18 @@ class ISOPOGRPOTrainer(GRPOTrainer):
         if self._isopo_scope is None or self.isopo is None:
             raise RuntimeError("ISOPOGRPOTrainer computes its training loss inside training_step, "
                                "after the optimizer is created")
+        # TRL's loss sees only the signs (its masks need them), ISOPO applies the sizes.
         advantages = inputs["advantages"]
-        self._isopo_scope.enter_context(self.isopo.microbatch(advantages))
+        signs = torch.ones_like(advantages).masked_fill(advantages < 0, -1.0)
+        self._isopo_scope.enter_context(self.isopo.microbatch(advantages.abs()))
         target = self.accelerator.unwrap_model(self.model)
         if is_peft_model(target):
             target = target.get_base_model()
         fused = target.__dict__.get("forward")
         if fused is None:
-            raise RuntimeError("expected TRL's fused LM head on the model's forward")
+            raise _unsupported("expected TRL's fused LM head on the model's forward")
         target.forward = _through_lm_head(fused, self.temperature)
         try:
-            return super()._compute_loss(model, {**inputs, "advantages": torch.ones_like(advantages)})
+            return super()._compute_loss(model, {**inputs, "advantages": signs})
         finally:
             target.forward = fused
