@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.distributions import Normal
 
-from torch_isopo import ISOPO
+from torch_isopo import ISOPO, surrogate_weights
 
 
 def mlp(inp: int, out: int, hidden: int = 64, gain: float = 1.0) -> nn.Sequential:
@@ -129,8 +129,7 @@ def train(method: str, args, seed: int, progress=None) -> dict:
                 loss.backward()
                 nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
                 critic_opt.step()
-        epochs = args.update_epochs if method == "ppo" else 1
-        for _ in range(epochs):                                 # the policy
+        for _ in range(args.update_epochs):                     # the policy
             for idx in torch.randperm(N).split(mb):
                 a = b_adv[idx]
                 a = (a - a.mean()) / (a.std() + 1e-8)           # per minibatch, as CleanRL
@@ -142,7 +141,8 @@ def train(method: str, args, seed: int, progress=None) -> dict:
                 else:                                           # advantages out of the loss
                     with opt.microbatch(a):
                         logp = agent.dist(b_obs[idx]).log_prob(b_act[idx]).sum(1)
-                        (-logp.sum() / len(idx)).backward()
+                        v = surrogate_weights(logp, b_logp[idx], a, eps_low=args.clip)
+                        (-(v * logp).sum() / len(idx)).backward()
                 nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                 opt.step()
                 opt.zero_grad()

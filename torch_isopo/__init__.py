@@ -3,7 +3,8 @@ from .layers import GenericRuleWarning
 from .optimizer import ISOPO
 from .surrogate import surrogate_weights
 from .check import CheckError, CheckResult, check
+from .diagnostics import log_diagnostics
 
 __all__ = ["ISOPO", "GenericRuleWarning", "surrogate_weights", "check", "CheckError",
-           "CheckResult"]
+           "CheckResult", "log_diagnostics"]
 __version__ = "0.1.0"
