@@ -151,6 +151,48 @@ dataset = Dataset.from_dict({"prompt": ["w1 w2 w3"]})
 def my_reward(completions, **kwargs):
     return [c.count("w7") + 0.1 * len(c.split()) for c in completions]
 """
+PPO = """
+import torch
+from torch import nn
+from torch.distributions import Normal
+from torch_isopo import ISOPO
+
+class Actor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.actor_mean = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.actor_logstd = nn.Parameter(torch.zeros(1, 1))
+    def dist(self, x):
+        mean = self.actor_mean(x)
+        return Normal(mean, self.actor_logstd.expand_as(mean).exp())
+
+class Agent(nn.Module):                       # CleanRL's, with a trunk shared by actor and critic
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(3, 16), nn.Tanh())
+        self.actor_mean, self.critic = nn.Linear(16, 1), nn.Linear(16, 1)
+        self.actor_logstd = nn.Parameter(torch.zeros(1, 1))
+    def actor_dist(self, x):
+        mean = self.actor_mean(self.trunk(x))
+        return Normal(mean, self.actor_logstd.expand_as(mean).exp())
+    def get_value(self, x):
+        return self.critic(self.trunk(x))
+    def get_action_and_value(self, x, action):
+        d = self.actor_dist(x)
+        return action, d.log_prob(action).sum(1), d.entropy().sum(1), self.get_value(x)
+
+torch.manual_seed(0)
+actor, critic, agent = Actor(), nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1)), Agent()
+optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3, eps=1e-5)
+b_obs, b_actions = torch.randn(64, 3), torch.randn(64, 1)
+with torch.no_grad():
+    b_logprobs = actor.dist(b_obs).log_prob(b_actions).sum(1)
+b_advantages, b_returns = torch.randn(64), torch.randn(64)
+update_epochs, minibatch_size, clip_coef, vf_coef, max_grad_norm = 2, 16, 0.2, 0.5, 0.5
+idx = torch.arange(16)
+mb_adv = b_advantages[idx]
+from torch_isopo import surrogate_weights
+"""
 RULES = """
 import torch
 from torch import nn
@@ -173,6 +215,7 @@ PRELUDES = {
     "trainer": (TRAINER, ""),
     "trl": (TRL, ""),
     "rules": (RULES, ""),
+    "ppo": (PPO, ""),
 }
 
 
