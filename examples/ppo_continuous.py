@@ -205,30 +205,35 @@ def report(runs: dict, target: float, random_return: float, out: str) -> list[di
     rows = []
     print(f"\nPendulum-v1, {len(next(iter(runs.values())))} seeds; a random policy returns "
           f"{random_return:.0f}.\n\n| method | final return (mean ± sd) | samples to {target:g} "
-          f"| wall s | CPU s |\n|---|---|---|---|---|")
+          f"| wall s to {target:g} | wall s | CPU s |\n|---|---|---|---|---|---|")
     for name, hists in runs.items():
         finals = [final_return(h) for h in hists]
         row = {"method": name, "final": float(np.mean(finals)), "sd": float(np.std(finals)),
                "to_target": [first_reach(h, target, "samples") for h in hists],
+               "wall_to_target": [first_reach(h, target, "seconds") for h in hists],
                "wall": [h["seconds"][-1] for h in hists], "cpu": [h["cpu"][-1] for h in hists]}
         rows.append(row)
         print(f"| {name} | {row['final']:.0f} ± {row['sd']:.0f} | {mean(row['to_target'])} | "
-              f"{mean(row['wall'], 1)} | {mean(row['cpu'], 1)} |")
+              f"{mean(row['wall_to_target'], 1)} | {mean(row['wall'], 1)} | "
+              f"{mean(row['cpu'], 1)} |")
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
     for i, (name, hists) in enumerate(runs.items()):
         R = np.array([smooth(h["return"]) for h in hists])
+        seen = ~np.isnan(R).any(0)                      # from the first finished episodes on
+        R = R[:, seen]
         for ax, key in zip(axes, ("samples", "seconds")):
-            x = np.mean([h[key] for h in hists], 0)
-            ax.plot(x, np.nanmean(R, 0), color=f"C{i}", label=name)
-            ax.fill_between(x, np.nanmin(R, 0), np.nanmax(R, 0), color=f"C{i}", alpha=0.2)
+            x = np.mean([h[key] for h in hists], 0)[seen]
+            ax.plot(x, R.mean(0), color=f"C{i}", label=name)
+            ax.fill_between(x, R.min(0), R.max(0), color=f"C{i}", alpha=0.2)
     axes[0].set(xlabel="environment steps", ylabel="episode return",
                 title=f"Pendulum-v1: mean and range of {len(hists)} seeds")
     axes[1].set(xlabel="wall-clock seconds (rollout + update)")
     for ax in axes:
-        ax.axhline(target, color="grey", lw=0.8, ls=":")
-        ax.axhline(random_return, color="grey", lw=0.8, ls="--")
+        ax.axhline(target, color="grey", lw=0.8, ls=":", label=f"target {target:g}")
+        ax.axhline(random_return, color="grey", lw=0.8, ls="--", label="random actions")
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    axes[0].xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v / 1000:g}k"))
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     print(f"\nlearning curves: {out}")
@@ -252,7 +257,7 @@ def random_return(episodes: int = 10) -> float:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="+", default=["ntk", "ppo"], choices=["ntk", "fisher", "reinforce", "ppo"])
-    p.add_argument("--samples", type=int, default=40_960, help="environment steps per run")
+    p.add_argument("--samples", type=int, default=32_768, help="environment steps per run")
     p.add_argument("--envs", type=int, default=8)
     p.add_argument("--steps", type=int, default=128, help="steps per env per rollout")
     p.add_argument("--minibatch", type=int, default=64, help="rows per minibatch")

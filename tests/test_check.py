@@ -186,14 +186,19 @@ def test_reports_a_refusal():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).train()
     result = check(model, lambda m: -logp0(m(X)), modes=("ntk",), raise_on_error=False)
     assert not result.ok
-    assert "BatchNorm" in result.refusals["ntk"] or "batch" in result.refusals["ntk"]
-    assert "refused in mode ntk" in str(result)
+    assert "module '1' (BatchNorm1d) normalises with the statistics of the whole batch" in \
+        result.refusals["ntk"]
+    assert [(row.name, row.rule, row.errors) for row in result.layers] == [
+        ("0", "linear", {}), ("1", "channel_norm", {}), ("2", "linear", {})]
+    assert "refused in mode ntk" in str(result) and "refused" in str(result).splitlines()[2]
     with pytest.raises(CheckError, match="ISOPO refused the model in mode ntk"):
         check(model, lambda m: -logp0(m(X)), modes=("ntk",))
 
 
 def test_sample_losses_must_be_per_sample():
     model = mlp()
+    with pytest.raises(ValueError, match="unknown modes"):
+        check(model, lambda m: -logp0(m(X)), modes=("natural",))
     with pytest.raises(ValueError, match=r"shape \(n,\).*got \(\)"):
         check(model, lambda m: -logp0(m(X)).sum())
     with pytest.raises(ValueError, match=r"n = 4"):

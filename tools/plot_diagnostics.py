@@ -3,11 +3,14 @@
     python tools/plot_diagnostics.py runs/ntk-seed0 --out diagnostics.png
 
 One panel per figure (``rho``, ``c_ratio``, ``cond``, ``m``), one line per layer, against the
-logged step; ``charts/episodic_return``, when logged, gets a panel of its own.
+logged step; ``charts/episodic_return``, when logged, gets a panel of its own. ``cond`` is
+infinite where the layer's kernel is singular; those points are left out and counted in the
+legend.
 """
 from __future__ import annotations
 
 import argparse
+import math
 from collections import defaultdict
 
 
@@ -40,14 +43,21 @@ def plot(logdir: str, out: str, title: str | None = None) -> None:
     if not panels:
         raise SystemExit(f"no isopo/<layer>/<figure> scalars in {logdir}")
     count = len(panels) + bool(returns)
-    fig, axes = plt.subplots(1, count, figsize=(3.1 * count, 3.0))
+    fig, axes = plt.subplots(1, count, figsize=(3.1 * count, 3.0), sharex=True)
     for ax, figure in zip(axes, panels):
-        for layer, (steps, values) in sorted(figures[figure].items()):
-            ax.plot(steps, values, lw=1, label=layer)
+        for i, (layer, (steps, values)) in enumerate(sorted(figures[figure].items())):
+            finite = [(x, y) for x, y in zip(steps, values) if math.isfinite(y)]
+            label = layer
+            if figure == "cond" and len(finite) < len(values):      # K singular at those steps
+                label += f" (inf {1 - len(finite) / len(values):.0%})"
+            style = dict(ls="", marker=".", ms=3) if figure == "cond" else dict(lw=1)
+            ax.plot(*(zip(*finite) if finite else ([], [])), color=f"C{i}", label=label, **style)
         ax.set(title=figure, xlabel="optimizer step")
         if figure in ("rho", "cond", "m"):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
+        if figure == "cond":
+            ax.legend(fontsize=6)
     axes[0].legend(fontsize=7, title="layer", title_fontsize=7)
     if returns:
         axes[-1].plot(*zip(*returns), color="k", lw=1)

@@ -111,6 +111,9 @@ def check(model: nn.Module, sample_losses: Callable[[nn.Module], Tensor], advant
     Returns a ``CheckResult``: ``ok``, ``layers`` (name, rule, error per mode, warning) and a
     readable table as its ``str``.
     """
+    unknown = [m for m in modes if m not in ("reinforce", "ntk", "fisher")]
+    if unknown:
+        raise ValueError(f"torch_isopo.check: unknown modes {unknown}; use reinforce, ntk, fisher")
     base = _copy(model, dtype)
     if advantages is None:
         with torch.no_grad():
@@ -134,6 +137,12 @@ def check(model: nn.Module, sample_losses: Callable[[nn.Module], Tensor], advant
             for w in caught:
                 if not issubclass(w.category, GenericRuleWarning):
                     warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            for layer in opt.layers:
+                row = rows.setdefault(layer.name, LayerCheck(layer.name, layer.rule,
+                                                             layer.param_names, rtol=rtol))
+                row.warning = row.warning or next(
+                    (str(w.message) for w in caught if issubclass(w.category, GenericRuleWarning)
+                     and f"'{layer.name}'" in str(w.message)), None)
             with opt.microbatch(A.to(_device(fast)), segments, sample_dim=sample_dim):
                 _losses(sample_losses, fast, A.numel()).sum().backward()
         except (ValueError, RuntimeError) as e:
@@ -142,13 +151,9 @@ def check(model: nn.Module, sample_losses: Callable[[nn.Module], Tensor], advant
         got = {name: p.grad for name, p in fast.named_parameters() if p.requires_grad}
         scale = max((float(g.norm()) for g in want.values() if g is not None), default=0.0)
         for layer in opt.layers:
-            row = rows.setdefault(layer.name, LayerCheck(layer.name, layer.rule,
-                                                         layer.param_names, rtol=rtol))
             names = [n.split("=")[0] for n in layer.param_names]
-            row.errors[mode] = _error([got[k] for k in names], [want[k] for k in names], scale)
-            row.warning = row.warning or next(
-                (str(w.message) for w in caught if issubclass(w.category, GenericRuleWarning)
-                 and f"'{layer.name}'" in str(w.message)), None)
+            rows[layer.name].errors[mode] = _error([got[k] for k in names],
+                                                   [want[k] for k in names], scale)
     result = CheckResult(list(rows.values()), tuple(modes), refusals, damping, rtol)
     if raise_on_error and not result.ok:
         raise CheckError(_failure(result), result)
