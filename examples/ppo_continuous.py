@@ -82,7 +82,7 @@ class Envs:
 
 
 def train(method: str, args, seed: int, progress=None) -> dict:
-    """One run of ``method`` ("ntk" or "ppo"); the history of finished episodes and clocks."""
+    """One run of ``method`` (an ISOPO mode, or "ppo"); the history of returns and clocks."""
     torch.manual_seed(seed)
     envs = Envs(args.envs, seed)
     n_obs, n_act = envs.obs.shape[1], envs.low.shape[0]
@@ -115,7 +115,8 @@ def train(method: str, args, seed: int, progress=None) -> dict:
                 logps[t] = d.log_prob(actions[t]).sum(1)
                 values[t] = critic(x).squeeze(1)
                 r, done, ended = envs.step(actions[t].numpy())
-                rewards[t], next_done = torch.as_tensor(r) * args.reward_scale, torch.as_tensor(done)
+                rewards[t] = torch.as_tensor(r) * args.reward_scale
+                next_done = torch.as_tensor(done)
                 finished += ended
             next_value = critic(torch.as_tensor(envs.obs, dtype=torch.float32)).squeeze(1)
             adv, last = torch.zeros(T, E), torch.zeros(E)       # GAE
@@ -256,7 +257,9 @@ def random_return(episodes: int = 10) -> float:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", nargs="+", default=["ntk", "ppo"], choices=["ntk", "fisher", "reinforce", "ppo"])
+    p.add_argument("--methods", nargs="+", default=["ntk", "ppo"],
+                   choices=["ntk", "fisher", "reinforce", "ppo"],
+                   help="ISOPO modes (reinforce: PPO-clip through ISOPO, step for step), ppo")
     p.add_argument("--samples", type=int, default=32_768, help="environment steps per run")
     p.add_argument("--envs", type=int, default=8)
     p.add_argument("--steps", type=int, default=128, help="steps per env per rollout")

@@ -1,4 +1,4 @@
-"""``log_diagnostics``: per-layer scalars to TensorBoard's ``SummaryWriter`` and to a W&B-style run."""
+"""``log_diagnostics``: per-layer scalars to TensorBoard's ``SummaryWriter`` and a W&B-style run."""
 import math
 
 import pytest

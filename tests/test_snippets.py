@@ -37,7 +37,8 @@ from torch_isopo import ISOPO
 class TinyLM(nn.Module):
     def __init__(self, vocab=16, d=8):
         super().__init__()
-        self.tok, self.norm, self.head = nn.Embedding(vocab, d), nn.LayerNorm(d), nn.Linear(d, vocab)
+        self.tok, self.norm = nn.Embedding(vocab, d), nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
 
     def forward(self, ids):
         return self.head(self.norm(self.tok(ids).cumsum(1)))
@@ -80,7 +81,8 @@ def kl_to_reference(model, batch):
 def minibatches(batch):
     half = len(batch.advantages) // 2
     return [SimpleNamespace(ids=batch.ids[s], mask=batch.mask[s], old_logp=batch.old_logp[s],
-                            advantages=batch.advantages[s]) for s in (slice(None, half), slice(half, None))]
+                            advantages=batch.advantages[s])
+            for s in (slice(None, half), slice(half, None))]
 
 epochs, isopo, ckpt, rank = 2, opt, ".", 0
 """
@@ -182,7 +184,8 @@ class Agent(nn.Module):                       # CleanRL's, with a trunk shared b
         return action, d.log_prob(action).sum(1), d.entropy().sum(1), self.get_value(x)
 
 torch.manual_seed(0)
-actor, critic, agent = Actor(), nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1)), Agent()
+actor, agent = Actor(), Agent()
+critic = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1))
 optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3, eps=1e-5)
 b_obs, b_actions = torch.randn(64, 3), torch.randn(64, 1)
 with torch.no_grad():
@@ -241,7 +244,8 @@ def test_snippet(path, line, spec, code, tmp_path, monkeypatch):
     marker = parse(spec)
     assert marker["action"] in ("run", "skip"), (
         f"{where}: put <!-- snippet: run -->, <!-- snippet: run with=PRELUDE --> or "
-        "<!-- snippet: skip REASON --> on the line above the ```python fence (tests/test_snippets.py)")
+        "<!-- snippet: skip REASON --> on the line above the ```python fence "
+        "(tests/test_snippets.py)")
     if marker["action"] == "skip":
         pytest.skip(f"marked skip: {spec.split(None, 1)[1:] or ''}")
     for module in filter(None, marker.get("needs", "").split(",")):

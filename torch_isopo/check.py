@@ -35,7 +35,7 @@ class CheckError(AssertionError):
 
 @dataclass
 class LayerCheck:
-    """One layer of ``opt.layers``: its rule, the relative error per mode, its generic-rule warning."""
+    """One layer of ``opt.layers``: its rule, relative error per mode, generic-rule warning."""
 
     name: str
     rule: str
@@ -182,9 +182,9 @@ def _losses(sample_losses, m: nn.Module, n: int | None = None) -> Tensor:
         out = sample_losses(m)
     if not isinstance(out, Tensor) or out.dim() != 1 or (n is not None and out.numel() != n):
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        want = n if n is not None else "len(advantages)"
         raise ValueError(f"torch_isopo.check: sample_losses(model) must return the per-sample "
-                         f"loss terms, shape (n,) with n = {n if n is not None else 'len(advantages)'};"
-                         f" got {shape}")
+                         f"loss terms, shape (n,) with n = {want}; got {shape}")
     return out
 
 
