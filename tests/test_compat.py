@@ -67,3 +67,19 @@ def test_forward_pre_hooks_are_listed():
     lin.register_forward_pre_hook(hook)
     assert _compat.forward_pre_hooks(lin) == [hook], (
         "nn.Module no longer keeps forward pre-hooks in _forward_pre_hooks")
+
+
+def test_a_function_mode_steps_aside():
+    from torch.overrides import TorchFunctionMode
+    seen = []
+
+    class Mode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+    with Mode() as mode:
+        assert _compat.top_function_mode() is mode, "no longer the innermost mode"
+        with _compat.without_function_mode():
+            torch.ones(2) + 1
+        assert _compat.top_function_mode() is mode, "the mode is back after stepping aside"
+    assert not seen, "torch.overrides._pop_mode_temporarily no longer removes the top mode"

@@ -182,7 +182,9 @@ def test_fisher_probe_subset_matches_reference_with_same_draw():
     D = torch.autograd.grad(losses(y).sum(), [y])[0].reshape(-1, 3)
     a = torch.cat([X.reshape(-1, 4), torch.ones(18, 1, dtype=X.dtype)], 1)
     cands = torch.nonzero(D.abs().sum(1) > 0).flatten()
-    keys = torch.rand(18, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    # the microbatch draws one seed from the generator; layer 0 draws its keys from seed + 0
+    probe_seed = int(torch.randint(0, 2**62, (), generator=torch.Generator().manual_seed(seed)))
+    keys = torch.rand(18, generator=torch.Generator().manual_seed(probe_seed), dtype=torch.float64)
     keys[~(D.abs().sum(1) > 0)] = float("inf")
     pick = keys.topk(k, largest=False).indices
     assert set(pick.tolist()) <= set(cands.tolist())

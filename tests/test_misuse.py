@@ -37,10 +37,10 @@ def _losses(model, X):
     return (model(X) ** 2).sum(1) / X.shape[0]
 
 
-def _make(model, mode="ntk", ema=None, copy_model=True):
+def _make(model, mode="ntk", ema=None, copy_model=True, gates="auto"):
     m = copy.deepcopy(model) if copy_model else model
     opt = ISOPO(m, torch.optim.SGD(m.parameters(), lr=0.1), mode=mode, damping=0.5, ema=ema,
-                fisher_probes=None)
+                fisher_probes=None, gates=gates)
     return m, opt, _hooks(m)
 
 
@@ -227,10 +227,10 @@ def test_exception_in_the_forward(data):
 
 
 def test_interrupted_backward_then_retry(data):
-    """A backward that raises half-way leaves partial gradients, as autograd does; the retry of
-    the retained graph uses only its own per-sample gradients."""
+    """A backward that raises half-way leaves partial gradients, as autograd does (with a gate
+    per layer); the retry of the retained graph uses only its own per-sample gradients."""
     model, X, A = data
-    m, opt, hooks = _make(model)
+    m, opt, hooks = _make(model, gates="layer")
     calls = []
 
     def fail_once(grad):

@@ -66,3 +66,16 @@ def forward_pre_hooks(module: nn.Module) -> list:
     ``spectral_norm`` recompute a weight from its parameters there, out of ISOPO's sight. There is
     no public way to list a module's hooks."""
     return list(module._forward_pre_hooks.values())
+
+
+def top_function_mode():
+    """The innermost ``TorchFunctionMode`` (``torch.overrides`` keeps the stack)."""
+    from torch.overrides import _get_current_function_mode
+    return _get_current_function_mode()
+
+
+def without_function_mode():
+    """Run ISOPO's own ops without its free-parameter ``TorchFunctionMode`` (the top of the mode
+    stack while a rule runs), as ``torch.overrides`` does around a mode's own handler."""
+    from torch.overrides import _pop_mode_temporarily
+    return _pop_mode_temporarily()

@@ -23,16 +23,28 @@ class Coefficients:
     rho: Tensor        # damping · m_used
     spectrum: Tensor   # K (ntk) or ν² (fisher): its condition number is computed at step()
 
-    def split(self) -> list["Coefficients"]:
-        if self.c.dim() == 1:
-            return [self]
-        return [Coefficients(*parts) for parts in zip(self.c, self.m, self.rho, self.spectrum)]
+    def layer(self, i: int) -> "Layer":
+        return Layer(self, i)
+
+
+class Layer:
+    """Layer ``i`` of coefficients computed in a batch, indexed only when read (for logging)."""
+
+    def __init__(self, batch: Coefficients, i: int):
+        self.batch, self.i = batch, i
+
+    c = property(lambda self: self.batch.c[self.i])
+    m = property(lambda self: self.batch.m[self.i])
+    rho = property(lambda self: self.batch.rho[self.i])
+    spectrum = property(lambda self: self.batch.spectrum[self.i])
 
 
 def _statistic(m: Tensor, damping: float, m_used) -> Tensor:
     """``damping · m``, with ``m_used`` (a float, or one per layer with NaN for "own") instead."""
     if m_used is None:
         return damping * m
+    if not isinstance(m_used, float) and all(u == u for u in m_used):      # no NaN: all given
+        return torch.tensor(m_used, dtype=m.dtype).to(m.device, non_blocking=True) * damping
     used = torch.as_tensor(m_used, dtype=m.dtype, device=m.device)
     return damping * torch.where(torch.isnan(used), m, used)
 
@@ -45,8 +57,8 @@ def ntk_coefficients(K: Tensor, A: Tensor, damping: float, m_used=None) -> Coeff
     ``ρ = 0`` and ``c = A``, whose contraction with zero gradients is zero anyway. A non-finite
     ``K`` (overflow) gives a NaN ``c``, so the gradient is NaN and a loss scaler skips the step.
     """
-    K = K.to(torch.float64)
-    A = A.to(K)
+    K = K if K.dtype == torch.float64 else K.to(torch.float64)
+    A = A if A.dtype == K.dtype and A.device == K.device else A.to(K)
     n = A.numel()
     diag = torch.diagonal(K, dim1=-2, dim2=-1)
     m = diag.sum(-1) / n

@@ -38,7 +38,8 @@ class Settings:
     fisher_probes: int | None
     route: str
     budget_bytes: int
-    generator: torch.Generator
+    probe_seed: int       # fisher: each layer draws its probes from a generator seeded with
+                          # this plus its index, so results do not depend on the finishing order
 
 
 def _draw(candidates: list[Tensor], k: int | None, gen: torch.Generator) -> list[tuple[Tensor, Tensor]]:
@@ -65,11 +66,6 @@ def _draw(candidates: list[Tensor], k: int | None, gen: torch.Generator) -> list
     return out
 
 
-def _reinforce(A: Tensor) -> Coefficients:
-    zero = A.new_zeros(())
-    return Coefficients(A, zero, zero, A)
-
-
 @dataclass
 class Prepared:
     """One layer's uses, sorted and summed, with its statistic: ``K`` (ntk) or ``ν²`` (fisher)."""
@@ -87,7 +83,7 @@ class Prepared:
 
 
 def prepare(uses: list, params: list[Tensor], n: int, cfg: Settings,
-            sample_pieces: bool = False) -> Prepared:
+            sample_pieces: bool = False, key: int = 0) -> Prepared:
     """Sort a layer's uses and compute its statistic. ``K``, the Fisher products and
     ``Σ c_i G_i`` add up over the layer's parameters: factor uses per weight and per bias slot
     (``factors``), explicit uses over the slots they cover. With ``sample_pieces`` the Fisher
@@ -96,7 +92,7 @@ def prepare(uses: list, params: list[Tensor], n: int, cfg: Settings,
             uses[0].smap.trivial:
         p = Prepared(params, [uses[0]], None, one_row=uses[0])
         if cfg.mode != "reinforce":
-            p.stat = _statistic(_one_row_kernel(uses[0]), cfg, True)
+            p.stat = _statistic(_one_row_kernel(uses[0]), cfg, True, key)
         return p
     factor = merge_uses([u for u in uses if isinstance(u, FactorUse)])
     explicit = _explicit_gradients([u for u in uses if isinstance(u, ExplicitUse)], params)
@@ -106,21 +102,27 @@ def prepare(uses: list, params: list[Tensor], n: int, cfg: Settings,
     dt = factors.work_dtype(p.ref)
     budget = max(1, cfg.budget_bytes * 8 // torch.finfo(dt).bits)
     if cfg.mode == "ntk" or sample_pieces:
-        p.stat = _statistic(_kernel(p, n, dt, budget, cfg), cfg, sample_pieces)
+        p.stat = _statistic(_kernel(p, n, dt, budget, cfg), cfg, sample_pieces, key)
     else:
-        p.stat = fisher_nu2(*_fisher_products(factor, explicit, n, dt, budget, cfg))
+        p.stat = fisher_nu2(*_fisher_products(factor, explicit, n, dt, budget, cfg, key))
     return p
 
 
-def _statistic(K: Tensor, cfg: Settings, sample_pieces: bool) -> Tensor:
+def _statistic(K: Tensor, cfg: Settings, sample_pieces: bool, key: int) -> Tensor:
     """``K`` for ntk; ``ν²`` for fisher when every sample is one position."""
-    return K if cfg.mode == "ntk" else fisher_nu2(*_sample_pieces(K, cfg))
+    return K if cfg.mode == "ntk" else fisher_nu2(*_sample_pieces(K, cfg, key))
+
+
+def _generator(cfg: Settings, key: int) -> torch.Generator:
+    return torch.Generator().manual_seed(cfg.probe_seed + key)
 
 
 def _one_row_kernel(u: FactorUse) -> Tensor:
     """``K = (UUᵀ) ⊙ (VVᵀ) + ΔΔᵀ`` when row i is sample i (``G_i = U_i ⊗ V_i``, bias ``Δ_i``)."""
     dt = factors.work_dtype(u.V)
     U, V, d = (x if x.dtype == dt else x.to(dt) for x in (u.U, u.V, u.delta))
+    if u.weight is not None and u.bias is not None and u.U is u.delta:   # nn.Linear: U = Δ
+        return (d @ d.T) * (V @ V.T + 1)
     K = (U @ U.T) * (V @ V.T) if u.weight is not None else 0
     return K + d @ d.T if u.bias is not None else K
 
@@ -140,21 +142,22 @@ def _kernel(p: Prepared, n: int, dt, budget: int, cfg: Settings) -> Tensor:
 
 
 def coefficients(stats: list[Tensor], A: Tensor, cfg: Settings,
-                 m_used: list[float | None]) -> list[Coefficients]:
-    """``c`` of several layers at once: their statistics stacked, one batched solve (ntk) or one
-    batched normalisation (fisher) for all of them."""
+                 m_used: list[float | None]) -> Coefficients:
+    """``c`` of several layers at once (a leading layer axis): their statistics stacked, one
+    batched solve (ntk) or one batched normalisation (fisher) for all of them."""
     if cfg.mode == "reinforce":
-        return [_reinforce(A) for _ in stats]
-    if len(stats) == 1:
-        return [(ntk_coefficients if cfg.mode == "ntk" else fisher_coefficients)(
-            stats[0], A, cfg.damping, m_used[0])]
-    if len({(s.shape, s.device) for s in stats}) > 1:
-        return [coefficients([s], A, cfg, [m])[0] for s, m in zip(stats, m_used)]
-    stat = torch.stack([s.to(torch.float64) for s in stats])
+        zero = A.new_zeros(len(stats))
+        return Coefficients(A.expand(len(stats), -1), zero, zero, None)
+    if len({(s.shape, s.device) for s in stats}) > 1:     # layers on several devices
+        parts = [coefficients([s], A, cfg, [m]) for s, m in zip(stats, m_used)]
+        return Coefficients(*(None if parts[0].spectrum is None and f == "spectrum" else
+                              torch.cat([getattr(p, f).to(A.device) for p in parts])
+                              for f in ("c", "m", "rho", "spectrum")))
+    stat = (stats[0][None] if len(stats) == 1 else torch.stack(stats)).to(torch.float64)
     used = None if all(m is None for m in m_used) else [math.nan if m is None else m
                                                          for m in m_used]
     make = ntk_coefficients if cfg.mode == "ntk" else fisher_coefficients
-    return make(stat, A.to(stat), cfg.damping, used).split()
+    return make(stat, A.to(stat), cfg.damping, used)
 
 
 def contract(p: Prepared, c: Tensor) -> list[Tensor | None]:
@@ -164,11 +167,12 @@ def contract(p: Prepared, c: Tensor) -> list[Tensor | None]:
     u = p.one_row
     c = c.to(device=u.V.device, dtype=u.V.dtype)[:, None]
     grads: list[Tensor | None] = [None] * len(p.params)
+    scaled = u.U * c if u.weight is not None and u.U.shape[1] <= u.V.shape[1] else None
     if u.weight is not None:
-        W = (u.U * c).T @ u.V if u.U.shape[1] <= u.V.shape[1] else u.U.T @ (u.V * c)
+        W = scaled.T @ u.V if scaled is not None else u.U.T @ (u.V * c)
         grads[u.weight] = W.view(p.params[u.weight].shape)
     if u.bias is not None:
-        grads[u.bias] = (u.delta * c).sum(0)
+        grads[u.bias] = (scaled if u.delta is u.U and scaled is not None else u.delta * c).sum(0)
     return grads
 
 
@@ -260,12 +264,12 @@ def _explicit_gradients(uses: list[ExplicitUse], params) -> _Explicit | None:
     return ex
 
 
-def _fisher_products(factor, explicit, n, dt, budget, cfg):
+def _fisher_products(factor, explicit, n, dt, budget, cfg, key):
     """``⟨g_t, G_i⟩`` (probes × n) and ``‖g_t‖²`` over the layer's probe positions: the tokens of
     its factor uses, then the pieces of its explicit uses, drawn together."""
     euses = [] if explicit is None else explicit.uses
     candidates = factors.fisher_candidates(factor) + [u.candidates for u in euses]
-    probes = _draw(candidates, cfg.fisher_probes, cfg.generator)
+    probes = _draw(candidates, cfg.fisher_probes, _generator(cfg, key))
     dots, norms = [], []
     if factor:
         d, q = factors.fisher_products(factor, probes[:len(factor)], n, dt, budget)
@@ -281,10 +285,10 @@ def _fisher_products(factor, explicit, n, dt, budget, cfg):
     return torch.cat([d.to(dt) for d in dots]), torch.cat([q.to(dt) for q in norms])
 
 
-def _sample_pieces(K: Tensor, cfg: Settings):
+def _sample_pieces(K: Tensor, cfg: Settings, key: int):
     """Fisher products when each sample is one position: ``⟨G_t, G_i⟩ = K_ti`` for probe samples
     ``t`` drawn among those with a non-zero gradient."""
-    (idx, w), = _draw([torch.diagonal(K) > 0], cfg.fisher_probes, cfg.generator)
+    (idx, w), = _draw([torch.diagonal(K) > 0], cfg.fisher_probes, _generator(cfg, key))
     w = w.to(K.dtype)
     return K[idx] * w[:, None], torch.diagonal(K)[idx] * w
 

@@ -48,6 +48,7 @@ class Layer:
     param_names: list[str]
     entries: list[Entry]
     owners: list[tuple[nn.Module, str]]   # where each parameter is registered
+    index: int = 0                 # its place among the model's layers
 
     def live_params(self) -> list[Tensor]:
         """The tensors the owning modules hold right now: FSDP2 registers unsharded parameters
@@ -140,7 +141,10 @@ def find_layers(model: nn.Module) -> list[Layer]:
     aliases: dict[int, list[str]] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(n)
-    return [_build_layer([claims[i] for i in idx], aliases) for idx in groups]
+    layers = [_build_layer([claims[i] for i in idx], aliases) for idx in groups]
+    for i, layer in enumerate(layers):
+        layer.index = i
+    return layers
 
 
 def _shared_groups(owner_maps: list[dict]) -> list[list[int]]:

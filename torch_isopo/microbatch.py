@@ -13,6 +13,7 @@ from torch import Tensor
 from . import _compat
 from .finish import ExplicitUse, Settings, coefficients, contract, prepare
 from .gate import Gate, descends_from_use
+from .layers import _is_dtensor
 from .samples import SampleMap, batch_map, expand_shared, sample_map
 
 
@@ -56,7 +57,7 @@ class ModelRecord:
     end of the backward, their coefficients solved in one batch."""
 
     def __init__(self, records: list[LayerRecord]):
-        self.records = records
+        self.records, self.mb = records, records[0].mb
 
     def finish(self, arrived: tuple) -> tuple:
         parts, start = [], 0
@@ -81,18 +82,18 @@ def finish_records(records: list[LayerRecord], arrived: list[tuple]) -> list[tup
     A, back, S = mb.advantages(live[0][1].params[0].device)
     if cfg.mode == "fisher":
         back *= S                     # the fisher gradient ignores the loss scale: restore it
-    preps = [prepare(uses, r.params, mb.n, cfg, r.layer.pieces == "samples")
+    preps = [prepare(uses, r.params, mb.n, cfg, r.layer.pieces == "samples", r.layer.index)
              for _, r, uses in live]
     m_used = [None if mb.stats is None or r.layer.name not in mb.stats
               else mb.stats[r.layer.name] * S * S for _, r, _ in live]   # kept unscaled
-    coefs = coefficients([p.stat for p in preps], A, cfg, m_used)
-    for (k, r, _), p, coef in zip(live, preps, coefs):
-        grads = contract(p, coef.c)
-        outs[k] = tuple(None if g is None else _scaled(g.to(q.dtype), back).contiguous()
+    coef = coefficients([p.stat for p in preps], A, cfg, m_used)
+    for j, ((k, r, _), p) in enumerate(zip(live, preps)):
+        grads = contract(p, coef.c[j])
+        outs[k] = tuple(None if g is None else _finished(g, q, back)
                         for g, q in zip(grads, r.params))
         mb.ledger.record(r.params, outs[k])
         if cfg.mode != "reinforce":   # tensors, read at step() and when logged
-            mb.figures.setdefault(r.layer.name, []).append((coef, A, S))
+            mb.figures.setdefault(r.layer.name, []).append((coef.layer(j), A, S))
     return outs
 
 
@@ -112,6 +113,8 @@ class Microbatch:
         self.settings, self.stats, self.figures, self.ledger = settings, stats, figures, ledger
         self._loss_scale = loss_scale
         self.tracker = None          # follows free parameters (``shared.Tracker``), if any
+        self.gate_all = None         # the layers to gate together (a small model), if any
+        self._together: set[int] = set()   # the layers gated together
         self._gates: dict[int, tuple] | None = {}
         self._maps: dict[tuple, SampleMap] = {}
         self._explicit = None        # the first input with a sample axis (its description)
@@ -126,17 +129,38 @@ class Microbatch:
 
     def gate(self, layer) -> tuple:
         """``(record, gated params)``: the layer's parameters as this microbatch's graph sees them
-        (one gate per layer and microbatch)."""
+        (one gate per layer and microbatch, or one for all ``gate_all`` layers at once)."""
         key = id(layer)
         found = None if self._gates is None else self._gates.get(key)
-        if found is None:
-            params = layer.live_params()
-            self.ledger.watch(layer, params)
-            record = LayerRecord(layer, self, params)
-            found = (record, Gate.apply(record, *params))
-            if self._gates is not None:
-                self._gates[key] = found
+        recompute = _compat.autograd_node() is not None
+        if found is not None and not (recompute and key in self._together):
+            return found
+        if found is None and self._gates is not None and self.gate_all and not recompute \
+                and not _sharded(self.gate_all):
+            self._gate_together(self.gate_all)
+            return self._gates[key]
+        # a forward recomputed inside a backward (reentrant checkpointing backpropagates it on
+        # its own) gets a gate of its own, which finishes there
+        params = layer.live_params()
+        self.ledger.watch(layer, params)
+        record = LayerRecord(layer, self, params)
+        found = (record, Gate.apply(record, *params))
+        if self._gates is not None and key not in self._together:
+            self._gates[key] = found
         return found
+
+    def _gate_together(self, layers) -> None:
+        """One gate for all layers of a small model: one node, one batched solve, at the end of
+        the backward."""
+        params = [layer.live_params() for layer in layers]
+        records = []
+        for layer, ps in zip(layers, params):
+            self.ledger.watch(layer, ps)
+            records.append(LayerRecord(layer, self, ps))
+        gated = iter(Gate.apply(ModelRecord(records), *(p for ps in params for p in ps)))
+        for layer, record, ps in zip(layers, records, params):
+            self._gates[id(layer)] = (record, tuple(next(gated) for _ in ps))
+            self._together.add(id(layer))
 
     def advantages(self, device) -> tuple[Tensor, float, float]:
         """``(A', back, S)`` on ``device``, read once per microbatch: ``A = A' · back`` (see
@@ -189,6 +213,12 @@ class Microbatch:
         return self._maps[key]
 
 
+def _sharded(layers) -> bool:
+    """Whether some parameter is sharded right now (FSDP2 unshards each module in its forward):
+    then each layer is gated when its module runs."""
+    return any(_is_dtensor(getattr(owner, attr)) for layer in layers for owner, attr in layer.owners)
+
+
 def _check_arrived(layer, uses, arrived, autocast: bool) -> None:
     """A gradient that reached the gate without a use to account for it came from a path ISOPO
     did not see: refuse it rather than write a gradient it cannot attribute to samples."""
@@ -208,8 +238,13 @@ def _check_arrived(layer, uses, arrived, autocast: bool) -> None:
             "gradient. Keep such terms out of the microbatch's backward")
 
 
-def _scaled(g: Tensor, back: float) -> Tensor:
-    return g if back == 1.0 else g * back
+def _finished(g: Tensor, p: Tensor, back: float) -> Tensor:
+    """The gradient in the parameter's dtype, scaled back (``unit_advantages``), contiguous."""
+    if g.dtype != p.dtype:
+        g = g.to(p.dtype)
+    if back != 1.0:
+        g = g * back
+    return g if g.is_contiguous() else g.contiguous()
 
 
 def unit_advantages(A: Tensor) -> tuple[Tensor, float]:

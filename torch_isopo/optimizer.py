@@ -17,6 +17,8 @@ from .microbatch import Microbatch, check_advantages, check_segments
 from .shared import Tracker
 
 MODES = ("ntk", "fisher", "reinforce")
+SMALL = 1 << 20   # a model with at most this many trainable parameters has one gate for all
+                  # layers: they finish together, solved in one batch (docs/performance.md)
 
 
 def _constants(model: nn.Module) -> list:
@@ -71,12 +73,17 @@ class ISOPO(torch.optim.Optimizer):
         grad_scaler: the ``torch.amp.GradScaler`` that scales the losses (fp16), if any. ISOPO
             reads its scale, so that the statistics and the ``fisher`` gradient (which does not
             change with the loss scale) keep the units of the unscaled loss.
+        gates: ``"layer"``: each layer's gradient is made as soon as the backward has passed it
+            (DDP can start reducing it); ``"model"``: all layers at the end of the backward, their
+            solves in one batch (less fixed cost per layer); ``"auto"``: ``"model"`` for models
+            of at most 2^20 trainable parameters.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, mode: str = "ntk",
                  damping: float = 1.0, ema: float | None = 0.9, fisher_probes: int | None = 250,
                  generator: torch.Generator | None = None, route: str = "auto",
-                 memory_budget: int = 256 * 2**20, grad_scaler: torch.amp.GradScaler | None = None):
+                 memory_budget: int = 256 * 2**20, grad_scaler: torch.amp.GradScaler | None = None,
+                 gates: str = "auto"):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if mode not in MODES:
@@ -91,6 +98,8 @@ class ISOPO(torch.optim.Optimizer):
             raise ValueError(f"fisher_probes must be None or a positive int, got {fisher_probes!r}")
         if route not in ("auto", "gram", "materialise"):
             raise ValueError(f"unknown route {route!r}; choose 'auto', 'gram' or 'materialise'")
+        if gates not in ("auto", "layer", "model"):
+            raise ValueError(f"unknown gates {gates!r}; choose 'auto', 'layer' or 'model'")
         if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
             raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
         self.optimizer = _Unset()
@@ -102,6 +111,9 @@ class ISOPO(torch.optim.Optimizer):
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.grad_scaler = grad_scaler
         self.layers: list[Layer] = find_layers(model)
+        self.gates = gates
+        self._together = gates == "model" or gates == "auto" and sum(
+            p.numel() for layer in self.layers for p in layer.params) <= SMALL
         self._attachment = Attachment()
         self._ledger = Ledger(self._attachment)
         self._m: dict[str, float] = {}                 # EMA of m per layer
@@ -204,6 +216,8 @@ class ISOPO(torch.optim.Optimizer):
         mb = Microbatch(self._attachment, A, seg, sample_dim, self._settings(),
                         self._m if self.ema is not None else None, self._step_figures,
                         self._ledger, self._loss_scale)
+        if self._together:
+            mb.gate_all = self.layers
         free = [layer for layer in self.layers if layer.rule == "parameter"]
         if free:
             mb.tracker = Tracker(self._attachment, free, _constants(self.model))
@@ -218,8 +232,11 @@ class ISOPO(torch.optim.Optimizer):
             mb.close()
 
     def _settings(self) -> Settings:
+        seed = 0
+        if self.mode == "fisher" and self.fisher_probes is not None:
+            seed = int(torch.randint(0, 2**62, (), generator=self.generator))
         return Settings(self.mode, self.damping, self.fisher_probes, self.route,
-                        self.memory_budget, self.generator)
+                        self.memory_budget, seed)
 
     def _loss_scale(self) -> float:
         s = self.grad_scaler
@@ -290,7 +307,7 @@ class ISOPO(torch.optim.Optimizer):
         statistics; it attaches itself to the copied model."""
         settings = {k: getattr(self, k) for k in ("mode", "damping", "ema", "fisher_probes",
                                                    "generator", "route", "memory_budget",
-                                                   "grad_scaler")}
+                                                   "grad_scaler", "gates")}
         return {"model": self.model, "optimizer": self.optimizer, "settings": settings,
                 "m": dict(self._m)}
 

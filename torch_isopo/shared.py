@@ -21,11 +21,33 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 from torch.overrides import TorchFunctionMode
-from torch.utils.weak import WeakIdKeyDictionary
+import weakref
 
 from . import _compat
 from .finish import ExplicitUse
 from .gate import own_node, own_op
+
+
+class _ByIdentity:
+    """Tensor → value by identity, without keeping the tensor alive (a dict of weak references
+    keyed by ``id``: cheaper per lookup than ``WeakIdKeyDictionary``, which the tracker does
+    for every op of the forward)."""
+
+    def __init__(self):
+        self.items: dict[int, tuple] = {}
+
+    def __contains__(self, t) -> bool:
+        found = self.items.get(id(t))
+        return found is not None and found[0]() is t
+
+    def __getitem__(self, t):
+        return self.items[id(t)][1]
+
+    def get(self, t, default=None):
+        return self[t] if t in self else default
+
+    def __setitem__(self, t, value) -> None:
+        self.items[id(t)] = (weakref.ref(t), value)
 
 
 class Tracker(TorchFunctionMode):
@@ -35,16 +57,20 @@ class Tracker(TorchFunctionMode):
         super().__init__()
         self.attachment = attachment
         self.free = {id(p): (layer, i) for layer in layers for i, p in enumerate(layer.params)}
-        self.shared = WeakIdKeyDictionary()     # tensor -> ids of the free layers it reads
+        self.shared = _ByIdentity()             # tensor -> ids of the free layers it reads
         self.gates: dict[int, tuple] = {}       # free layer id -> (record, gated parameters)
         for t in constants:
             self.shared[t] = frozenset()
         self.paused = 0
 
+    def on_top(self) -> bool:
+        """Whether this mode is the innermost one (so it can step aside for ISOPO's own ops)."""
+        return _compat.top_function_mode() is self
+
     def __exit__(self, *exc):
         """The block is over: drop every reference to its tensors (no cycle through the graph
         outlives it)."""
-        self.shared, self.gates = WeakIdKeyDictionary(), {}
+        self.shared, self.gates = _ByIdentity(), {}
         return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -66,8 +92,12 @@ class Tracker(TorchFunctionMode):
             inputs = list(_tensors(args, kwargs))
             if reads and meets_samples(mb, out, inputs, self.shared, data):
                 sources = [t for t in inputs if t in self.shared and self.shared[t]]
+                kind = None if kwargs.get("alpha") is not None else _BROADCASTS.get(func)
+                targets = None if kind is None else [
+                    0 if kind == "one" else next(i for i, t in enumerate(inputs) if t is src)
+                    for src in sources]
                 return meet(mb, out, sources,
-                            [{k: self.gates[k] for k in self.shared[t]} for t in sources])
+                            [{k: self.gates[k] for k in self.shared[t]} for t in sources], targets)
         finally:
             self.paused -= 1
         return out if data and not reads else self._mark(out, reads)
@@ -150,15 +180,19 @@ def _broadcast(t: Tensor, o: Tensor, axis: int) -> bool:
     return k < 0 or t.shape[k] == 1
 
 
-def meet(mb, out, sources: list[Tensor], reads: list[dict]):
+def meet(mb, out, sources: list[Tensor], reads: list[dict], targets=None):
     """``out`` (a tensor or a tuple of them), computed from the free-parameter tensors
     ``sources`` (and data), passed through ``Meet``; ``reads[k]`` maps the free layers source k
-    reads to their ``(record, gated parameters)``."""
+    reads to their ``(record, gated parameters)``. When the op only broadcasts its inputs,
+    ``targets[k]`` is the result source k is broadcast into."""
     tensors = _out_tensors(out)
     keep = [t for t in tensors if t.is_floating_point() and t.requires_grad]
     if not keep:
         return out
-    met = iter(Meet.apply(_Meeting(mb, sources, reads), *keep))
+    meeting = _Meeting(mb, sources, reads)
+    if len(keep) == len(tensors):
+        meeting.targets = targets
+    met = iter(Meet.apply(meeting, *keep))
     swapped = {id(t): next(met) for t in keep}
     if isinstance(out, Tensor):
         return swapped[id(out)]
@@ -168,6 +202,7 @@ def meet(mb, out, sources: list[Tensor], reads: list[dict]):
 class _Meeting:
     def __init__(self, mb, sources, reads):
         self.mb, self.sources, self.reads = mb, sources, reads
+        self.targets = None     # per source, the result it is broadcast into (a pure broadcast)
 
 
 @own_op
@@ -186,18 +221,54 @@ class Meet(Function):
         m = ctx.meeting
         outs = [o for o, d in zip(ctx.saved_tensors, douts) if d is not None]
         grads = [d for d in douts if d is not None]
-        if outs:
-            masked = [_per_sample(m.mb, o, d) for o, d in zip(outs, grads)]
+        if len(outs) == len(douts):
             per_layer: dict[int, tuple] = {}
-            for src, reads in zip(m.sources, m.reads):
-                G_src, = _batched_grad(outs, [src], masked, m.mb.n, flat=False)
+            masked = None
+            for k, (src, reads) in enumerate(zip(m.sources, m.reads)):
+                G_src = _broadcast_grad(m, k, src, outs, grads)
+                if G_src is None:
+                    masked = masked or [_per_sample(m.mb, o, d) for o, d in zip(outs, grads)]
+                    G_src, = _batched_grad(outs, [src], masked, m.mb.n, flat=False)
                 for key, (record, gated) in reads.items():
-                    G = _batched_grad([src], gated, [G_src], m.mb.n)
+                    G = _carried(src, gated, G_src, m.mb.n)
                     old = per_layer.get(key)
                     per_layer[key] = (record, G if old is None else old[1] + G)
             for record, G in per_layer.values():
                 record.add(ExplicitUse(G, None, None))
         return (None, *douts)
+
+
+# ops whose results only broadcast their inputs (``"each"``: the k-th input into the k-th result)
+_BROADCASTS = {Tensor.expand: "one", Tensor.expand_as: "one", torch.broadcast_to: "one",
+               Tensor.broadcast_to: "one", torch.broadcast_tensors: "each", torch.add: "one",
+               Tensor.add: "one", Tensor.__add__: "one", Tensor.__radd__: "one"}
+
+
+def _broadcast_grad(m: "_Meeting", k: int, src: Tensor, outs, grads) -> Tensor | None:
+    """``(n, *src.shape)`` without vectorising autograd when the op only broadcast ``src`` along
+    every row axis of its result: each sample's gradient is its rows' summed down to ``src``."""
+    if m.targets is None or m.targets[k] >= len(outs):
+        return None
+    i = m.targets[k]
+    o, d = outs[i], grads[i]
+    token = o.shape[:-1] if o.dim() >= 2 else o.shape
+    lead = o.dim() - src.dim()
+    if any(j - lead >= 0 and src.shape[j - lead] != 1 for j in range(len(token))):
+        return None
+    smap = m.mb.sample_map(token, "a free parameter's result", o.device)
+    G = smap.reduce(d.reshape(smap.rows, -1), 0)               # (n, last dim)
+    last = o.shape[-1] if o.dim() >= 2 else 1
+    G = G.view(m.mb.n, last) if src.dim() and src.shape[-1] == last else G.sum(1, keepdim=True)
+    return G.view(m.mb.n, *src.shape) if src.numel() == G.shape[1] else None
+
+
+def _carried(src: Tensor, gated, G_src: Tensor, n: int) -> Tensor:
+    """``(n, D)``: per-sample gradients of a free layer's parameters from those of ``src``."""
+    for i, g in enumerate(gated):
+        if src is g:                        # the parameter itself: nothing to carry
+            return torch.cat([G_src.reshape(n, -1) if j == i else G_src.new_zeros(n, q.numel())
+                              for j, q in enumerate(gated)], 1)
+    return _batched_grad([src], gated, [G_src], n)
 
 
 def _per_sample(mb, o: Tensor, d: Tensor) -> Tensor:
