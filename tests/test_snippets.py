@@ -98,13 +98,11 @@ def hf_losses(model, mb):
     return -logp.sum() / logp.numel()
 """
 DISTRIBUTED = """
-import os, socket
+import os
 import torch.distributed as dist
 from types import SimpleNamespace
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+dist.init_process_group("gloo", init_method=f"file://{os.path.abspath('store')}", rank=0,
+                        world_size=1)
 local_rank = 0
 
 class Rollouts:
