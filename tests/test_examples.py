@@ -87,3 +87,28 @@ def test_benchmark_times_come_from_the_retimed_runs():
     cells = learning.cells(learning.group([r]), "reverse", "GRPO-1", 1e-3, 0.9)
     assert cells[1:5] == ["128", "1.0", "0.5", "0.50"]
     assert "1 of its 1 re-runs" in learning.clocks([r])
+
+
+def test_ppo_continuous(tmp_path):
+    pytest.importorskip("tensorboard")
+    import ppo_continuous
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import plot_diagnostics
+
+    out, logs = tmp_path / "ppo.png", tmp_path / "runs"
+    result = ppo_continuous.main(["--samples", "1024", "--envs", "2", "--steps", "256",
+                                  "--minibatch", "128", "--update-epochs", "2", "--critic-epochs",
+                                  "1", "--seeds", "2", "--log-every", "2", "--out", str(out),
+                                  "--tensorboard", str(logs)])
+    assert [row["method"] for row in result["table"]] == ["ISOPO ntk", "PPO-clip"]
+    assert all(len(h["return"]) == 2 for hists in result["runs"].values() for h in hists)
+    assert out.stat().st_size > 0
+    assert sorted(p.name for p in logs.iterdir()) == ["ntk-seed0", "ntk-seed1"]
+    figures, returns = plot_diagnostics.read_scalars(str(logs / "ntk-seed0"))
+    assert set(figures) == {"rho", "c_ratio", "cond", "m"}
+    assert set(figures["cond"]) == {"actor_mean.0", "actor_mean.2", "actor_mean.4", "Agent"}
+    assert [len(steps) for steps, _ in figures["m"].values()] == [8] * 4   # 16 steps, every 2nd
+    assert len(returns) == 2                       # two updates of 2 x 256 steps: episodes ended
+    plot_diagnostics.main([str(logs / "ntk-seed0"), "--out", str(tmp_path / "diag.png")])
+    assert (tmp_path / "diag.png").stat().st_size > 0

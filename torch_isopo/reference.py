@@ -46,10 +46,10 @@ def reference_gradients(model: nn.Module, sample_losses: Callable[[], Tensor], a
                                                    allow_unused=True), params)
                          for i in range(n)]).double()
         pieces = None
-        if mode == "fisher":
+        if mode == "fisher":                  # a layer whose modules never ran has no pieces
             pieces = G if layer.pieces == "samples" else torch.cat(
-                [_pieces(layer, e, call, losses, before, after) for e in layer.entries
-                 for call in calls.get(id(e), [])])
+                [G[:0]] + [_pieces(layer, e, call, losses, before, after) for e in layer.entries
+                           for call in calls.get(id(e), [])])
         c, stats[layer.name] = _coefficients(mode, G, pieces, A, damping,
                                              None if not m else m.get(layer.name))
         flat = c.to(G.dtype) @ G

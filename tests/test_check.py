@@ -1,0 +1,205 @@
+"""``torch_isopo.check``: passes on models ISOPO handles, names the layer when a model's sample
+layout is not what its rows say, reports generic fallbacks and refusals."""
+import pytest
+import torch
+from torch import nn
+from torch.distributions import Normal
+
+import torch_isopo
+from torch_isopo import CheckError, check
+
+N = 6
+
+
+def logp0(z):
+    return z.log_softmax(-1)[:, 0]
+
+
+class Centre(nn.Module):
+    """A module with no rule (generic): subtracts the batch mean, so it mixes samples."""
+
+    def __init__(self, d=4):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d, d) * 0.5)
+
+    def forward(self, x):
+        return (x - x.mean(0)) @ self.w
+
+
+class Scale(nn.Module):
+    """A module with no rule that keeps samples apart: the generic fallback, exact."""
+
+    def __init__(self, d=4):
+        super().__init__()
+        self.s = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x):
+        return torch.tanh(x * self.s)
+
+
+class Agent(nn.Module):
+    """CleanRL's continuous-action agent: ``actor_logstd`` on the agent, a critic beside."""
+
+    def __init__(self):
+        super().__init__()
+        self.critic = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+        self.actor_mean = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+        self.actor_logstd = nn.Parameter(torch.randn(1, 2) * 0.3)
+
+    def logp(self, x, a):
+        mean = self.actor_mean(x)
+        return Normal(mean, self.actor_logstd.expand_as(mean).exp()).log_prob(a).sum(1)
+
+
+X = torch.randn(N, 3)                 # float32: check casts the inputs to float64 at each module
+ACT = torch.randn(N, 2)
+IMG = torch.randn(N, 2, 6, 6)
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def cnn():
+    return nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(), nn.Conv2d(4, 4, 3, 2),
+                         nn.Flatten(), nn.Linear(4, 3))
+
+
+SUPPORTED = {
+    "mlp": (mlp, lambda m: -logp0(m(X)), ["linear"] * 3),
+    "gaussian": (Agent, lambda m: -m.logp(X, ACT), ["parameter", "linear", "linear", "linear",
+                                                    "linear"]),
+    "cnn": (cnn, lambda m: -logp0(m(IMG)), ["conv", "channel_norm", "conv", "linear"]),
+}
+
+
+@pytest.mark.parametrize("name", list(SUPPORTED))
+def test_passes_on_supported_models(name):
+    build, losses, rules = SUPPORTED[name]
+    torch.manual_seed(0)
+    model = build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = check(model, losses)
+    assert result.ok and not result.refusals
+    assert [row.rule for row in result.layers] == rules
+    assert all(set(row.errors) == {"reinforce", "ntk", "fisher"} for row in result.layers)
+    assert max(e for row in result.layers for e in row.errors.values()) < 1e-10
+    assert all(row.name in str(result) for row in result.layers)
+    # the model is untouched: same weights, no gradients, no hooks, not attached
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    torch_isopo.ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_reports_the_generic_fallback():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), Scale(), nn.Linear(4, 3))
+    result = check(model, lambda m: -logp0(m(X)), modes=("ntk",))
+    assert result.ok
+    row = result.layers[1]
+    assert (row.name, row.rule) == ("1", "generic")
+    assert "no rule is registered for Scale" in row.warning
+    assert "warning: ISOPO: module '1' takes the generic rule" in str(result)
+
+
+def test_dropout_draws_the_same_masks_in_both_forwards():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), nn.Dropout(0.5), nn.Tanh(), nn.Linear(16, 3)).train()
+    assert check(model, lambda m: -logp0(m(X))).ok
+
+
+# -- sample layouts ISOPO cannot see: check names the layer ---------------------------------------
+class Shifted(nn.Module):
+    """Sample i's head reads the hidden row of sample i - 1: the first layer's rows are not its
+    samples."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(3, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return logp0(self.head(torch.tanh(self.body(x)).roll(1, 0)))
+
+
+class TableAcross(nn.Module):
+    """A table with exactly ``n`` rows broadcast against the samples along a new leading axis:
+    the result has ``n`` along dim 0, but dim 0 counts table rows, not samples."""
+
+    def __init__(self, n=N):
+        super().__init__()
+        self.embed, self.head = nn.Linear(3, 4), nn.Linear(4, 3)
+        self.table = nn.Parameter(torch.randn(n, 4))
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x))
+        z = torch.tanh(h[None, :, :] + self.table[:, None, :])    # (table row, sample, d)
+        return logp0(self.head(z.mean(0)))
+
+
+MIXED = {
+    "shifted rows": (Shifted, lambda m: -m(X), "body", "linear"),
+    "batch mean in a generic module": (
+        lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), Centre(), nn.Linear(4, 3)),
+        lambda m: -logp0(m(X)), "0", "linear"),
+    "table across the samples": (TableAcross, lambda m: -m(X), "TableAcross", "parameter"),
+}
+
+
+@pytest.mark.filterwarnings("ignore::torch_isopo.GenericRuleWarning")
+@pytest.mark.parametrize("name", list(MIXED))
+def test_names_the_layer_whose_samples_are_mixed(name):
+    build, losses, layer, rule = MIXED[name]
+    torch.manual_seed(0)
+    model = build()
+    # ISOPO alone runs without complaint: nothing in the rows tells it the samples are mixed
+    opt = torch_isopo.ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with opt.microbatch(torch.randn(N)):
+        losses(model).sum().backward()
+    opt.detach()
+    with pytest.raises(CheckError, match=f"layer '{layer}' \\({rule}\\) differs from the "
+                                         "reference") as info:
+        check(model, losses)
+    result = info.value.result
+    assert [row.name for row in result.layers if not row.ok] == [layer]
+    row = next(row for row in result.layers if row.name == layer)
+    assert all(e > 1e-2 for e in row.errors.values())
+    assert f"{row.errors['reinforce']:.1e} !" in str(result)
+
+
+def test_wrong_segments_are_caught():
+    """The loss sums rows into episodes by ``seg``; ISOPO is told another grouping."""
+    seg = torch.tensor([0, 1, 1, 2, 0, 2])
+    torch.manual_seed(0)
+    agent = Agent()
+
+    def losses(m):
+        return torch.zeros(3, dtype=torch.float64).index_add(0, seg, -m.logp(X, ACT))
+    assert check(agent, losses, segments=seg).ok
+    with pytest.raises(CheckError, match="differs from the reference"):
+        check(agent, losses, segments=torch.tensor([0, 0, 1, 1, 2, 2]))
+
+
+# -- refusals and misuse ------------------------------------------------------------------------
+def test_reports_a_refusal():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).train()
+    result = check(model, lambda m: -logp0(m(X)), modes=("ntk",), raise_on_error=False)
+    assert not result.ok
+    assert "module '1' (BatchNorm1d) normalises with the statistics of the whole batch" in \
+        result.refusals["ntk"]
+    assert [(row.name, row.rule, row.errors) for row in result.layers] == [
+        ("0", "linear", {}), ("1", "channel_norm", {}), ("2", "linear", {})]
+    assert "refused in mode ntk" in str(result) and "refused" in str(result).splitlines()[2]
+    with pytest.raises(CheckError, match="ISOPO refused the model in mode ntk"):
+        check(model, lambda m: -logp0(m(X)), modes=("ntk",))
+
+
+def test_sample_losses_must_be_per_sample():
+    model = mlp()
+    with pytest.raises(ValueError, match="unknown modes"):
+        check(model, lambda m: -logp0(m(X)), modes=("natural",))
+    with pytest.raises(ValueError, match=r"shape \(n,\).*got \(\)"):
+        check(model, lambda m: -logp0(m(X)).sum())
+    with pytest.raises(ValueError, match=r"n = 4"):
+        check(model, lambda m: -logp0(m(X)), torch.randn(4))
