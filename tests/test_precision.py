@@ -199,3 +199,17 @@ def test_overflowed_fisher_statistics_give_nan_not_zero(dots, norms):
     nu2 = fisher_nu2(torch.tensor(dots), torch.tensor(norms))
     for damping in (0.0, 0.5):
         assert torch.isnan(fisher_coefficients(nu2, torch.ones(2), damping).c).all()
+
+
+def test_low_rank_solve_equals_the_kernel_solve():
+    """A layer with fewer parameters than samples solves in its own dimensions (Woodbury)."""
+    from torch_isopo.coefficients import ntk_coefficients, ntk_low_rank
+    torch.manual_seed(0)
+    G = torch.randn(40, 6, dtype=torch.float64)
+    A = torch.randn(40, dtype=torch.float64)
+    K = G @ G.T
+    for m_used in (None, 2.5):
+        want = ntk_coefficients(K, A, 0.7, m_used)
+        got = ntk_low_rank(K, G, A, 0.7, m_used)
+        assert torch.allclose(got.c, want.c, rtol=1e-10, atol=1e-12)
+        assert torch.allclose(got.rho, want.rho) and torch.allclose(got.m, want.m)

@@ -69,6 +69,20 @@ def ntk_coefficients(K: Tensor, A: Tensor, damping: float, m_used=None) -> Coeff
     return Coefficients(safe[..., None] * solved, m, rho, K)
 
 
+def ntk_low_rank(K: Tensor, G: Tensor, A: Tensor, damping: float, m_used=None) -> Coefficients:
+    """``ntk_coefficients`` for ``K = G Gᵀ`` with ``G`` ``(n, D)``, ``D < n``, in ``D`` dimensions:
+    ``ρ (K + ρI)⁻¹ = I − G (GᵀG + ρI)⁻¹ Gᵀ`` (Woodbury), so ``c = A − G (GᵀG + ρI)⁻¹ GᵀA``."""
+    G = G.to(torch.float64)
+    A = A.to(G)
+    m = (G * G).sum() / A.numel()
+    rho = _statistic(m, damping, m_used)
+    safe = rho + (rho == 0)
+    F = G.T @ G
+    F = torch.diagonal_scatter(F, torch.diagonal(F) + safe)
+    solved, _ = torch.linalg.solve_ex(F, G.T @ A)
+    return Coefficients(A - G @ solved, m, rho, K.to(torch.float64))
+
+
 def fisher_coefficients(nu2: Tensor, A: Tensor, damping: float, m_used=None) -> Coefficients:
     """``c_i = A_i / sqrt(ν_i² + damping · m)`` with ``m`` the mean of ``ν²`` (or ``m_used``);
     ``ν²`` is ``(n,)`` or a batch ``(L, n)`` of layers.

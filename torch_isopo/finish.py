@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from . import factors, probes
-from .coefficients import Coefficients, fisher_coefficients, fisher_nu2, ntk_coefficients
+from .coefficients import (Coefficients, fisher_coefficients, fisher_nu2, ntk_coefficients,
+                           ntk_low_rank)
 from .factors import FactorUse
 from .samples import SampleMap
 from .settings import Settings
@@ -40,6 +41,7 @@ class Prepared:
     stat: Tensor | None = None
     kept: dict = None
     single: FactorUse | None = None     # a single use with rows (n, R) in order (fast path)
+    low_rank: Tensor | None = None      # ntk: G (n, D) with D < n/2, solved in D dimensions
     single_G: tuple | None = None       # its per-sample (weight, bias) gradients, when formed
 
     @property
@@ -67,6 +69,8 @@ def prepare(uses: list, params: list[Tensor], n: int, cfg: Settings,
     budget = max(1, cfg.budget_bytes * 8 // torch.finfo(dt).bits)
     if cfg.mode == "ntk" or sample_pieces:
         p.stat = _statistic(_kernel(p, n, dt, budget, cfg), cfg, sample_pieces, key)
+        if cfg.mode == "ntk" and not factor and 2 * explicit.G.shape[1] < n:
+            p.low_rank = explicit.G
     else:
         p.stat = fisher_nu2(*probes.fisher_products(factor, explicit, n, dt, budget, cfg, key))
     return p
@@ -129,13 +133,25 @@ def _kernel(p: Prepared, n: int, dt, budget: int, cfg: Settings) -> Tensor:
     return K
 
 
-def coefficients(stats: list[Tensor], A: Tensor, cfg: Settings,
-                 m_used: list[float | None]) -> Coefficients:
+def coefficients(stats: list[Tensor], A: Tensor, cfg: Settings, m_used: list[float | None],
+                 low_rank: list[Tensor | None] | None = None) -> Coefficients:
     """``c`` of several layers at once (a leading layer axis): their statistics stacked, one
-    batched solve (ntk) or one batched normalisation (fisher) for all of them."""
+    batched solve (ntk) or one batched normalisation (fisher) for all of them. A layer with
+    fewer parameters than half the samples (``low_rank[j]``, its ``G``) is solved in its own
+    dimensions instead (``ntk_low_rank``)."""
     if cfg.mode == "reinforce":
         zero = A.new_zeros(len(stats))
         return Coefficients(A.expand(len(stats), -1), zero, zero, None)
+    low = [j for j, G in enumerate(low_rank or []) if G is not None]
+    if low:
+        rest = [j for j in range(len(stats)) if j not in low]
+        parts = {j: ntk_low_rank(stats[j], low_rank[j], A, cfg.damping, m_used[j]) for j in low}
+        if rest:
+            batch = coefficients([stats[j] for j in rest], A, cfg, [m_used[j] for j in rest])
+            parts.update({j: batch.layer(k) for k, j in enumerate(rest)})
+        return Coefficients(*(torch.stack([getattr(parts[j], f).to(A.device)
+                                           for j in range(len(stats))])
+                              for f in ("c", "m", "rho", "spectrum")))
     if len({(s.shape, s.device) for s in stats}) > 1:     # layers on several devices
         parts = [coefficients([s], A, cfg, [m]) for s, m in zip(stats, m_used)]
         return Coefficients(*(None if parts[0].spectrum is None and f == "spectrum" else

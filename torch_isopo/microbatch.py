@@ -87,7 +87,7 @@ def finish_records(records: list[LayerRecord], arrived: list[tuple]) -> list[tup
              for _, r, uses in live]
     m_used = [None if mb.stats is None or r.layer.name not in mb.stats
               else mb.stats[r.layer.name] * S * S for _, r, _ in live]   # kept unscaled
-    coef = coefficients([p.stat for p in preps], A, cfg, m_used)
+    coef = coefficients([p.stat for p in preps], A, cfg, m_used, [p.low_rank for p in preps])
     for j, ((k, r, _), p) in enumerate(zip(live, preps)):
         grads = contract(p, coef.c[j])
         outs[k] = tuple(None if g is None else _finished(g, q, back)
