@@ -57,15 +57,16 @@ def ntk_coefficients(K: Tensor, A: Tensor, damping: float, m_used=None) -> Coeff
     ``ρ = 0`` and ``c = A``, whose contraction with zero gradients is zero anyway. A non-finite
     ``K`` (overflow) gives a NaN ``c``, so the gradient is NaN and a loss scaler skips the step.
     """
-    K = K if K.dtype == torch.float64 else K.to(torch.float64)
-    A = A if A.dtype == K.dtype and A.device == K.device else A.to(K)
+    damped = K.to(torch.float64, copy=True)
+    A = A if A.dtype == damped.dtype and A.device == damped.device else A.to(damped)
     n = A.numel()
-    diag = torch.diagonal(K, dim1=-2, dim2=-1)
+    diag = torch.diagonal(damped, dim1=-2, dim2=-1)
     m = diag.sum(-1) / n
     rho = _statistic(m, damping, m_used)
     safe = rho + (rho == 0)                  # ρ = 0 only for a zero K: any ρ gives c = A
-    damped = torch.diagonal_scatter(K, diag + safe[..., None], dim1=-2, dim2=-1)
-    solved, _ = torch.linalg.solve_ex(damped, A.expand(K.shape[:-1]))
+    diag += safe[..., None]
+    # K is symmetric: its transpose is the column-major matrix LAPACK factors, without a copy
+    solved, _ = torch.linalg.solve_ex(damped.mT, A.expand(K.shape[:-1]))
     return Coefficients(safe[..., None] * solved, m, rho, K)
 
 

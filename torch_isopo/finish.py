@@ -157,7 +157,7 @@ def coefficients(stats: list[Tensor], A: Tensor, cfg: Settings, m_used: list[flo
         return Coefficients(*(None if parts[0].spectrum is None and f == "spectrum" else
                               torch.cat([getattr(p, f).to(A.device) for p in parts])
                               for f in ("c", "m", "rho", "spectrum")))
-    stat = (stats[0][None] if len(stats) == 1 else torch.stack(stats)).to(torch.float64)
+    stat = stats[0][None] if len(stats) == 1 else torch.stack(stats)
     used = None if all(m is None for m in m_used) else [math.nan if m is None else m
                                                          for m in m_used]
     make = ntk_coefficients if cfg.mode == "ntk" else fisher_coefficients
