@@ -271,7 +271,7 @@ def routes(args, dtype):
     """Time of one ntk backward of a linear layer by each route, for samples of L rows."""
     from torch_isopo import ISOPO
     print("route crossover: one Linear(d, d), n samples of L rows, ntk, ms per forward+backward")
-    print(f"{'d':>5}{'n':>5}{'L':>6}{'gram':>9}{'mat':>9}  faster   auto picks")
+    print(f"{'d':>5}{'n':>5}{'L':>6}{'gram':>9}{'mat':>9}  {'faster':<17}auto picks")
     for d in (64, 256):
         for n in (8, 32):
             for L in (1, 4, 16, 64, 256):
@@ -298,8 +298,12 @@ def routes(args, dtype):
                 N, P = n * L, d
                 auto = "gram" if N * N * (P + d) < N * P * d + n * n * P * d else "materialise"
                 faster = min(res, key=res.get)
+                if L == 1:                    # one row per sample: K from the two Grams either way
+                    faster = auto = "same products"
+                elif N * N * 8 > 256 * 2**20:  # the token Gram is over the default memory budget
+                    faster, auto = "gram falls back", "materialise"
                 print(f"{d:>5}{n:>5}{L:>6}{res['gram']:>9.2f}{res['materialise']:>9.2f}  "
-                      f"{faster:<9}{auto}")
+                      f"{faster:<17}{auto}")
 
 
 def main():
