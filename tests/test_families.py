@@ -543,6 +543,75 @@ def test_free_parameter_whose_sample_gradients_cancel_at_float32(seed):
         assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-5)
 
 
+class LearnedState(nn.Module):
+    """A recurrent policy with a learned initial state, broadcast over the samples along dim 0
+    (where ISOPO sees it meet them) and moved to the batch axis the RNN takes (dim 1)."""
+
+    def __init__(self, cell="lstm", layers=1, batch_first=True):
+        super().__init__()
+        rnn = nn.LSTM if cell == "lstm" else nn.GRU
+        self.rnn = rnn(2, 5, num_layers=layers, batch_first=batch_first)
+        self.h0 = nn.Parameter(torch.randn(layers, 1, 5) * 0.3)
+        self.c0 = nn.Parameter(torch.randn(layers, 1, 5) * 0.3) if cell == "lstm" else None
+        self.head = nn.Linear(5, 3)
+
+    def state(self, p, n):
+        return p.transpose(0, 1).expand(n, -1, -1).transpose(0, 1)
+
+    def forward(self, x):
+        n = x.shape[0]
+        hx = self.state(self.h0, n) if self.c0 is None else (self.state(self.h0, n),
+                                                             self.state(self.c0, n))
+        out, _ = self.rnn(x if self.rnn.batch_first else x.transpose(0, 1), hx)
+        return _logp(self.head(out[:, -1] if self.rnn.batch_first else out[-1]))
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("kind", [("lstm", 1, True), ("gru", 2, False)], ids=["lstm", "gru-2"])
+def test_learned_initial_state(kind, setting):
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, 2, dtype=D)
+    _, opt = check_family(LearnedState(*kind).to(D), lambda m: m(x), 6, *setting)
+    assert "parameter" in [layer.rule for layer in opt.layers]
+
+
+def test_learned_initial_state_on_the_batch_axis_is_refused():
+    """``h0.expand(L, n, H)`` never has the samples along dim 0: refused at the RNN, inside the
+    ``(h, c)`` tuple, with the fix."""
+    from torch_isopo import ISOPO
+    model = LearnedState()
+    model.state = lambda p, n: p.expand(-1, n, -1).contiguous()
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"input of module 'rnn' \(shape \(1, 6, 5\)\).*"
+                                         r"transpose\(0, 1\)\.expand\(n, -1, -1\)"):
+        with opt.microbatch(torch.randn(6)):
+            model(torch.randn(6, 4, 2)).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+class RawPolicy(nn.Module):
+    """A linear softmax policy on raw parameters, returning each sample's log-probability: a
+    generic module whose output is 1-D, one value per sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.theta = nn.Parameter(torch.randn(3, 4) * 0.5)
+        self.b = nn.Parameter(torch.zeros(4))
+
+    def forward(self, x, a):
+        return torch.distributions.Categorical(logits=x @ self.theta + self.b).log_prob(a)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+def test_generic_module_with_one_value_per_sample(setting):
+    torch.manual_seed(0)
+    a = torch.randint(0, 4, (6,))
+    _, opt = check_family(RawPolicy().to(D), lambda m: -m(X3, a), 6, *setting)
+    assert [layer.rule for layer in opt.layers] == ["generic"]
+
+
 def test_table_used_as_a_layer_input_is_refused():
     from torch_isopo import ISOPO
 
@@ -555,7 +624,8 @@ def test_table_used_as_a_layer_input_is_refused():
             return (self.head(self.q) * x).sum(-1)
     model = Queries()
     opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
-    with pytest.raises(ValueError, match="input of module 'head'.*rows are not samples"):
+    with pytest.raises(ValueError, match="input of module 'head'.*computed from parameters and "
+                                         "constants alone"):
         with opt.microbatch(torch.randn(6)):
             model(torch.randn(6, 2)).sum().backward()
 

@@ -54,7 +54,7 @@ class PatchedForward:
         tracker = mb.tracker
         if tracker is None:
             return self.entry.rule.forward(mb, self.layer, self.entry, self.orig, args, kwargs)
-        for t in (*args, *kwargs.values()):
+        for t in _compat.tree_flatten((args, kwargs))[0]:   # also inside tuples (an RNN's hx)
             if isinstance(t, Tensor):
                 tracker.refuse_free(t, f"the input of module '{self.entry.name}'")
         if tracker.on_top():

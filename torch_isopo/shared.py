@@ -131,8 +131,11 @@ class Tracker(TorchFunctionMode):
         if id(x) in self.free or x in self.shared and self.shared[x]:
             raise ValueError(
                 f"ISOPO: {where} (shape {tuple(x.shape)}) is computed from parameters and "
-                "constants alone: its rows are not samples. Broadcast it against the batch first "
-                "(e.g. table.expand(n, *table.shape), or add it to the batch's activations)")
+                "constants alone, without the samples along the sample axis (dim 0, or "
+                "sample_dim): ISOPO cannot tell which sample uses which of its rows. Broadcast it "
+                "along that axis first (table.expand(n, *table.shape), or add it to the batch's "
+                "activations); for a learned initial state with the batch on dim 1, as an RNN "
+                "takes it: h0.transpose(0, 1).expand(n, -1, -1).transpose(0, 1)")
 
 
 def constants(modules: list[nn.Module]) -> list:

@@ -38,10 +38,12 @@ class RecomputeUse:
         self.out_maps, self.out_consts, self.out_spec = [], [], None
 
     def set_outputs(self, leaves, spec) -> None:
-        """Record the output structure and map every float output's rows to samples."""
+        """Record the output structure and map every float output's rows to samples: features
+        last, except for a 1-D output, one value per sample (a policy's log-probabilities)."""
         where = f"module '{self.entry.name}' output"
         first = self.inputs[0] if self.inputs else None
-        self.out_maps = [self.mb.sample_map(t.shape[:-1], where, t.device, first)
+        self.out_maps = [self.mb.sample_map(t.shape if t.dim() == 1 else t.shape[:-1], where,
+                                            t.device, first)
                          if t.is_floating_point() else None
                          for t in leaves if isinstance(t, Tensor)]
         self.out_consts = [_TENSOR if isinstance(t, Tensor) else t for t in leaves]
