@@ -592,24 +592,79 @@ def test_learned_initial_state_on_the_batch_axis_is_refused():
 
 
 class RawPolicy(nn.Module):
-    """A linear softmax policy on raw parameters, returning each sample's log-probability: a
-    generic module whose output is 1-D, one value per sample."""
+    """A linear softmax policy on raw parameters (a generic module), returning each sample's
+    log-probability with a trailing axis, or 1-D (refused: it looks like a shared vector)."""
 
-    def __init__(self):
+    def __init__(self, trailing=True):
         super().__init__()
         self.theta = nn.Parameter(torch.randn(3, 4) * 0.5)
         self.b = nn.Parameter(torch.zeros(4))
+        self.trailing = trailing
 
     def forward(self, x, a):
-        return torch.distributions.Categorical(logits=x @ self.theta + self.b).log_prob(a)
+        logp = torch.distributions.Categorical(logits=x @ self.theta + self.b).log_prob(a)
+        return logp[:, None] if self.trailing else logp
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
 def test_generic_module_with_one_value_per_sample(setting):
     torch.manual_seed(0)
     a = torch.randint(0, 4, (6,))
-    _, opt = check_family(RawPolicy().to(D), lambda m: -m(X3, a), 6, *setting)
+    _, opt = check_family(RawPolicy().to(D), lambda m: -m(X3, a)[:, 0], 6, *setting)
     assert [layer.rule for layer in opt.layers] == ["generic"]
+
+
+def test_generic_module_with_a_1d_output_is_refused():
+    from torch_isopo import ISOPO
+    model = RawPolicy(trailing=False)
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match=r"module 'RawPolicy' output is 1-D \(shape \(6,\)\).*"
+                                         r"out\[:, None\]"):
+        with opt.microbatch(torch.randn(6)):
+            model(X3.float(), torch.randint(0, 4, (6,))).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+
+
+class StdHead(nn.Module):
+    """A child module holding a Gaussian's ``log_std``: returned as it is (no samples, refused
+    whatever its length, also when it equals n) or broadcast against the batch (exact)."""
+
+    def __init__(self, k, broadcast):
+        super().__init__()
+        self.log_std, self.broadcast = nn.Parameter(torch.randn(k) * 0.2), broadcast
+
+    def forward(self, x):
+        return self.log_std.expand(x.shape[0], -1) if self.broadcast else self.log_std
+
+
+class WithStdHead(nn.Module):
+    def __init__(self, k, broadcast):
+        super().__init__()
+        self.mu, self.std = nn.Linear(3, k), StdHead(k, broadcast)
+
+    def forward(self, x, a):
+        return Normal(self.mu(x), self.std(x).exp()).log_prob(a).sum(-1)
+
+
+@pytest.mark.parametrize("k", [2, 6])
+def test_parameter_vector_returned_by_a_module_is_refused(k):
+    """With k == n = 6 the vector has as many entries as samples: still not per sample."""
+    from torch_isopo import ISOPO
+    model = WithStdHead(k, broadcast=False)
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match=r"module 'std' output is 1-D \(shape \(%d,\)\).*"
+                                         r"leave such a parameter on the parent module" % k):
+        with opt.microbatch(torch.randn(6)):
+            model(torch.randn(6, 3), torch.randn(6, k)).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("k", [2, 6])
+def test_parameter_vector_broadcast_by_its_module(k, setting):
+    torch.manual_seed(0)
+    a = torch.randn(6, k, dtype=D)
+    check_family(WithStdHead(k, broadcast=True).to(D), lambda m: -m(X3, a), 6, *setting)
 
 
 def test_table_used_as_a_layer_input_is_refused():

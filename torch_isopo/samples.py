@@ -78,7 +78,11 @@ def sample_map(token_shape: torch.Size, n: int, segments: Tensor | None, sample_
     """
     dims = tuple(token_shape)
     if len(dims) == 0:
-        raise ValueError(f"{where}: a scalar input cannot be mapped to samples")
+        raise ValueError(
+            f"{where}: has no rows to map to samples (a 0-d tensor, or one vector of features "
+            "that is not computed per sample). Give it a row per sample (v.expand(n, -1)); a "
+            "module that returns its parameter as it is should leave the parameter on its "
+            "parent module, where ISOPO follows it to the samples")
     inner = math.prod(dims[2:]) if len(dims) > 2 else 1
     tokens = math.prod(dims[:2])
     if segments is not None:

@@ -38,12 +38,20 @@ class RecomputeUse:
         self.out_maps, self.out_consts, self.out_spec = [], [], None
 
     def set_outputs(self, leaves, spec) -> None:
-        """Record the output structure and map every float output's rows to samples: features
-        last, except for a 1-D output, one value per sample (a policy's log-probabilities)."""
+        """Record the output structure and map every float output's rows to samples, features
+        last. A 1-D output is refused: one value per sample and one vector shared by all samples
+        (a parameter returned as it is) look alike, whatever its length."""
         where = f"module '{self.entry.name}' output"
         first = self.inputs[0] if self.inputs else None
-        self.out_maps = [self.mb.sample_map(t.shape if t.dim() == 1 else t.shape[:-1], where,
-                                            t.device, first)
+        for t in leaves:
+            if isinstance(t, Tensor) and t.is_floating_point() and t.dim() == 1:
+                raise ValueError(
+                    f"ISOPO: {where} is 1-D (shape {tuple(t.shape)}): ISOPO cannot tell one value "
+                    "per sample from a vector shared by all samples. Return per-sample values "
+                    "with a trailing axis (out[:, None]); broadcast a shared vector against the "
+                    "batch (v.expand(n, -1)), or leave such a parameter on the parent module, "
+                    "where ISOPO follows it to the samples")
+        self.out_maps = [self.mb.sample_map(t.shape[:-1], where, t.device, first)
                          if t.is_floating_point() else None
                          for t in leaves if isinstance(t, Tensor)]
         self.out_consts = [_TENSOR if isinstance(t, Tensor) else t for t in leaves]
