@@ -54,7 +54,10 @@ class PatchedForward:
         tracker = mb.tracker
         if tracker is None:
             return self.entry.rule.forward(mb, self.layer, self.entry, self.orig, args, kwargs)
-        for t in _compat.tree_flatten((args, kwargs))[0]:   # also inside tuples (an RNN's hx)
+        inputs = (*args, *kwargs.values())
+        if not all(isinstance(t, Tensor) for t in inputs):   # also inside tuples (an RNN's hx)
+            inputs = _compat.tree_flatten(inputs)[0]
+        for t in inputs:
             if isinstance(t, Tensor):
                 tracker.refuse_free(t, f"the input of module '{self.entry.name}'")
         if tracker.on_top():

@@ -21,7 +21,8 @@ class Coefficients:
     c: Tensor
     m: Tensor          # the microbatch's own statistic (tr K / n, or mean ν²)
     rho: Tensor        # damping · m_used
-    spectrum: Tensor   # K (ntk) or ν² (fisher): its condition number is computed at step()
+    spectrum: Tensor   # K (ntk) or ν² (fisher), or one per layer: its condition number is
+                       # computed when the diagnostics are read
 
     def layer(self, i: int) -> "Layer":
         return Layer(self, i)

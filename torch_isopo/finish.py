@@ -149,9 +149,9 @@ def coefficients(stats: list[Tensor], A: Tensor, cfg: Settings, m_used: list[flo
         if rest:
             batch = coefficients([stats[j] for j in rest], A, cfg, [m_used[j] for j in rest])
             parts.update({j: batch.layer(k) for k, j in enumerate(rest)})
-        return Coefficients(*(torch.stack([getattr(parts[j], f).to(A.device)
-                                           for j in range(len(stats))])
-                              for f in ("c", "m", "rho", "spectrum")))
+        c, m, rho = (torch.stack([getattr(parts[j], f).to(A.device) for j in range(len(stats))])
+                     for f in ("c", "m", "rho"))
+        return Coefficients(c, m, rho, [parts[j].spectrum for j in range(len(stats))])
     if len({(s.shape, s.device) for s in stats}) > 1:     # layers on several devices
         parts = [coefficients([s], A, cfg, [m]) for s, m in zip(stats, m_used)]
         return Coefficients(*(None if parts[0].spectrum is None and f == "spectrum" else
