@@ -300,7 +300,7 @@ def routes(args, dtype):
                 faster = min(res, key=res.get)
                 if L == 1:                    # one row per sample: K from the two Grams either way
                     faster = auto = "same products"
-                elif N * N * 8 > 256 * 2**20:  # the token Gram is over the default memory budget
+                elif N * N * 8 > opt.memory_budget:   # the token Gram is over the memory budget
                     faster, auto = "gram falls back", "materialise"
                 print(f"{d:>5}{n:>5}{L:>6}{res['gram']:>9.2f}{res['materialise']:>9.2f}  "
                       f"{faster:<17}{auto}")

@@ -509,6 +509,36 @@ def test_free_parameters_with_segments(setting):
     check_family(CleanRLAgent().to(D), losses, 3, *setting, segments=seg)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_diagnostics_of_a_layer_solved_in_its_own_dimensions(dtype):
+    """``log_std`` (2 parameters, 6 samples) is solved by Woodbury beside the batched solve of
+    the linear layers; its figures equal the brute force's: ``m = tr(K)/n`` and ``‖c‖/‖A‖`` with
+    ``c = ρ (K + ρI)⁻¹ A``, and ``K`` of rank 2 is singular."""
+    from torch_isopo import ISOPO
+    torch.manual_seed(0)
+    model = SB3Gaussian().to(dtype)
+    A = torch.randn(6, dtype=torch.float64)
+    x, act = X3.to(dtype), ACT.to(dtype)
+    ref = copy.deepcopy(model).double()
+    logp = ref.evaluate_actions(X3, ACT)[0]
+    G = torch.stack([torch.autograd.grad(-logp[i], ref.log_std, retain_graph=True)[0]
+                     for i in range(6)])
+    K = G @ G.T
+    m = float(K.trace()) / 6
+    c = m * torch.linalg.solve(K + m * torch.eye(6, dtype=torch.float64), A)
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1), damping=1.0, ema=None)
+    with opt.microbatch(A):
+        (-model.evaluate_actions(x, act)[0]).sum().backward()
+    opt.step()
+    name = next(layer.name for layer in opt.layers if layer.rule == "parameter")
+    figs = opt.diagnostics[name]
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert figs["m"] == pytest.approx(m, rel=tol)
+    assert figs["c_ratio"] == pytest.approx(float(c.norm() / A.norm()), rel=tol)
+    assert figs["cond"] > 1e6
+    assert all(0 < f["cond"] < 1e6 for k, f in opt.diagnostics.items() if k != name)
+
+
 def test_free_parameter_outside_the_samples_is_refused():
     """A loss term that is not a sum of per-sample terms (a state-independent entropy bonus)."""
     from torch_isopo import ISOPO
@@ -582,13 +612,18 @@ def test_learned_initial_state_on_the_batch_axis_is_refused():
     model = LearnedState()
     model.state = lambda p, n: p.expand(-1, n, -1).contiguous()
     opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
-    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(6, 4, 2)
     with pytest.raises(ValueError, match=r"input of module 'rnn' \(shape \(1, 6, 5\)\).*"
                                          r"transpose\(0, 1\)\.expand\(n, -1, -1\)"):
         with opt.microbatch(torch.randn(6)):
-            model(torch.randn(6, 4, 2)).sum().backward()
-    assert all(p.grad is None for p in model.parameters())
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+            model(x).sum().backward()
+    # the refusal leaves no microbatch open: the model's own forward and backward run as before
+    plain = copy.deepcopy(model)
+    plain.state = model.state
+    model(x).sum().backward()
+    plain(x).sum().backward()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(p.grad, q.grad)
 
 
 class RawPolicy(nn.Module):

@@ -1,6 +1,7 @@
 """The K/ρ/c math: per-layer statistics → new per-sample coefficients ``c`` (docs/math.md).
 
-Pure functions on small float64 tensors; they know nothing about layers or autograd. They run on
+Pure functions on small tensors, solved and normalised in float64 (``K`` may come in the
+gradients' float32); they know nothing about layers or autograd. They run on
 the gradients' device and never wait for it (no host sync): the figures for logging stay tensors
 until ``step()``.
 """
@@ -21,8 +22,8 @@ class Coefficients:
     c: Tensor
     m: Tensor          # the microbatch's own statistic (tr K / n, or mean ν²)
     rho: Tensor        # damping · m_used
-    spectrum: Tensor   # K (ntk) or ν² (fisher), or one per layer: its condition number is
-                       # computed when the diagnostics are read
+    spectrum: Tensor | list[Tensor]   # K (ntk) or ν² (fisher), stacked or one per layer: its
+                                      # condition number is computed when diagnostics are read
 
     def layer(self, i: int) -> "Layer":
         return Layer(self, i)
@@ -66,7 +67,7 @@ def ntk_coefficients(K: Tensor, A: Tensor, damping: float, m_used=None) -> Coeff
     rho = _statistic(m, damping, m_used)
     safe = rho + (rho == 0)                  # ρ = 0 only for a zero K: any ρ gives c = A
     diag += safe[..., None]
-    # K is symmetric: its transpose is the column-major matrix LAPACK factors, without a copy
+    # K is symmetric and its transpose is column-major: LAPACK's working copy is a straight one
     solved, _ = torch.linalg.solve_ex(damped.mT, A.expand(K.shape[:-1]))
     return Coefficients(safe[..., None] * solved, m, rho, K)
 

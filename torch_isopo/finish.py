@@ -161,7 +161,7 @@ def coefficients(stats: list[Tensor], A: Tensor, cfg: Settings, m_used: list[flo
     used = None if all(m is None for m in m_used) else [math.nan if m is None else m
                                                          for m in m_used]
     make = ntk_coefficients if cfg.mode == "ntk" else fisher_coefficients
-    return make(stat, A.to(stat), cfg.damping, used)
+    return make(stat, A.to(stat.device), cfg.damping, used)   # A stays float64
 
 
 def contract(p: Prepared, c: Tensor) -> list[Tensor | None]:

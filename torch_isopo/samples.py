@@ -80,7 +80,7 @@ def sample_map(token_shape: torch.Size, n: int, segments: Tensor | None, sample_
     if len(dims) == 0:
         raise ValueError(
             f"{where}: has no rows to map to samples (a 0-d tensor, or one vector of features "
-            "that is not computed per sample). Give it a row per sample (v.expand(n, -1)); a "
+            "that is not computed per sample). Give it a row per sample (v.expand(n, *v.shape)); a "
             "module that returns its parameter as it is should leave the parameter on its "
             "parent module, where ISOPO follows it to the samples")
     inner = math.prod(dims[2:]) if len(dims) > 2 else 1
