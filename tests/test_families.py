@@ -417,6 +417,119 @@ def test_nanogpt_positions_without_a_sample_axis_are_refused(t, mode):
     assert all(p.grad is None for p in model.parameters())
 
 
+# -- one sample: an episode without a batch axis ---------------------------------------------
+T1 = 5
+_EPISODE_ACTIONS = torch.randn(T1, 2, dtype=D, generator=torch.Generator().manual_seed(3))
+
+
+def _steps(z, a):
+    return torch.log_softmax(z, -1).gather(-1, a[..., None])[..., 0]
+
+
+class EpisodeMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    def forward(self, x, a):
+        return _steps(self.net(x), a).sum()[None]
+
+
+class EpisodeGaussian(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mu = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+        self.log_std = nn.Parameter(torch.randn(1, 2) * 0.2)
+
+    def forward(self, x, a):
+        mean = self.mu(x)
+        return Normal(mean, self.log_std.expand_as(mean).exp()).log_prob(_EPISODE_ACTIONS).sum()[None]
+
+
+class EpisodeGRU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.head = nn.GRU(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x, a):
+        return _steps(self.head(self.rnn(x)[0]), a).sum()[None]
+
+
+class EpisodeCell(nn.Module):
+    """An unbatched ``LSTMCell`` stepped over the episode: each step's rows are 1-D."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell, self.head = nn.LSTMCell(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x, a):
+        hc, out = None, 0
+        for t in range(x.shape[0]):
+            hc = self.cell(x[t], hc)
+            out = out + _steps(self.head(hc[0]), a[t])
+        return out[None]
+
+
+class EpisodeAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.block = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
+
+    def forward(self, x, a):
+        return _steps(self.head(self.block(self.embed(x))), a).sum()[None]
+
+
+class EpisodeConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv1d(4, 3, 2), nn.Linear(3, 3)
+
+    def forward(self, x, a):
+        return _steps(self.head(self.conv(x.T).T), a[1:]).sum()[None]
+
+
+class EpisodeTokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos, self.head = nn.Embedding(9, 4), nn.Embedding(T1, 4), nn.Linear(4, 3)
+
+    def forward(self, x, a):
+        ids = (x[:, 0].abs() * 3).long().clamp(0, 8)
+        return _steps(self.head(self.tok(ids) + self.pos(torch.arange(T1))), a).sum()[None]
+
+
+EPISODES = {"mlp": EpisodeMLP, "gaussian": EpisodeGaussian, "gru": EpisodeGRU,
+            "cell": EpisodeCell, "attention": EpisodeAttention, "conv": EpisodeConv,
+            "tokens": EpisodeTokens}
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("name", list(EPISODES))
+def test_one_sample_without_a_batch_axis(name, setting):
+    """One advantage for one episode of ``T`` steps fed without a batch axis: every row is the
+    sample's (also 1-D rows, a shared position table and a free parameter)."""
+    torch.manual_seed(0)
+    x, a = torch.randn(T1, 4, dtype=D), torch.randint(0, 3, (T1,))
+    check_family(EPISODES[name]().to(D), lambda m: m(x, a), 1, *setting)
+
+
+def test_one_sample_with_and_without_a_batch_axis_agree():
+    from torch_isopo import ISOPO
+    torch.manual_seed(0)
+    model = EpisodeMLP()
+    x, a = torch.randn(T1, 4), torch.randint(0, 3, (T1,))
+    grads = []
+    for inputs in (x, x[None]):
+        m = copy.deepcopy(model)
+        opt = ISOPO(m, torch.optim.SGD(m.parameters(), lr=0.1), mode="fisher")
+        with opt.microbatch(torch.tensor([1.5])):
+            (-_steps(m.net(inputs), a if inputs.dim() == 2 else a[None]).sum()).backward()
+        grads.append([p.grad for p in m.parameters()])
+    for g, h in zip(*grads):
+        assert torch.allclose(g, h, rtol=1e-6, atol=1e-7)
+
+
 # -- Gaussian policies and other free parameters ------------------------------------------------
 class CleanRLAgent(nn.Module):
     """CleanRL's continuous-action agent: ``actor_logstd`` on the agent itself, trained through

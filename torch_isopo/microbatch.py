@@ -187,7 +187,7 @@ class Microbatch:
         its rows descend from a layer's per-sample output, such an input may be a table shared by
         all samples (positions from ``torch.arange(T)``) whose rows would be credited to the wrong
         samples. Refused, naming both fixes (docs/layers.md, "Samples")."""
-        if self.segments is not None or len(shape) == 0:
+        if self.segments is not None or len(shape) == 0 or self.n == 1:
             return
         if len(shape) >= 2:
             self._explicit = self._explicit or where

@@ -145,6 +145,18 @@ def _positions(out: Tensor, kind: str) -> Tensor:
     return token.view(*shape, 1).expand(out.shape)
 
 
+def _unbatched(module: nn.Module, out: Tensor, kind: str) -> bool:
+    """A channel-first output without its batch axis (a convolution or instance norm called on
+    one unbatched input)."""
+    if kind != "channels":
+        return False
+    for types, rank in ((nn.Conv1d, nn.InstanceNorm1d), 2), ((nn.Conv2d, nn.InstanceNorm2d), 3), \
+            ((nn.Conv3d, nn.InstanceNorm3d), 4):
+        if isinstance(module, types):
+            return out.dim() == rank
+    return False
+
+
 def _pieces(layer, entry, call, losses, before, after):
     """Fisher pieces of one module call: the gradient through each position of its output.
 
@@ -164,7 +176,8 @@ def _pieces(layer, entry, call, losses, before, after):
             b.copy_(v)
     fresh = [o for o in (fresh if isinstance(fresh, tuple) else [fresh])
              if isinstance(o, Tensor) and o.requires_grad]
-    where = [_positions(o, layer.pieces) for o in fresh]
+    where = [_positions(o[None], layer.pieces)[0] if _unbatched(entry.module, o, layer.pieces)
+             else _positions(o, layer.pieces) for o in fresh]
     count = int(max(int(w.max()) for w in where)) + 1
     rows = []
     for t in range(count):

@@ -72,11 +72,16 @@ def sample_map(token_shape: torch.Size, n: int, segments: Tensor | None, sample_
                where: str, device: torch.device) -> SampleMap:
     """Build the row → sample map of one layer input, or raise a clear error.
 
-    Rules (docs/layers.md, "Samples"): with ``segments``, one id per token (the first two dims of a ≥2-D token
-    shape, or each row of a 1-D one); otherwise a ≥2-D token shape has its samples along
-    ``sample_dim`` (0 or 1) and a 1-D token shape has one sample per row.
+    Rules (docs/layers.md, "Samples"): with ``segments``, one id per token (the first two dims of
+    a ≥2-D token shape, or each row of a 1-D one); otherwise a ≥2-D token shape has its samples
+    along ``sample_dim`` (0 or 1) and a 1-D token shape has one sample per row. A microbatch of
+    one sample owns every row (an unbatched episode ``(T, d)``).
     """
     dims = tuple(token_shape)
+    if n == 1 and segments is None:       # one sample: every row is its own, whatever the layout
+        lead = dims[0] if len(dims) == 1 else dims[sample_dim] if dims else None
+        if lead != 1:
+            return one_sample(math.prod(dims), math.prod(dims[2:]) if len(dims) > 2 else 1, device)
     if len(dims) == 0:
         raise ValueError(
             f"{where}: has no rows to map to samples (a 0-d tensor, or one vector of features "
@@ -117,12 +122,21 @@ def sample_map(token_shape: torch.Size, n: int, segments: Tensor | None, sample_
     return SampleMap(ids, n, inner, "second", T)
 
 
+def one_sample(rows: int, inner: int, device) -> SampleMap:
+    """A microbatch of one sample: every row is that sample's, whatever the input's layout (an
+    episode's ``(T, d)`` observations without a batch axis)."""
+    return SampleMap(torch.zeros(rows, dtype=torch.long, device=device), 1, inner, "first",
+                     rows // max(inner, 1))
+
+
 def batch_map(N: int, L: int, n: int, segments: Tensor | None, where: str,
               device: torch.device, entry_major: bool = True) -> SampleMap:
     """Rows → samples for a layer whose batch axis is known (convolutions, attention, recurrent
     layers): ``N`` batch entries of ``L`` rows each, stored ``(N, L)`` (entry-major) or ``(L, N)``.
     Entry b is sample b, or ``segments[b]`` (one id per entry, or one per row)."""
     if segments is None:
+        if n == 1 and N != 1:
+            return one_sample(N * L, 1, device)
         if N != n:
             raise ValueError(f"{where}: the input has a batch of {N} but {n} advantages were given; "
                              "pass segments= to say which sample each batch entry belongs to")

@@ -175,6 +175,8 @@ def sample_layout(mb, o: Tensor) -> bool:
     if mb.segments is not None:
         rows = o.shape[0] * o.shape[1] if o.dim() >= 3 else o.shape[0]
         return rows == mb.segments.numel()
+    if mb.n == 1:                    # one sample: every row is its
+        return True
     return o.shape[_sample_axis(mb, o)] == mb.n
 
 

@@ -44,7 +44,7 @@ class RecomputeUse:
         where = f"module '{self.entry.name}' output"
         first = self.inputs[0] if self.inputs else None
         for t in leaves:
-            if isinstance(t, Tensor) and t.is_floating_point() and t.dim() == 1:
+            if isinstance(t, Tensor) and t.is_floating_point() and t.dim() == 1 and self.mb.n > 1:
                 raise ValueError(
                     f"ISOPO: {where} is 1-D (shape {tuple(t.shape)}): ISOPO cannot tell one value "
                     "per sample from a vector shared by all samples. Return per-sample values "
