@@ -499,9 +499,41 @@ class EpisodeTokens(nn.Module):
         return _steps(self.head(self.tok(ids) + self.pos(torch.arange(T1))), a).sum()[None]
 
 
+class EpisodeNorms(nn.Module):
+    """An unbatched instance norm over the episode ``(C, T)``, a batch norm in eval mode and a
+    layer norm on each 1-D step."""
+
+    def __init__(self):
+        super().__init__()
+        self.inorm = nn.InstanceNorm1d(4, affine=True)
+        self.bnorm, self.lnorm, self.head = nn.BatchNorm1d(4), nn.LayerNorm(4), nn.Linear(4, 3)
+        self.bnorm.eval()
+        with torch.no_grad():
+            self.bnorm.running_var.uniform_(0.5, 2.0)
+            for norm in (self.inorm, self.bnorm, self.lnorm):
+                norm.weight.uniform_(0.5, 1.5)
+                norm.bias.normal_()
+
+    def forward(self, x, a):
+        h = self.bnorm(self.inorm(x.T).T)
+        return sum(_steps(self.head(self.lnorm(h[t])), a[t]) for t in range(x.shape[0]))[None]
+
+
+class EpisodeScalar(nn.Module):
+    """A free scalar (a temperature) meeting the episode in a 0-d sum and in each step."""
+
+    def __init__(self):
+        super().__init__()
+        self.net, self.temp = nn.Linear(4, 3), nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, x, a):
+        steps = _steps(self.net(x) * self.temp, a)
+        return (steps.sum() + self.temp + (steps + self.temp / len(x)).sum())[None]
+
+
 EPISODES = {"mlp": EpisodeMLP, "gaussian": EpisodeGaussian, "gru": EpisodeGRU,
             "cell": EpisodeCell, "attention": EpisodeAttention, "conv": EpisodeConv,
-            "tokens": EpisodeTokens}
+            "tokens": EpisodeTokens, "norms": EpisodeNorms, "scalar": EpisodeScalar}
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
@@ -512,6 +544,20 @@ def test_one_sample_without_a_batch_axis(name, setting):
     torch.manual_seed(0)
     x, a = torch.randn(T1, 4, dtype=D), torch.randint(0, 3, (T1,))
     check_family(EPISODES[name]().to(D), lambda m: m(x, a), 1, *setting)
+
+
+@pytest.mark.parametrize("module", [nn.InstanceNorm1d(3, affine=True), nn.Conv1d(3, 2, 2)],
+                         ids=["instance_norm", "conv"])
+def test_unbatched_input_with_several_samples_is_refused(module):
+    """``(C, L)`` without its batch axis inside a microbatch of 3: whose is it?"""
+    from torch_isopo import ISOPO
+    model = nn.Sequential(module, nn.Flatten(0), nn.LazyLinear(3))
+    model(torch.randn(3, 5))
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match=r"module '0' got an unbatched input of shape \(3, 5\) in "
+                                         "a microbatch of 3 samples"):
+        with opt.microbatch(torch.randn(3)):
+            model(torch.randn(3, 5)).sum().backward()
 
 
 def test_one_sample_with_and_without_a_batch_axis_agree():

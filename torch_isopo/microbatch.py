@@ -175,6 +175,16 @@ class Microbatch:
     def expand_shared(self, t: Tensor, features: bool) -> Tensor:
         return expand_shared(t, self.n, self.segments, self.sample_dim, t.dim() - int(features))
 
+    def unbatched(self, x: Tensor, name: str) -> Tensor:
+        """An unbatched input ``(C, *spatial)`` as a batch of one: the one sample's (or the
+        sample ``segments`` names); with several samples and no segments its sample is unknown."""
+        if self.n > 1 and self.segments is None:
+            raise ValueError(
+                f"ISOPO: module '{name}' got an unbatched input of shape {tuple(x.shape)} in a "
+                f"microbatch of {self.n} samples: which sample it belongs to is unknown. Give it "
+                "the batch axis (one entry per sample), or pass segments= naming its sample")
+        return x[None]
+
     def batch_map(self, N: int, L: int, where: str, device, entry_major: bool = True) -> SampleMap:
         """Rows of ``N`` batch entries of ``L`` positions each (``samples.batch_map``)."""
         key = ("batch", N, L, str(device), entry_major)

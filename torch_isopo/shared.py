@@ -170,13 +170,13 @@ def _sample_axis(mb, t: Tensor) -> int:
 def sample_layout(mb, o: Tensor) -> bool:
     """Whether ``o``'s rows can be samples: ``n`` along the sample axis, or one row per segment
     entry."""
+    if mb.segments is None and mb.n == 1:     # one sample: every result is its own
+        return True
     if o.dim() == 0:
         return False
     if mb.segments is not None:
         rows = o.shape[0] * o.shape[1] if o.dim() >= 3 else o.shape[0]
         return rows == mb.segments.numel()
-    if mb.n == 1:                    # one sample: every row is its
-        return True
     return o.shape[_sample_axis(mb, o)] == mb.n
 
 
@@ -190,6 +190,8 @@ def meets_samples(mb, out, inputs, shared, data: bool) -> bool:
 
 
 def _broadcast(t: Tensor, o: Tensor, axis: int) -> bool:
+    if o.dim() == 0:                 # a scalar of shared tensors alone has no sample axis
+        return False
     k = axis - (o.dim() - t.dim())
     return k < 0 or t.shape[k] == 1
 

@@ -132,7 +132,9 @@ class ChannelNormRule(Rule):
         m = entry.module
         if mixes_samples(m):
             refuse_batch_statistics(entry.name, m)
-        x = mb.expand_shared(only_input(entry, args, kwargs), features=True)
+        x = only_input(entry, args, kwargs)
+        unbatched = any(isinstance(m, t) and x.dim() == r for t, r in _UNBATCHED.items())
+        x = mb.unbatched(x, entry.name) if unbatched else mb.expand_shared(x, features=True)
         record, gated = mb.gate(layer)
         own = dict(m.named_parameters(recurse=False))
         with _set(m, {a: None if own.get(a) is None else _unit(a, own[a])
@@ -143,8 +145,11 @@ class ChannelNormRule(Rule):
         b = own.get("bias") if bs is None else gated[bs]
         N, C = h.shape[:2]
         smap = mb.batch_map(N, h.numel() // max(N * C, 1), f"module '{entry.name}' input", h.device)
-        y = NormAffineFn.apply(h.movedim(1, -1), w, b, NormUse(record, smap, ws, bs))
-        return y.movedim(-1, 1)
+        y = NormAffineFn.apply(h.movedim(1, -1), w, b, NormUse(record, smap, ws, bs)).movedim(-1, 1)
+        return y[0] if unbatched else y
+
+
+_UNBATCHED = {nn.InstanceNorm1d: 2, nn.InstanceNorm2d: 3, nn.InstanceNorm3d: 4}
 
 
 def _unit(attr: str, p: Tensor) -> Tensor:
@@ -172,7 +177,7 @@ def _is_affine(entry, orig, args, kwargs) -> bool:
     if not args or not isinstance(args[0], Tensor) or any(
             owner is not m or attr not in ("weight", "bias") for owner, attr, _ in entry.slots):
         return False
-    x = args[0][:1].detach()
+    x = (args[0][:1] if args[0].dim() > 1 else args[0]).detach()   # one row (or the 1-D input)
     w, b = own.get("weight"), own.get("bias")
     if not isinstance(w, Tensor):
         return False
