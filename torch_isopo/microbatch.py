@@ -182,7 +182,9 @@ class Microbatch:
             raise ValueError(
                 f"ISOPO: module '{name}' got an unbatched input of shape {tuple(x.shape)} in a "
                 f"microbatch of {self.n} samples: which sample it belongs to is unknown. Give it "
-                "the batch axis (one entry per sample), or pass segments= naming its sample")
+                "the batch axis: one entry per sample, or size 1 (x[None]) for an input shared "
+                "by all samples, which each then uses through its own copy; or pass segments= "
+                "naming its sample")
         return x[None]
 
     def batch_map(self, N: int, L: int, where: str, device, entry_major: bool = True) -> SampleMap:
