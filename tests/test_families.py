@@ -560,6 +560,25 @@ def test_unbatched_input_with_several_samples_is_refused(module):
             model(torch.randn(3, 5)).sum().backward()
 
 
+class SharedMap(nn.Module):
+    """A convolution over a map shared by all samples, given a batch axis of size 1 (the fix the
+    refusal above names): every sample uses it through its own copy."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv1d(3, 2, 2), nn.Linear(8, 3)
+
+    def forward(self, shared, x):
+        return (self.head(x) * self.conv(shared[None]).flatten(1)[:, :3]).sum(-1)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+def test_shared_input_of_a_convolution(setting):
+    torch.manual_seed(0)
+    shared, x = torch.randn(3, 5, dtype=D), torch.randn(3, 8, dtype=D)
+    check_family(SharedMap().to(D), lambda m: m(shared, x), 3, *setting)
+
+
 def test_one_sample_with_and_without_a_batch_axis_agree():
     from torch_isopo import ISOPO
     torch.manual_seed(0)
