@@ -658,8 +658,22 @@ class TokensWithTable(nn.Module):
         return _logp(self.head(h[:, 0]))
 
 
+class StackedStd(nn.Module):
+    """The scale stacked once per sample from one tensor: the same source n times in one op."""
+
+    def __init__(self):
+        super().__init__()
+        self.pi = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+        self.log_std = nn.Parameter(torch.randn(2) * 0.3)
+
+    def forward(self, x, a):
+        std = self.log_std.exp()
+        return Normal(self.pi(x), torch.stack([std] * x.shape[0])).log_prob(a).sum(-1)
+
+
 X3, ACT = torch.randn(6, 3, dtype=D), torch.randn(6, 2, dtype=D)
 FREE = {
+    "stacked": (StackedStd, lambda m: -m(X3, ACT)),
     "cleanrl": (CleanRLAgent, lambda m: -m.get_action_and_value(X3, ACT)[1]),
     "sb3": (SB3Gaussian, lambda m: -m.evaluate_actions(X3, ACT)[0]),
     "distribution": (DistributionOut, lambda m: -m(X3).log_prob(ACT).sum(-1)),

@@ -91,7 +91,8 @@ class Tracker(TorchFunctionMode):
             data = len(hits) < len(inputs)
             inputs = list(_tensors(args, kwargs))
             if reads and meets_samples(mb, out, inputs, self.shared, data):
-                sources = [t for t in inputs if t in self.shared and self.shared[t]]
+                sources = list({id(t): t for t in inputs            # each tensor once
+                                if t in self.shared and self.shared[t]}.values())
                 kind = None if kwargs.get("alpha") is not None else _BROADCASTS.get(func)
                 targets = None if kind is None else [
                     0 if kind == "one" else next(i for i, t in enumerate(inputs) if t is src)
