@@ -76,6 +76,16 @@ def qwen3():
                                         attn_implementation="eager"))
 
 
+def gemma():
+    """Gemma: a scaled word embedding (its own forward) tied to the head, (1 + w) RMS norms."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+    return GemmaForCausalLM(GemmaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24,
+                                        num_hidden_layers=2, num_attention_heads=2,
+                                        num_key_value_heads=1, head_dim=8, tie_word_embeddings=True,
+                                        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                                        attn_implementation="eager"))
+
+
 def llama(checkpointing=False):
     from transformers import LlamaConfig, LlamaForCausalLM
     m = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24,

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from models import (MLPPolicy, SeqMixer, VOCAB, gpt2, llama, lm_losses, packed_losses, qwen3)
+from models import (MLPPolicy, SeqMixer, VOCAB, gemma, gpt2, llama, lm_losses, packed_losses,
+                    qwen3)
 from conftest import assert_matches_reference
 
 MODES = ["reinforce", "ntk", "fisher"]
@@ -41,11 +42,60 @@ def test_sequence_model_positions_interact(mode, route):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("build", [gpt2, qwen3, llama], ids=["gpt2", "qwen3", "llama"])
+@pytest.mark.parametrize("build", [gpt2, qwen3, llama, gemma], ids=["gpt2", "qwen3", "llama", "gemma"])
 def test_hf_causal_lms(mode, build):
     model = build().double()
     ids, mask = _lm_batch()
     assert_matches_reference(model, lambda m: lm_losses(m, ids, mask), _adv(3), mode)
+
+
+def test_gemma_scaled_embedding_takes_the_embedding_rule():
+    """Gemma's scaled word embedding has its own forward (lookup × embed_scale): checked, it
+    takes the factor rule and merges with the tied head instead of falling to generic."""
+    from torch_isopo import ISOPO
+    model = gemma()
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert "linear+scaled_embedding" in [layer.rule for layer in opt.layers]
+    assert "generic" not in [layer.rule for layer in opt.layers]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_opt_flattened_rows_with_segments(mode):
+    """OPT runs its MLP on ``hidden.reshape(-1, d)``: rows of every sequence flattened together.
+    Refused without segments (rows ≠ samples); exact with one id per token."""
+    from torch_isopo import ISOPO
+    from transformers import OPTConfig, OPTForCausalLM
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=16, ffn_dim=24,
+                                     word_embed_proj_dim=16, num_hidden_layers=1,
+                                     num_attention_heads=2, max_position_embeddings=32,
+                                     pad_token_id=0, dropout=0.0, attn_implementation="eager"))
+    model = model.double().eval()
+    ids, mask = _lm_batch()
+    seg = torch.arange(3).repeat_interleave(ids.shape[1])
+    assert_matches_reference(model, lambda m: lm_losses(m, ids, mask), _adv(3), mode,
+                             segments=seg)
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="pass segments="):
+        with opt.microbatch(_adv(3)):
+            lm_losses(model, ids, mask).sum().backward()
+
+
+class _OffsetEmbedding(torch.nn.Embedding):
+    """Has an ``embed_scale`` but adds an offset too: the check sends it to the generic rule."""
+
+    embed_scale = 2.0
+
+    def forward(self, ids):
+        return super().forward(ids) * self.embed_scale + 1.0
+
+
+def test_embedding_with_another_forward_is_not_taken_for_a_scaled_one():
+    from torch_isopo import ISOPO, GenericRuleWarning
+    model = torch.nn.Sequential(_OffsetEmbedding(10, 4), torch.nn.Linear(4, 2))
+    with pytest.warns(GenericRuleWarning):
+        opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert opt.layers[0].rule == "generic"
 
 
 @pytest.mark.parametrize("mode", MODES)

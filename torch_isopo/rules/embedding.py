@@ -73,6 +73,41 @@ class EmbeddingRule(Rule):
         return EmbeddingFn.apply(ids, gated[w], EmbeddingUse(record, smap, entry.module.padding_idx, w))
 
 
+def _scaled(module: nn.Module) -> bool:
+    """An ``nn.Embedding`` subclass whose forward is the lookup times a constant ``embed_scale``
+    (the scaled word embeddings of Gemma and its relatives), checked on a few ids."""
+    scale = getattr(module, "embed_scale", None)
+    if not (isinstance(module, nn.Embedding) and type(module).forward is not nn.Embedding.forward
+            and isinstance(scale, (torch.Tensor, float, int)) and module.max_norm is None
+            and not module.scale_grad_by_freq and not module.sparse):
+        return False
+    w = module.weight
+    ids = torch.arange(min(4, module.num_embeddings), device=w.device)
+    try:
+        with torch.no_grad():
+            out = type(module).forward(module, ids)
+            want = F.embedding(ids, w, module.padding_idx) * _scale(module, w.dtype)
+    except Exception:             # a weight that cannot run here (sharded, meta): take generic
+        return False
+    return isinstance(out, torch.Tensor) and out.shape == want.shape and torch.equal(out, want)
+
+
+def _scale(module: nn.Module, dtype: torch.dtype):
+    s = module.embed_scale
+    return s.to(dtype) if isinstance(s, torch.Tensor) else s
+
+
+@register(when=_scaled)
+class ScaledEmbeddingRule(EmbeddingRule):
+    """``y = W[ids] · embed_scale``: the embedding rule, the constant scale applied after it."""
+
+    name = "scaled_embedding"
+
+    def forward(self, mb, layer, entry, orig, args, kwargs):
+        y = super().forward(mb, layer, entry, orig, args, kwargs)
+        return y * _scale(entry.module, y.dtype)
+
+
 @dataclass
 class BagUse:
     record: object
