@@ -67,32 +67,27 @@ def gpt2():
                                       bos_token_id=1, eos_token_id=2, attn_implementation="eager"))
 
 
+def _decoder(name: str, **kw):
+    """A tiny Hugging Face decoder ``{name}ForCausalLM`` with the shared test shape."""
+    import transformers
+    config = getattr(transformers, f"{name}Config")(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0, attn_implementation="eager", **kw)
+    return getattr(transformers, f"{name}ForCausalLM")(config)
+
+
 def qwen3():
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-    return Qwen3ForCausalLM(Qwen3Config(vocab_size=VOCAB, hidden_size=16, intermediate_size=24,
-                                        num_hidden_layers=2, num_attention_heads=2,
-                                        num_key_value_heads=1, head_dim=8, tie_word_embeddings=True,
-                                        bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                                        attn_implementation="eager"))
+    return _decoder("Qwen3", head_dim=8, tie_word_embeddings=True)
 
 
 def gemma():
     """Gemma: a scaled word embedding (its own forward) tied to the head, (1 + w) RMS norms."""
-    from transformers import GemmaConfig, GemmaForCausalLM
-    return GemmaForCausalLM(GemmaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24,
-                                        num_hidden_layers=2, num_attention_heads=2,
-                                        num_key_value_heads=1, head_dim=8, tie_word_embeddings=True,
-                                        bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                                        attn_implementation="eager"))
+    return _decoder("Gemma", head_dim=8, tie_word_embeddings=True)
 
 
 def llama(checkpointing=False):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    m = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24,
-                                     num_hidden_layers=2, num_attention_heads=2,
-                                     num_key_value_heads=1, tie_word_embeddings=False,
-                                     bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                                     attn_implementation="eager"))
+    m = _decoder("Llama", tie_word_embeddings=False)
     if checkpointing:
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         m.train()

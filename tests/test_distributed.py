@@ -20,7 +20,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from models import VOCAB, SeqMixer, lm_losses, qwen3
+from accelerate_worker import microbatch as _microbatch
+from models import SeqMixer, lm_losses, qwen3
 from torch_isopo import ISOPO
 
 WORLD, STEPS, MICROBATCHES = 2, 2, 2
@@ -40,15 +41,6 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _microbatch(rank: int, step: int, k: int):
-    """Rank-specific data; the ranks hold different numbers of samples."""
-    g = torch.Generator().manual_seed(1000 * rank + 10 * step + k)
-    n, L = 2 + rank, 6
-    ids = torch.randint(3, VOCAB, (n, L), generator=g)
-    mask = torch.ones(n, L, dtype=torch.long)
-    mask[0, L - 2:] = 0                            # right padding in one row
-    ids[0, L - 2:] = 0
-    return ids, mask, torch.randn(n, generator=g, dtype=torch.float64)
 
 
 def _build(name: str) -> nn.Module:

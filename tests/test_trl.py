@@ -14,33 +14,16 @@ import torch
 
 pytest.importorskip("trl")
 
-from datasets import Dataset  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import (PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM,  # noqa: E402
-                          TrainerCallback)
+from transformers import TrainerCallback  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from torch_isopo import ISOPO  # noqa: E402
 import torch_isopo.integrations.trl as integration  # noqa: E402
 from torch_isopo.integrations.trl import ISOPOGRPOConfig, ISOPOGRPOTrainer  # noqa: E402
 
-WORDS = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(29)]
-PROMPTS = Dataset.from_dict({"prompt": ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9", "w3"]})
+from accelerate_worker import trl_model as qwen3, trl_prompts, trl_tokenizer as tokenizer  # noqa: E402,E501
 
-
-def tokenizer():
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
-                                   unk_token="<unk>", padding_side="left")
-
-
-def qwen3():
-    torch.manual_seed(0)
-    return Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=len(WORDS), hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=True,
-        pad_token_id=0, eos_token_id=1, bos_token_id=None))
+PROMPTS = trl_prompts()
 
 
 def reward(completions, **kwargs):
