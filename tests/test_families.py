@@ -531,7 +531,40 @@ class EpisodeScalar(nn.Module):
         return (steps.sum() + self.temp + (steps + self.temp / len(x)).sum())[None]
 
 
-EPISODES = {"mlp": EpisodeMLP, "gaussian": EpisodeGaussian, "gru": EpisodeGRU,
+class EpisodeConv2d(nn.Module):
+    """An unbatched ``Conv2d`` without bias, padded, over a ``(C, H, W)`` view of the episode."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 2, padding=1, bias=False)
+        self.head = nn.Linear(2 * 6 * 5, 3)
+
+    def forward(self, x, a):
+        return _steps(self.head(self.conv(x[None]).flatten()), a[0])[None]
+
+
+class ScaledLookup(nn.Embedding):
+    """A user's scaled embedding: the lookup times a constant (as Gemma's word embedding)."""
+
+    embed_scale = 2.5
+
+    def forward(self, ids):
+        return super().forward(ids) * self.embed_scale
+
+
+class EpisodeScaledTokens(nn.Module):
+    """A scaled embedding used twice (observation ids and previous-action ids)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.head = ScaledLookup(9, 4, padding_idx=0), nn.Linear(4, 3, bias=False)
+
+    def forward(self, x, a):
+        ids = (x[:, 0].abs() * 3).long().clamp(0, 8)
+        return _steps(self.head(self.tok(ids) + self.tok(a.roll(1))), a).sum()[None]
+
+
+EPISODES = {"conv2d": EpisodeConv2d, "scaled_tokens": EpisodeScaledTokens, "mlp": EpisodeMLP, "gaussian": EpisodeGaussian, "gru": EpisodeGRU,
             "cell": EpisodeCell, "attention": EpisodeAttention, "conv": EpisodeConv,
             "tokens": EpisodeTokens, "norms": EpisodeNorms, "scalar": EpisodeScalar}
 
