@@ -47,8 +47,9 @@ def build(size: str, device: str, dtype: torch.dtype, n: int = 32):
     cfg = dict(SIZES[size])
     B, L = cfg.pop("B"), cfg.pop("L")
     torch.manual_seed(0)
-    model = Qwen3ForCausalLM(Qwen3Config(**cfg, tie_word_embeddings=True,
-                                         attn_implementation="sdpa")).to(device, dtype)
+    with torch.device(device):                   # initialised where it runs: fast on a GPU
+        model = Qwen3ForCausalLM(Qwen3Config(**cfg, tie_word_embeddings=True,
+                                             attn_implementation="sdpa")).to(dtype)
     ids = torch.randint(0, cfg["vocab_size"], (B, L), device=device)
     mask = torch.ones(B, L, device=device)
     mask[:, : L // 8] = 0                        # prompt tokens carry no loss
