@@ -268,6 +268,45 @@ def count_ops(args, dtype):
         print(f"  {method:<10}{n:>8}  ({extra:+.1f} per layer and microbatch)")
 
 
+def profile(args, dtype):
+    """Where one update's time goes, per method: ``torch.profiler`` tables of the ops by device
+    time and by host time, and the device's busy time against the wall time."""
+    from torch.profiler import ProfilerActivity, profile as prof
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    for method in args.methods:
+        model, ids, mask, A = build(args.size, args.device, dtype, args.n[0])
+        step = make_step(method, model, ids, mask, A, args.size)
+        for _ in range(2):
+            step()
+        sync(args.device)
+        if args.device == "cuda":           # host syncs of one update, with where they happen
+            import collections
+            import warnings
+            torch.cuda.set_sync_debug_mode("warn")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                step()
+            torch.cuda.set_sync_debug_mode(0)
+            where = collections.Counter(f"{w.filename.split('/')[-1]}:{w.lineno}" for w in caught)
+            print(f"== {args.size} {method}: {len(caught)} host syncs {dict(where.most_common(8))}")
+        t = time.perf_counter()
+        with prof(activities=acts) as p:
+            step()
+            sync(args.device)
+        wall = (time.perf_counter() - t) * 1e3
+        ev = p.key_averages()
+        busy = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
+                   for e in ev) / 1e3
+        print(f"== {args.size} {method}: wall {wall:.1f} ms (profiled), device busy {busy:.1f} ms")
+        key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+        print(ev.table(sort_by=key, row_limit=args.rows, max_name_column_width=60))
+        if args.device == "cuda":
+            print(ev.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
+        del model, step
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+
+
 def routes(args, dtype):
     """Time of one ntk backward of a linear layer by each route, for samples of L rows."""
     from torch_isopo import ISOPO
@@ -320,6 +359,8 @@ def main():
     p.add_argument("--memory-of", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--ops", action="store_true", help="count dispatched ops per layer instead")
     p.add_argument("--routes", action="store_true", help="time the two routes for K instead")
+    p.add_argument("--profile", action="store_true", help="profile one update per method instead")
+    p.add_argument("--rows", type=int, default=25, help="rows of each --profile table")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -333,6 +374,8 @@ def main():
         return count_ops(args, dtype)
     if args.routes:
         return routes(args, dtype)
+    if args.profile:
+        return profile(args, dtype)
     if args.size == "mlp" and "reference-style" in args.methods:
         args.methods = [m for m in args.methods if m != "reference-style"]
     for n in args.n:
