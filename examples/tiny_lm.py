@@ -52,7 +52,7 @@ class TinyLM(nn.Module):
         self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, VOCAB)
 
     def forward(self, ids: Tensor) -> Tensor:
-        pos = torch.arange(ids.shape[1]).expand_as(ids)
+        pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
         x = self.tok(ids) + self.pos(pos)
         for block in self.blocks:
             x = block(x)

@@ -103,11 +103,11 @@ def _coefficients(mode, G, pieces, A, damping, m_given):
         K = G @ G.T
         m = float(K.trace()) / n
         rho = damping * (m if m_given is None else m_given)
-        c = rho * torch.linalg.solve(K + rho * torch.eye(n, dtype=K.dtype), A) if rho > 0 else A
+        c = rho * torch.linalg.solve(K + rho * torch.eye(n, dtype=K.dtype, device=K.device), A) if rho > 0 else A
         return c, m
     dots = pieces @ G.T
     total = (pieces ** 2).sum()
-    nu2 = (dots ** 2).sum(0) / total if total > 0 else torch.zeros(n, dtype=G.dtype)
+    nu2 = (dots ** 2).sum(0) / total if total > 0 else G.new_zeros(n)
     m = float(nu2.mean())
     rho = damping * (m if m_given is None else m_given)
     den = torch.sqrt(nu2 + rho)
@@ -137,11 +137,11 @@ def _positions(out: Tensor, kind: str) -> Tensor:
     the first two belong to their token) or a location of a channel-first output."""
     if kind == "channels":
         N, C = out.shape[:2]
-        loc = torch.arange(N * math.prod(out.shape[2:])).view(N, 1, -1)
+        loc = torch.arange(N * math.prod(out.shape[2:]), device=out.device).view(N, 1, -1)
         return loc.expand(N, C, loc.shape[-1]).reshape(out.shape)
     shape = out.shape[:-1]
     inner = math.prod(shape[2:]) if len(shape) > 2 else 1
-    token = torch.arange(math.prod(shape)) // inner
+    token = torch.arange(math.prod(shape), device=out.device) // inner
     return token.view(*shape, 1).expand(out.shape)
 
 
