@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -357,6 +358,8 @@ def main():
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
     p.add_argument("--memory-of", choices=METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--no-memory", dest="memory", action="store_false",
+                   help="skip the peak-memory runs (time only)")
     p.add_argument("--ops", action="store_true", help="count dispatched ops per layer instead")
     p.add_argument("--routes", action="store_true", help="time the two routes for K instead")
     p.add_argument("--profile", action="store_true", help="profile one update per method instead")
@@ -385,7 +388,7 @@ def main():
 def report(args, dtype, n):
     args = argparse.Namespace(**{**vars(args), "n": n})
     times, cpu, rt, rc = time_methods(args, dtype)
-    mems = {m: peak_memory(args, m) for m in args.methods}
+    mems = {m: peak_memory(args, m) if args.memory else math.nan for m in args.methods}
     base_m = mems["reinforce"]
     what = f"{args.size} model" + (f", n = {args.n}" if args.size == "mlp" else "")
     print(f"{what}, {args.device}, {args.dtype}, {torch.get_num_threads()} threads, "

@@ -79,3 +79,23 @@ def without_function_mode():
     stack while a rule runs), as ``torch.overrides`` does around a mode's own handler."""
     from torch.overrides import _pop_mode_temporarily
     return _pop_mode_temporarily()
+
+
+_MM_OUT_DTYPE: dict[str, bool] = {}
+
+
+def mm_to(X: torch.Tensor, Y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """``X @ Y`` of 16-bit matrices accumulated and returned in float32 by the GPU's matrix
+    units (``mm(..., out_dtype=)``, torch ≥ 2.8 on CUDA): the products are exact, no float32
+    copy of the inputs is made. None where that is unavailable (the caller upcasts instead)."""
+    dev = X.device.type
+    if dev != "cuda" or dtype != torch.float32 or X.dtype not in (torch.float16, torch.bfloat16) \
+            or Y.dtype != X.dtype:
+        return None
+    if dev not in _MM_OUT_DTYPE:
+        try:
+            torch.mm(X[:1, :1], Y[:1, :1], out_dtype=dtype)
+            _MM_OUT_DTYPE[dev] = True
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE[dev] = False
+    return torch.mm(X, Y, out_dtype=dtype) if _MM_OUT_DTYPE[dev] else None

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import _compat
 from .samples import SampleMap
 
 
@@ -59,6 +60,9 @@ def side_dots(X: Tensor, Y: Tensor, dtype: torch.dtype) -> Tensor:
         return Y.index_select(1, X).T.to(dtype)
     if Y.dim() == 1:
         return X.index_select(1, Y).to(dtype)
+    fast = _compat.mm_to(X, Y.T, dtype)
+    if fast is not None:
+        return fast
     X = X.to(dtype)
     step = max(1, _CAST_ELEMS // Y.shape[1])
     if Y.dtype == dtype or step >= Y.shape[0]:
@@ -126,11 +130,13 @@ def materialised_gradients(uses: list[FactorUse], n: int, P: int, Q: int, rows: 
             G = part if G is None else G.add_(part)
         if G is None:
             G = ref.new_zeros(n, stop - start, Q)
-        for u, pos in local:
+        for u, pos in local:             # rows outside the chunk add zeros: no host sync
             r = pos if rows is not None else u.U
-            sel = (r >= start) & (r < stop)
-            flat = u.smap.ids[sel] * (stop - start) + (r[sel] - start)
-            G.view(-1, Q).index_add_(0, flat, u.V[sel].to(G.dtype))
+            V = u.V.to(G.dtype)
+            if start > 0 or stop < R:
+                V = V * ((r >= start) & (r < stop)).to(G.dtype)[:, None]
+                r = (r - start).clamp(0, stop - start - 1) + start
+            G.view(-1, Q).index_add_(0, u.smap.ids * (stop - start) + (r - start), V)
         yield slice(start, stop), G
 
 

@@ -98,24 +98,27 @@ def _single_kernel(p: Prepared, n: int, cfg: Settings) -> Tensor:
     costs less (the same cost model as ``_weight_kernel``)."""
     u = p.single
     dt = factors.work_dtype(u.V)
-    U, V, d = (x if x.dtype == dt else x.to(dt) for x in (u.U, u.V, u.delta))
+    U, V, d = u.U, u.V, u.delta
     N, P, Q = U.shape[0], U.shape[1], V.shape[1]
     R = N // n
     gram = N * N * (P + Q) < N * P * Q + n * n * P * Q
     fits = {"gram": N * N * 8 <= cfg.budget_bytes, "form": n * (P * Q + P) * 8 <= cfg.budget_bytes}
     choice = cfg.route if cfg.route != "auto" else ("gram" if gram else "materialise")
+    dots = lambda X: factors.side_dots(X, X, dt)  # noqa: E731
     if R == 1 or (choice == "gram" and fits["gram"]) or not fits["form"]:
         if u.weight is not None and u.bias is not None and u.U is u.delta:   # nn.Linear: U = Δ
-            M = (d @ d.T) * (V @ V.T + 1)
+            M = dots(d) * (dots(V) + 1)
         else:
-            M = (U @ U.T) * (V @ V.T) if u.weight is not None else 0
-            M = M + d @ d.T if u.bias is not None else M
+            M = dots(U) * dots(V) if u.weight is not None else 0
+            M = M + dots(d) if u.bias is not None else M
         return M if R == 1 else M.view(n, R, n, R).sum((1, 3))
+    # G_i in the activations' dtype, as autograd forms the weight gradient (a 16-bit G by the
+    # matrix units); K from it in the work dtype
     G = torch.bmm(U.view(n, R, P).transpose(1, 2), V.view(n, R, Q)).view(n, -1) \
         if u.weight is not None else None
-    Gb = d.view(n, R, -1).sum(1) if u.bias is not None else None
+    Gb = d.to(dt).view(n, R, -1).sum(1) if u.bias is not None else None
     p.single_G = (G, Gb)
-    K = G @ G.T if G is not None else 0
+    K = dots(G) if G is not None else 0
     return K + Gb @ Gb.T if Gb is not None else K
 
 
@@ -172,11 +175,11 @@ def contract(p: Prepared, c: Tensor) -> list[Tensor | None]:
     grads: list[Tensor | None] = [None] * len(p.params)
     if p.single_G is not None:
         G, Gb = p.single_G
-        c = c.to(device=u.V.device, dtype=(G if G is not None else Gb).dtype)
+        c = c.to(u.V.device)
         if G is not None:
-            grads[u.weight] = (c @ G).view(p.params[u.weight].shape).to(u.V.dtype)
+            grads[u.weight] = (c.to(G.dtype) @ G).view(p.params[u.weight].shape).to(u.V.dtype)
         if Gb is not None:
-            grads[u.bias] = (c @ Gb).to(u.V.dtype)
+            grads[u.bias] = (c.to(Gb.dtype) @ Gb).to(u.V.dtype)
         return grads
     R = u.U.shape[0] // c.numel()
     c = c.to(device=u.V.device, dtype=u.V.dtype)

@@ -6,7 +6,7 @@ import inspect
 import math
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from . import _compat
 from .attach import Attachment, Ledger, attach, detach
@@ -224,9 +224,13 @@ class ISOPO(torch.optim.Optimizer):
     def _end_step(self) -> None:
         """Fold this step's microbatch statistics into the averages; keep its figures for
         ``diagnostics``."""
+        ms = iter(_host([coef.m for figs in self._step_figures.values() for coef, _, _ in figs])
+                  if self.ema is not None else ())
         for name, figs in self._step_figures.items():
-            m = sum(float(coef.m) / S ** 2 for coef, _, S in figs) / len(figs)
-            if self.ema is not None and math.isfinite(m) and m > 0:
+            if self.ema is None:
+                break
+            m = sum(next(ms) / S ** 2 for _, _, S in figs) / len(figs)
+            if math.isfinite(m) and m > 0:
                 # a step without gradient for the layer (m = 0) or with an overflow is no history
                 old = self._m.get(name)
                 self._m[name] = m if old is None else self.ema * old + (1 - self.ema) * m
@@ -296,3 +300,15 @@ class ISOPO(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return (f"ISOPO(mode={self.mode!r}, damping={self.damping}, ema={self.ema}, "
                 f"layers={len(self.layers)}, optimizer={self.optimizer!r})")
+
+
+def _host(values: list[Tensor]) -> list[float]:
+    """0-d tensors as floats, with one copy per device (one host sync, not one per layer)."""
+    out: list[float] = [0.0] * len(values)
+    by_device: dict = {}
+    for i, v in enumerate(values):
+        by_device.setdefault(v.device, []).append(i)
+    for idx in by_device.values():
+        for i, x in zip(idx, torch.stack([values[i].double() for i in idx]).tolist()):
+            out[i] = x
+    return out
