@@ -17,8 +17,8 @@ run() {  # run NAME SECONDS COMMAND...: its output to the screen and to $OUT/NAM
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 run tests 60 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py $W
+run 0.6b 120 $B --size 0.6b --dtype bf16 --repeats 5 --methods reinforce ntk fisher
 run ops 30 $B --size tiny --ops
 run tiny 45 $B --size tiny --methods reinforce ntk fisher --no-memory
 run mlp 45 $B --size mlp --n 8 32 128 --methods reinforce ntk --no-memory
 run short 45 $B --size short --dtype bf16 --methods reinforce ntk fisher --no-memory
-run 0.6b 120 $B --size 0.6b --dtype bf16 --repeats 5 --methods reinforce ntk fisher
