@@ -46,7 +46,10 @@ def _statistic(m: Tensor, damping: float, m_used) -> Tensor:
     if m_used is None:
         return damping * m
     if not isinstance(m_used, float) and all(u == u for u in m_used):      # no NaN: all given
-        return torch.tensor(m_used, dtype=m.dtype).to(m.device, non_blocking=True) * damping
+        used = [damping * u for u in m_used]
+        if m.device.type == "cpu":
+            return torch.tensor(used, dtype=m.dtype)
+        return torch.tensor(used, dtype=m.dtype).to(m.device, non_blocking=True)
     used = torch.as_tensor(m_used, dtype=m.dtype, device=m.device)
     return damping * torch.where(torch.isnan(used), m, used)
 
@@ -63,7 +66,7 @@ def ntk_coefficients(K: Tensor, A: Tensor, damping: float, m_used=None) -> Coeff
     A = A if A.dtype == damped.dtype and A.device == damped.device else A.to(damped)
     n = A.numel()
     diag = torch.diagonal(damped, dim1=-2, dim2=-1)
-    m = diag.sum(-1) / n
+    m = diag.sum(-1).div_(n)
     rho = _statistic(m, damping, m_used)
     safe = rho + (rho == 0)                  # ρ = 0 only for a zero K: any ρ gives c = A
     diag += safe[..., None]

@@ -60,6 +60,8 @@ def side_dots(X: Tensor, Y: Tensor, dtype: torch.dtype) -> Tensor:
         return Y.index_select(1, X).T.to(dtype)
     if Y.dim() == 1:
         return X.index_select(1, Y).to(dtype)
+    if X.dtype == dtype and Y.dtype == dtype:
+        return torch.mm(X, Y.T)
     fast = _compat.mm_to(X, Y.T, dtype)
     if fast is not None:
         return fast

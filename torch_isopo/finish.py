@@ -182,12 +182,14 @@ def contract(p: Prepared, c: Tensor) -> list[Tensor | None]:
             grads[u.bias] = (c.to(Gb.dtype) @ Gb).to(u.V.dtype)
         return grads
     R = u.U.shape[0] // c.numel()
-    c = c.to(device=u.V.device, dtype=u.V.dtype)
+    if c.dtype != u.V.dtype or c.device != u.V.device:
+        c = c.to(device=u.V.device, dtype=u.V.dtype)
     c = (c if R == 1 else c.repeat_interleave(R))[:, None]
     scaled = u.U * c if u.weight is not None and u.U.shape[1] <= u.V.shape[1] else None
     if u.weight is not None:
         W = scaled.T @ u.V if scaled is not None else u.U.T @ (u.V * c)
-        grads[u.weight] = W.view(p.params[u.weight].shape)
+        shape = p.params[u.weight].shape
+        grads[u.weight] = W if W.shape == shape else W.view(shape)
     if u.bias is not None:
         grads[u.bias] = (scaled if u.delta is u.U and scaled is not None else u.delta * c).sum(0)
     return grads

@@ -88,8 +88,12 @@ def finish_records(records: list[LayerRecord], arrived: list[tuple]) -> list[tup
     m_used = [None if mb.stats is None or r.layer.name not in mb.stats
               else mb.stats[r.layer.name] * S * S for _, r, _ in live]   # kept unscaled
     coef = coefficients([p.stat for p in preps], A, cfg, m_used, [p.low_rank for p in preps])
+    ref = preps[0].ref         # c in the layers' dtype once, where that is a work dtype
+    cs = coef.c.to(ref.device, ref.dtype) if ref.dtype in (torch.float32, torch.float64) \
+        else coef.c
     for j, ((k, r, _), p) in enumerate(zip(live, preps)):
-        grads = contract(p, coef.c[j])
+        same = p.ref.dtype == cs.dtype and p.ref.device == cs.device
+        grads = contract(p, cs[j] if same else coef.c[j])
         outs[k] = tuple(None if g is None else _finished(g, q, back)
                         for g, q in zip(grads, r.params))
         mb.ledger.record(r.params, outs[k])
@@ -137,8 +141,7 @@ class Microbatch:
         if found is not None and not (recompute and key in self._together):
             return found
         if found is None and self._gates is not None and self.gate_all and not recompute \
-                and not _sharded(self.gate_all):
-            self._gate_together(self.gate_all)
+                and self._gate_together(self.gate_all):
             return self._gates[key]
         # a forward recomputed inside a backward (reentrant checkpointing backpropagates it on
         # its own) gets a gate of its own, which finishes there
@@ -150,10 +153,13 @@ class Microbatch:
             self._gates[key] = found
         return found
 
-    def _gate_together(self, layers) -> None:
+    def _gate_together(self, layers) -> bool:
         """One gate for all layers of a small model: one node, one batched solve, at the end of
-        the backward."""
-        params = [layer.live_params() for layer in layers]
+        the backward. False (nothing done) while some parameter is sharded (FSDP2 unshards each
+        module in its forward): then each layer is gated when its module runs."""
+        params = [[getattr(owner, attr) for owner, attr in layer.owners] for layer in layers]
+        if any(_is_dtensor(p) for ps in params for p in ps):
+            return False
         records = []
         for layer, ps in zip(layers, params):
             self.ledger.watch(layer, ps)
@@ -162,6 +168,7 @@ class Microbatch:
         for layer, record, ps in zip(layers, records, params):
             self._gates[id(layer)] = (record, tuple(next(gated) for _ in ps))
             self._together.add(id(layer))
+        return True
 
     def advantages(self, device) -> tuple[Tensor, float, float]:
         """``(A', back, S)`` on ``device``, read once per microbatch: ``A = A' · back`` (see
@@ -203,7 +210,7 @@ class Microbatch:
             return
         if len(shape) >= 2:
             self._explicit = self._explicit or where
-        elif source is not None and not descends_from_use(source):
+        elif self._rows is None and source is not None and not descends_from_use(source):
             self._rows = self._rows or (where, tuple(shape))
         if self._explicit and self._rows:
             (rows, shape), explicit = self._rows, self._explicit
@@ -224,12 +231,6 @@ class Microbatch:
             self._maps[key] = sample_map(shape, self.n, self.segments, self.sample_dim, where,
                                          device)
         return self._maps[key]
-
-
-def _sharded(layers) -> bool:
-    """Whether some parameter is sharded right now (FSDP2 unshards each module in its forward):
-    then each layer is gated when its module runs."""
-    return any(_is_dtensor(getattr(owner, attr)) for layer in layers for owner, attr in layer.owners)
 
 
 def _check_arrived(layer, uses, arrived, autocast: bool) -> None:
@@ -281,7 +282,7 @@ def check_advantages(advantages) -> Tensor:
     if A.is_complex() or A.dtype == torch.bool:
         raise TypeError(f"advantages must be real numbers, got {A.dtype}")
     A = A.detach().to("cpu", torch.float64)
-    if not torch.isfinite(A).all():
+    if not math.isfinite(float(A.abs().max())):
         raise ValueError("advantages must be finite; got NaN or inf at positions "
                          f"{torch.nonzero(~torch.isfinite(A)).flatten().tolist()}")
     return A

@@ -32,7 +32,7 @@ class Chain:
 
 def originals(module, name: str) -> list[tuple[object, str]]:
     """``(owner, attr)`` of the originals of ``module.name`` (empty when it is not parametrized)."""
-    if not parametrize.is_parametrized(module, name):
+    if "parametrizations" not in module._modules or not parametrize.is_parametrized(module, name):
         return []
     plist = module.parametrizations[name]
     return [(plist, attr) for attr, _ in plist.named_parameters(recurse=False)]
