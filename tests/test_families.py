@@ -391,6 +391,46 @@ def test_embedding_bag(mode, layout, setting):
                  rules=[rule, "linear"])
 
 
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("pad", [None, 0])
+def test_embedding_with_max_norm(pad, setting):
+    """Rows renormalised in place before the lookup (repeated tokens, rows over and under the
+    norm): the gradient of the lookup of the renormalised rows, and the same weights after it."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"emb": nn.Embedding(8, 4, max_norm=1.5, norm_type=2.0, padding_idx=pad),
+                           "head": nn.Linear(4, 3)}).to(D)
+    with torch.no_grad():
+        model["emb"].weight[1::2] *= 0.2          # some rows already within the norm
+    ids = torch.tensor([[1, 2, 2], [0, 3, 5], [7, 2, 1], [4, 0, 6]])
+    m, _ = check_family(model, lambda m: _logp(m["head"](m["emb"](ids))).sum(1), 4, *setting,
+                        rules=["embedding", "linear"])
+    plain = copy.deepcopy(model)
+    plain["emb"](ids)
+    assert torch.equal(m["emb"].weight.detach(), plain["emb"].weight.detach())
+
+
+def test_tied_embedding_with_max_norm_is_refused_before_any_change():
+    from torch_isopo import ISOPO
+    torch.manual_seed(0)
+    emb, head = nn.Embedding(8, 4, max_norm=0.5), nn.Linear(4, 8, bias=False)
+    head.weight = emb.weight
+    model = nn.ModuleDict({"emb": emb, "head": head})
+    before = emb.weight.detach().clone()
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="shares its weight with 'head'"):
+        with opt.microbatch(torch.randn(2)):
+            model["head"](model["emb"](torch.tensor([[1, 2], [3, 4]]))).sum().backward()
+    assert torch.equal(emb.weight.detach(), before) and emb.weight.grad is None
+
+
+@pytest.mark.parametrize("kw", [dict(scale_grad_by_freq=True), dict(sparse=True)])
+def test_embedding_that_mixes_samples_or_is_sparse_is_refused(kw):
+    from torch_isopo import ISOPO
+    model = nn.Sequential(nn.Embedding(8, 4, **kw), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="scale_grad_by_freq=False, sparse=False"):
+        ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
 # -- inputs without a sample axis ---------------------------------------------------------------
 @pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
 def test_nanogpt_with_batched_positions(setting):

@@ -1,7 +1,9 @@
 """``nn.Embedding``: a linear layer on one-hot inputs, ``⟨a_t, a_s⟩ = [id_t = id_s]``.
 
 The factors are the token ids (an index into the weight's rows) and the output gradients; rows
-at ``padding_idx`` get no gradient, as in ``nn.Embedding``.
+at ``padding_idx`` get no gradient, as in ``nn.Embedding``. With ``max_norm`` the looked-up rows
+are renormalised in place before the lookup, as ``nn.Embedding`` does outside autograd, so the
+gradient is that of a plain lookup of the renormalised rows.
 """
 from __future__ import annotations
 
@@ -54,9 +56,12 @@ class EmbeddingFn(Function):
 def _supported(module: nn.Module) -> bool:
     if type(module).forward is not nn.Embedding.forward:
         return False
-    if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
-        raise ValueError(f"ISOPO does not support nn.Embedding with max_norm, scale_grad_by_freq "
-                         f"or sparse=True ({type(module).__name__})")
+    if module.scale_grad_by_freq or module.sparse:
+        raise ValueError(
+            f"ISOPO does not support nn.Embedding with scale_grad_by_freq=True (its gradient "
+            f"divides by token counts over the whole batch, mixing samples) or sparse=True "
+            f"(ISOPO writes dense gradients) ({type(module).__name__}); construct it with "
+            f"scale_grad_by_freq=False, sparse=False")
     return True
 
 
@@ -70,7 +75,27 @@ class EmbeddingRule(Rule):
         record, gated = mb.gate(layer)
         smap = mb.sample_map(ids.shape, f"module '{entry.name}' input", ids.device, ids)
         w = entry.slot("weight")
-        return EmbeddingFn.apply(ids, gated[w], EmbeddingUse(record, smap, entry.module.padding_idx, w))
+        m = entry.module
+        if m.max_norm is not None:
+            _renorm(layer, entry, ids)
+        return EmbeddingFn.apply(ids, gated[w], EmbeddingUse(record, smap, m.padding_idx, w))
+
+
+def _renorm(layer, entry, ids) -> None:
+    """What ``F.embedding`` does first with ``max_norm``, outside autograd: rescale the looked-up
+    rows in place. Through ``.data``, so the gate's views of the weight stay valid; nothing else
+    holds the weight for its backward (the lookup keeps only the ids), unless the weight is tied
+    to another module, which is refused as plain autograd would refuse an in-place change of a
+    tensor saved for backward."""
+    m = entry.module
+    if len(layer.entries) > 1:
+        raise ValueError(
+            f"ISOPO: module '{entry.name}' (nn.Embedding with max_norm) shares its weight with "
+            f"{', '.join(repr(e.name) for e in layer.entries if e is not entry)}; renormalising "
+            "it in place would change a weight another module uses in the same graph. Untie "
+            "the weights or construct the embedding without max_norm")
+    with torch.no_grad():
+        torch.embedding_renorm_(m.weight.data, ids.reshape(-1), m.max_norm, m.norm_type)
 
 
 def _scaled(module: nn.Module) -> bool:
