@@ -893,7 +893,7 @@ def test_learned_initial_state_on_the_batch_axis_is_refused():
 
 class RawPolicy(nn.Module):
     """A linear softmax policy on raw parameters (a generic module), returning each sample's
-    log-probability with a trailing axis, or 1-D (refused: it looks like a shared vector)."""
+    log-probability with a trailing axis, or 1-D (computed from the samples: per sample)."""
 
     def __init__(self, trailing=True):
         super().__init__()
@@ -914,14 +914,63 @@ def test_generic_module_with_one_value_per_sample(setting):
     assert [layer.rule for layer in opt.layers] == ["generic"]
 
 
-def test_generic_module_with_a_1d_output_is_refused():
+class TabularPolicy(nn.Module):
+    """A tabular softmax policy: zero-initialised logits per state, each sample's log-probability
+    of its action, 1-D (equal values at initialisation, computed from the state ids)."""
+
+    def __init__(self, states=5, actions=3, dropout=False):
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(states, actions))
+        self.drop = dropout
+
+    def forward(self, s, a):
+        z = torch.log_softmax(self.logits[s], -1)
+        z = torch.nn.functional.dropout(z, 0.5) if self.drop else z
+        return z.gather(1, a[:, None]).squeeze(1)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("name", ["raw", "tabular", "tabular-dropout", "tabular-trained"])
+def test_generic_module_with_a_1d_output_per_sample(name, setting):
+    """A 1-D output computed from the samples' inputs (features or ids) is one value per sample,
+    also when its values are all equal; dropout in it is replayed."""
+    torch.manual_seed(0)
+    s, a = torch.tensor([0, 2, 2, 4, 1, 0]), torch.randint(0, 3, (6,))
+    if name == "raw":
+        model, losses = RawPolicy(trailing=False), lambda m: -m(X3, a)
+    else:
+        model = TabularPolicy(dropout=name == "tabular-dropout").train()
+        if name == "tabular-trained":
+            model.logits.data.normal_()
+        losses = lambda m: -m(s, a)  # noqa: E731
+
+    def seeded(m):
+        torch.manual_seed(1)           # the same dropout masks in both runs
+        return losses(m)
+    _, opt = check_family(model.to(D), seeded, 6, *setting)
+    assert [layer.rule for layer in opt.layers] == ["generic"]
+
+
+class SharedVector(nn.Module):
+    """Returns a vector of n entries computed from its parameters alone, used by every sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.v = nn.Parameter(torch.zeros(6))
+
+    def forward(self, x):
+        return self.v * 2
+
+
+def test_generic_1d_output_not_computed_from_the_samples_is_refused():
     from torch_isopo import ISOPO
-    model = RawPolicy(trailing=False)
+    model = nn.ModuleDict({"vec": SharedVector(), "mu": nn.Linear(3, 6)})
     opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
-    with pytest.raises(ValueError, match=r"module 'RawPolicy' output is 1-D \(shape \(6,\)\).*"
-                                         r"out\[:, None\]"):
+    x = torch.randn(6, 3)
+    with pytest.raises(ValueError, match=r"module 'vec' output is 1-D \(shape \(6,\)\) and not "
+                                         r"computed from the samples.*out\[:, None\]"):
         with opt.microbatch(torch.randn(6)):
-            model(X3.float(), torch.randint(0, 4, (6,))).sum().backward()
+            (model["mu"](x) * model["vec"](x)).sum(1).sum().backward()
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -952,7 +1001,7 @@ def test_parameter_vector_returned_by_a_module_is_refused(k):
     from torch_isopo import ISOPO
     model = WithStdHead(k, broadcast=False)
     opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
-    with pytest.raises(ValueError, match=r"module 'std' output is 1-D \(shape \(%d,\)\).*"
+    with pytest.raises(ValueError, match=r"module 'std' output is 1-D \(shape \(%d,\)\) and not.*"
                                          r"leave such a parameter on the parent module" % k):
         with opt.microbatch(torch.randn(6)):
             model(torch.randn(6, 3), torch.randn(6, k)).sum().backward()

@@ -37,21 +37,27 @@ class RecomputeUse:
         self.in_consts = [_TENSOR if isinstance(t, Tensor) else t for t in leaves]
         self.out_maps, self.out_consts, self.out_spec = [], [], None
 
-    def set_outputs(self, leaves, spec) -> None:
+    def set_outputs(self, leaves, spec, per_sample=None) -> None:
         """Record the output structure and map every float output's rows to samples, features
-        last. A 1-D output is refused: one value per sample and one vector shared by all samples
-        (a parameter returned as it is) look alike, whatever its length."""
+        last. A 1-D output holds one value per sample only if it is computed from the samples'
+        inputs: ``per_sample()`` (a second forward that follows the data) says whether it is;
+        otherwise it may be a vector shared by all samples (a parameter returned as it is),
+        which looks alike whatever its length, and it is refused."""
         where = f"module '{self.entry.name}' output"
         first = self.inputs[0] if self.inputs else None
-        for t in leaves:
-            if isinstance(t, Tensor) and t.is_floating_point() and t.dim() == 1 and self.mb.n > 1:
-                raise ValueError(
-                    f"ISOPO: {where} is 1-D (shape {tuple(t.shape)}): ISOPO cannot tell one value "
-                    "per sample from a vector shared by all samples. Return per-sample values "
-                    "with a trailing axis (out[:, None]); broadcast a shared vector against the "
-                    "batch (v.expand(n, -1)), or leave such a parameter on the parent module, "
-                    "where ISOPO follows it to the samples")
-        self.out_maps = [self.mb.sample_map(t.shape[:-1], where, t.device, first)
+        flat = [t for t in leaves if isinstance(t, Tensor) and t.is_floating_point() and t.dim() == 1]
+        rows = self.mb.n > 1 and bool(flat)
+        if rows and not (self.mb.segments is None and all(t.numel() == self.mb.n for t in flat)
+                         and per_sample is not None and per_sample()):
+            raise ValueError(
+                f"ISOPO: {where} is 1-D (shape {tuple(flat[0].shape)}) and not computed from the "
+                "samples' inputs row by row: ISOPO cannot tell one value per sample from a vector "
+                "shared by all samples. Return per-sample values with a trailing axis "
+                "(out[:, None]); broadcast a shared vector against the batch (v.expand(n, -1)), "
+                "or leave such a parameter on the parent module, where ISOPO follows it to the "
+                "samples")
+        self.out_maps = [self.mb.sample_map(t.shape if t.dim() == 1 else t.shape[:-1], where,
+                                            t.device, first)
                          if t.is_floating_point() else None
                          for t in leaves if isinstance(t, Tensor)]
         self.out_consts = [_TENSOR if isinstance(t, Tensor) else t for t in leaves]
@@ -85,7 +91,7 @@ class RecomputeFn(Function):
         with torch.no_grad():
             out = use.call(inputs, params)
         leaves, spec = _compat.tree_flatten(out)
-        use.set_outputs(leaves, spec)
+        use.set_outputs(leaves, spec, lambda: _from_samples(use, ctx, inputs, params))
         tensors = tuple(t for t in leaves if isinstance(t, Tensor))
         ctx.mark_non_differentiable(*[t for t in tensors if not t.is_floating_point()])
         ctx.save_for_backward(*flat)
@@ -116,6 +122,45 @@ class RecomputeFn(Function):
             use.record.add(use.material(use, xs, ps, pairs))
         _restore(buffers)
         return (None, *dxs, *([None] * len(ps)))
+
+
+class _DataFlow(torch.overrides.TorchFunctionMode):
+    """Marks every tensor computed from a marked one (ids, through indexing, too)."""
+
+    def __init__(self, marked):
+        super().__init__()
+        self.marked = {id(t): t for t in marked}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = _compat.tree_flatten((args, kwargs or {}))[0]
+        if any(isinstance(t, Tensor) and id(t) in self.marked for t in leaves):
+            for t in _compat.tree_flatten(out)[0]:
+                if isinstance(t, Tensor):
+                    self.marked[id(t)] = t
+        return out
+
+
+def _from_samples(use, ctx, inputs, params) -> bool:
+    """Whether every 1-D float output of the module is computed from its per-sample inputs (those
+    with ``n`` entries along the sample axis, ids included): the forward run again, following
+    the data, with the forward's random state; buffers are left as the forward left them."""
+    mb = use.mb
+    rows = [x for x in inputs if x.dim() >= 1
+            and x.shape[mb.sample_dim if x.dim() >= 3 else 0] == mb.n]
+    if not rows:
+        return False
+    buffers = [(b, b.clone()) for b in use.entry.module.buffers()]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        if ctx.rng is not None:
+            stack.enter_context(torch.random.fork_rng(devices=[]))
+            torch.set_rng_state(ctx.rng)
+        flow = stack.enter_context(_DataFlow(rows))
+        out = use.call(inputs, params)
+    _restore(buffers)
+    return all(id(t) in flow.marked for t in _compat.tree_flatten(out)[0]
+               if isinstance(t, Tensor) and t.is_floating_point() and t.dim() == 1)
 
 
 def _restore(buffers) -> None:
