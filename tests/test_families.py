@@ -951,6 +951,26 @@ def test_generic_module_with_a_1d_output_per_sample(name, setting):
     assert [layer.rule for layer in opt.layers] == ["generic"]
 
 
+class RawDistribution(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x):
+        return torch.distributions.Categorical(logits=x @ self.W)
+
+
+def test_generic_module_returning_a_distribution_is_refused():
+    from torch_isopo import ISOPO
+    model = RawDistribution()
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(TypeError, match=r"module 'RawDistribution' output is a Categorical.*"
+                                        r"build it outside the module"):
+        with opt.microbatch(torch.randn(6)):
+            model(torch.randn(6, 3)).log_prob(torch.zeros(6)).sum().backward()
+    assert model.W.grad is None
+
+
 class SharedVector(nn.Module):
     """Returns a vector of n entries computed from its parameters alone, used by every sample."""
 

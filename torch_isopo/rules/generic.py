@@ -45,6 +45,16 @@ class RecomputeUse:
         which looks alike whatever its length, and it is refused."""
         where = f"module '{self.entry.name}' output"
         first = self.inputs[0] if self.inputs else None
+        held = next((t for t in leaves if not isinstance(t, Tensor)
+                     and any(isinstance(v, Tensor) for v in getattr(t, "__dict__", {}).values())),
+                    None)
+        if held is not None:
+            raise TypeError(
+                f"ISOPO: {where} is a {type(held).__name__}, an object holding tensors: the "
+                "generic rule (a module with parameters of its own and no rule) returns tensors, "
+                "in tuples, lists or dicts. Return the tensors it is built from (logits, mean "
+                "and scale) and build it outside the module, or keep the parameters in child "
+                "modules (nn.Linear), whose parent may return any object")
         flat = [t for t in leaves if isinstance(t, Tensor) and t.is_floating_point() and t.dim() == 1]
         rows = self.mb.n > 1 and bool(flat)
         if rows and not (self.mb.segments is None and all(t.numel() == self.mb.n for t in flat)
