@@ -20,6 +20,10 @@ from .samples import SampleMap
 from .settings import Settings
 
 
+LOW_RANK_N = 160   # from here on a layer of D < n/2 parameters is solved in D dimensions: below,
+                   # one more n × n matrix in the batched solve costs less than Woodbury's own ops
+
+
 @dataclass
 class ExplicitUse:
     """One use of a layer whose per-sample gradients are formed explicitly (norms, generic
@@ -69,7 +73,7 @@ def prepare(uses: list, params: list[Tensor], n: int, cfg: Settings,
     budget = max(1, cfg.budget_bytes * 8 // torch.finfo(dt).bits)
     if cfg.mode == "ntk" or sample_pieces:
         p.stat = _statistic(_kernel(p, n, dt, budget, cfg), cfg, sample_pieces, key)
-        if cfg.mode == "ntk" and not factor and 2 * explicit.G.shape[1] < n:
+        if cfg.mode == "ntk" and not factor and 2 * explicit.G.shape[1] < n and n >= LOW_RANK_N:
             p.low_rank = explicit.G
     else:
         p.stat = fisher_nu2(*probes.fisher_products(factor, explicit, n, dt, budget, cfg, key))
