@@ -250,8 +250,10 @@ def merge_uses(uses: list[FactorUse]) -> list[FactorUse]:
             continue
         first = group[0]
         U, V = torch.cat([u.U for u in group]), torch.cat([u.V for u in group])
-        smap = SampleMap(torch.cat([u.smap.ids for u in group]), first.smap.n, first.smap.inner,
-                         None, 0)
+        maps = [u.smap for u in group]
+        steps = all(m.inner == 1 and (m.layout == "second" or m.trivial) for m in maps)
+        smap = SampleMap(torch.cat([m.ids for m in maps]), first.smap.n, first.smap.inner,
+                         "second" if steps else None, sum(m.T for m in maps) if steps else 0)
         delta = torch.cat([u.delta for u in group])
         merged.append(FactorUse(U, V, delta, smap, first.weight, first.bias))
     return merged

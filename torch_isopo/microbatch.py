@@ -123,7 +123,7 @@ class Microbatch:
         self._gates: dict[int, tuple] | None = {}
         self._maps: dict[tuple, SampleMap] = {}
         self._explicit = None        # the first input with a sample axis (its description)
-        self._rows = None            # the first input without one and without per-sample history
+        self._pending: list = []     # inputs without one, their history not yet needed
         self._advantages: dict[str, tuple] = {}
 
     def close(self) -> None:
@@ -131,6 +131,7 @@ class Microbatch:
         microbatch later (a checkpoint recompute) gets gates of its own, kept by nothing here,
         so no reference cycle outlives the graph."""
         self._gates = None
+        self._pending = []
 
     def gate(self, layer) -> tuple:
         """``(record, gated params)``: the layer's parameters as this microbatch's graph sees them
@@ -205,21 +206,30 @@ class Microbatch:
         """Inputs without a sample axis (rows taken as samples) next to inputs with one: unless
         its rows descend from a layer's per-sample output, such an input may be a table shared by
         all samples (positions from ``torch.arange(T)``) whose rows would be credited to the wrong
-        samples. Refused, naming both fixes (docs/layers.md, "Samples")."""
+        samples. Refused, naming both fixes (docs/layers.md, "Samples"). The history is searched
+        only once both kinds have appeared (a policy whose inputs are all rows never needs it)."""
         if self.segments is not None or len(shape) == 0 or self.n == 1:
             return
         if len(shape) >= 2:
             self._explicit = self._explicit or where
-        elif self._rows is None and source is not None and not descends_from_use(source):
-            self._rows = self._rows or (where, tuple(shape))
-        if self._explicit and self._rows:
-            (rows, shape), explicit = self._rows, self._explicit
-            raise ValueError(
-                f"ISOPO: {rows} has no sample axis (rows {shape}), while {explicit} has one: its "
-                "rows would be taken as samples. If it is shared by all samples (a table of "
-                "positions built with torch.arange(T), say), give it a sample axis of size 1 "
-                "(torch.arange(T)[None]) and it is used by every sample; if its rows are samples, "
-                "say so with x[:, None] or segments=")
+            pending, self._pending = self._pending, []
+            for rows in pending:
+                self._refuse_shared(*rows)
+        elif source is not None:
+            if self._explicit:
+                self._refuse_shared(where, tuple(shape), source)
+            else:
+                self._pending.append((where, tuple(shape), source))
+
+    def _refuse_shared(self, rows: str, shape: tuple, source) -> None:
+        if descends_from_use(source):
+            return
+        raise ValueError(
+            f"ISOPO: {rows} has no sample axis (rows {shape}), while {self._explicit} has one: "
+            "its rows would be taken as samples. If it is shared by all samples (a table of "
+            "positions built with torch.arange(T), say), give it a sample axis of size 1 "
+            "(torch.arange(T)[None]) and it is used by every sample; if its rows are samples, "
+            "say so with x[:, None] or segments=")
 
     def sample_map(self, shape, where: str, device, source=None) -> SampleMap:
         """Rows → samples of an input (or output) of token shape ``shape``; ``source`` is the

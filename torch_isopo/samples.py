@@ -63,6 +63,10 @@ class SampleMap:
             shape = list(M.shape)
             shape[dim:dim + 1] = [self.n, -1]
             return M.reshape(shape).sum(dim + 1)
+        if self.layout == "second" and self.inner == 1:      # rows are (T, n)
+            shape = list(M.shape)
+            shape[dim:dim + 1] = [self.T, self.n]
+            return M.reshape(shape).sum(dim)
         shape = list(M.shape)
         shape[dim] = self.n
         return M.new_zeros(shape).index_add_(dim, self.ids, M)
