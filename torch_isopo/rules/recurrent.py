@@ -138,7 +138,10 @@ class _Recurrent(Rule):
     @staticmethod
     def inputs(entry, args, kwargs):
         m = entry.module
-        a = inspect.signature(type(m).forward).bind(m, *args, **kwargs).arguments
+        sig = entry.cache.get("signature")
+        if sig is None:
+            sig = entry.cache["signature"] = inspect.signature(type(m).forward)
+        a = sig.bind(m, *args, **kwargs).arguments
         return m, a, a["input"], a.get("hx"), _kind(m)
 
 
