@@ -34,7 +34,10 @@ class Entry:
 
     def slot(self, attr: str) -> int | None:
         """The layer index of the module's own trainable parameter ``attr``, or None."""
-        return next((i for owner, a, i in self.slots if owner is self.module and a == attr), None)
+        own = self.cache.get("slots")
+        if own is None:
+            own = self.cache["slots"] = {a: i for owner, a, i in self.slots if owner is self.module}
+        return own.get(attr)
 
 
 @dataclass

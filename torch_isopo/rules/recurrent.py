@@ -74,16 +74,17 @@ class TapFn(Function):
 def _cell(kind, gi, h, c, w_hh, b_hh):
     """One step from the input projection ``gi``: ``(h', c', reset gate)``."""
     gh = F.linear(h, w_hh, b_hh)
-    if kind == "lstm":
-        i, f, g, o = (gi + gh).chunk(4, -1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c, None
+    if kind == "lstm":                     # one sigmoid over all gates (g's part unused)
+        gates = gi + gh
+        i, f, _, o = torch.sigmoid(gates).chunk(4, -1)
+        k = gates.shape[-1] // 4
+        c = torch.addcmul(f * c, i, torch.tanh(gates[..., 2 * k:3 * k]))
+        return o * torch.tanh(c), c, None
     if kind == "gru":
-        ir, iz, inn = gi.chunk(3, -1)
-        hr, hz, hn = gh.chunk(3, -1)
-        r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
-        n = torch.tanh(inn + r * hn)
-        return n + z * (h - n), None, r
+        k = gi.shape[-1] // 3
+        r, z = torch.sigmoid(gi[..., :2 * k] + gh[..., :2 * k]).chunk(2, -1)
+        n = torch.tanh(torch.addcmul(gi[..., 2 * k:], r, gh[..., 2 * k:]))
+        return torch.lerp(n, h, z), None, r
     pre = gi + gh
     return (torch.tanh(pre) if kind == "rnn_tanh" else torch.relu(pre)), None, None
 
@@ -113,9 +114,10 @@ def _direction(p: _Params, record, smap_of, kind, x, h, c, sfx, reverse, lengths
     gi = TapFn.apply(gi, use, *trainable)
     w_hr, s4 = p.get("weight_hr" + sfx)
     outs, hs, rs = [None] * T, [None] * T, [None] * T
+    w_hh_d, b_hh_d = w_hh.detach(), detached(b_hh)
     for t in (reversed(range(T)) if reverse else range(T)):
         hs[t] = h
-        h_new, c_new, rs[t] = _cell(kind, gi[t], h, c, w_hh.detach(), detached(b_hh))
+        h_new, c_new, rs[t] = _cell(kind, gi[t], h, c, w_hh_d, b_hh_d)
         if w_hr is not None:
             h_new = LinearFn.apply(h_new, w_hr, None,
                                    LinearUse(record, smap_of(N, 1), False, s4, None))
@@ -138,11 +140,13 @@ class _Recurrent(Rule):
     @staticmethod
     def inputs(entry, args, kwargs):
         m = entry.module
+        if not kwargs and len(args) <= 2:           # (input, hx) as the module takes them
+            return m, args[0], args[1] if len(args) == 2 else None, _kind(m)
         sig = entry.cache.get("signature")
         if sig is None:
             sig = entry.cache["signature"] = inspect.signature(type(m).forward)
         a = sig.bind(m, *args, **kwargs).arguments
-        return m, a, a["input"], a.get("hx"), _kind(m)
+        return m, a["input"], a.get("hx"), _kind(m)
 
 
 def _maps(mb, entry, device):
@@ -168,8 +172,9 @@ class RecurrentRule(_Recurrent):
     name = "recurrent"
 
     def forward(self, mb, layer, entry, orig, args, kwargs):
-        m, a, x, hx, kind = self.inputs(entry, args, kwargs)
+        m, x, hx, kind = self.inputs(entry, args, kwargs)
         packed = isinstance(x, PackedSequence)
+        unbatched = not packed and x.dim() == 2
         lengths = source = None
         if packed:
             source = x
@@ -185,7 +190,7 @@ class RecurrentRule(_Recurrent):
                              None if source is None else (lengths, source))
         if packed:
             out = _repack(out, source)
-        elif a["input"].dim() == 2:
+        elif unbatched:
             out, h_n = out.squeeze(1), h_n.squeeze(1)
             c_n = None if c_n is None else c_n.squeeze(1)
         elif m.batch_first:
@@ -258,7 +263,7 @@ class CellRule(_Recurrent):
     name = "recurrent_cell"
 
     def forward(self, mb, layer, entry, orig, args, kwargs):
-        m, a, x, hx, kind = self.inputs(entry, args, kwargs)
+        m, x, hx, kind = self.inputs(entry, args, kwargs)
         single = x.dim() == 1
         if single:
             x = x[None]
