@@ -986,6 +986,23 @@ def test_generic_module_returning_a_distribution_is_refused():
     assert model.W.grad is None
 
 
+def test_generic_1d_output_check_leaves_the_random_state():
+    """The second forward that follows the data replays the forward's dropout without drawing:
+    what the model draws next is what it draws without ISOPO."""
+    from torch_isopo import ISOPO
+    s, a = torch.tensor([0, 2, 2, 4, 1, 0]), torch.randint(0, 3, (6,))
+    model = TabularPolicy(dropout=True).train()
+    plain = copy.deepcopy(model)
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    A = torch.randn(6)
+    torch.manual_seed(3)
+    want = plain(s, a), torch.rand(4)
+    torch.manual_seed(3)
+    with opt.microbatch(A):
+        got = model(s, a), torch.rand(4)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 class SharedVector(nn.Module):
     """Returns a vector of n entries computed from its parameters alone, used by every sample."""
 

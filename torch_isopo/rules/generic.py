@@ -98,6 +98,7 @@ class RecomputeFn(Function):
         ctx.rng = torch.get_rng_state() if use.rng else None
         ctx.cuda_rng = (torch.cuda.get_rng_state(dev) if ctx.rng is not None and dev.type == "cuda"
                         else None)
+        ctx.device = dev
         with torch.no_grad():
             out = use.call(inputs, params)
         leaves, spec = _compat.tree_flatten(out)
@@ -164,8 +165,11 @@ def _from_samples(use, ctx, inputs, params) -> bool:
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.no_grad())
         if ctx.rng is not None:
-            stack.enter_context(torch.random.fork_rng(devices=[]))
+            stack.enter_context(torch.random.fork_rng(
+                devices=[] if ctx.cuda_rng is None else [ctx.device]))
             torch.set_rng_state(ctx.rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
         flow = stack.enter_context(_DataFlow(rows))
         out = use.call(inputs, params)
     _restore(buffers)
