@@ -423,10 +423,29 @@ def test_tied_embedding_with_max_norm_is_refused_before_any_change():
     assert torch.equal(emb.weight.detach(), before) and emb.weight.grad is None
 
 
-@pytest.mark.parametrize("kw", [dict(scale_grad_by_freq=True), dict(sparse=True)])
-def test_embedding_that_mixes_samples_or_is_sparse_is_refused(kw):
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_embedding_bag_with_max_norm(mode, setting):
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"bag": nn.EmbeddingBag(10, 4, mode=mode, max_norm=0.7),
+                           "head": nn.Linear(4, 3)}).to(D)
+    ids = torch.tensor([[1, 2, 2], [0, 3, 5], [7, 2, 1], [4, 0, 6]])
+    m, _ = check_family(model, lambda m: _logp(m["head"](m["bag"](ids))), 4, *setting,
+                        rules=["embedding_bag", "linear"])
+    plain = copy.deepcopy(model)
+    plain["bag"](ids)
+    assert torch.equal(m["bag"].weight.detach(), plain["bag"].weight.detach())
+
+
+@pytest.mark.parametrize("build", [
+    lambda: nn.Embedding(8, 4, scale_grad_by_freq=True), lambda: nn.Embedding(8, 4, sparse=True),
+    lambda: nn.EmbeddingBag(8, 4, scale_grad_by_freq=True),
+    lambda: nn.EmbeddingBag(8, 4, sparse=True),
+    lambda: nn.EmbeddingBag(8, 4, mode="max", max_norm=1.0)],
+    ids=["freq", "sparse", "bag-freq", "bag-sparse", "bag-max-max_norm"])
+def test_embedding_that_mixes_samples_or_is_sparse_is_refused(build):
     from torch_isopo import ISOPO
-    model = nn.Sequential(nn.Embedding(8, 4, **kw), nn.Linear(4, 2))
+    model = nn.Sequential(build(), nn.Linear(4, 2))
     with pytest.raises(ValueError, match="scale_grad_by_freq=False, sparse=False"):
         ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
 

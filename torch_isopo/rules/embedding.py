@@ -82,7 +82,8 @@ class EmbeddingRule(Rule):
 
 
 def _renorm(layer, entry, ids) -> None:
-    """What ``F.embedding`` does first with ``max_norm``, outside autograd: rescale the looked-up
+    """What ``F.embedding`` (or ``F.embedding_bag``) does first with ``max_norm``, outside
+    autograd: rescale the looked-up
     rows in place. Through ``.data``, so the gate's views of the weight stay valid; nothing else
     holds the weight for its backward (the lookup keeps only the ids), unless the weight is tied
     to another module, which is refused as plain autograd would refuse an in-place change of a
@@ -90,7 +91,7 @@ def _renorm(layer, entry, ids) -> None:
     m = entry.module
     if len(layer.entries) > 1:
         raise ValueError(
-            f"ISOPO: module '{entry.name}' (nn.Embedding with max_norm) shares its weight with "
+            f"ISOPO: module '{entry.name}' ({type(m).__name__} with max_norm) shares its weight with "
             f"{', '.join(repr(e.name) for e in layer.entries if e is not entry)}; renormalising "
             "it in place would change a weight another module uses in the same graph. Untie "
             "the weights or construct the embedding without max_norm")
@@ -169,9 +170,18 @@ class EmbeddingBagFn(Function):
 
 
 def _bag_supported(module: nn.Module) -> bool:
-    return (isinstance(module, nn.EmbeddingBag) and type(module).forward is nn.EmbeddingBag.forward
-            and module.mode in ("sum", "mean") and module.max_norm is None
-            and not module.scale_grad_by_freq and not module.sparse)
+    if not (isinstance(module, nn.EmbeddingBag)
+            and type(module).forward is nn.EmbeddingBag.forward):
+        return False
+    if module.scale_grad_by_freq or module.sparse or (module.max_norm is not None
+                                                       and module.mode == "max"):
+        raise ValueError(
+            f"ISOPO does not support nn.EmbeddingBag with scale_grad_by_freq=True (it divides by "
+            f"token counts over the whole batch, mixing samples), sparse=True (ISOPO writes dense "
+            f"gradients) or max_norm with mode='max' (its generic recompute would renormalise "
+            f"the weight again) ({type(module).__name__}); construct it with "
+            f"scale_grad_by_freq=False, sparse=False, and mode='sum' or 'mean' with max_norm")
+    return module.mode in ("sum", "mean")
 
 
 @register(when=_bag_supported)
@@ -189,6 +199,8 @@ class EmbeddingBagRule(Rule):
         a = _BAG.bind(m, *args, **kwargs).arguments
         ids, offsets, psw = a["input"], a.get("offsets"), a.get("per_sample_weights")
         record, gated = mb.gate(layer)
+        if m.max_norm is not None:
+            _renorm(layer, entry, ids)
         bag, counts = _bags(ids, offsets, m.include_last_offset)
         scale = torch.ones(bag.numel(), device=ids.device) if psw is None else psw.reshape(-1)
         if m.mode == "mean":
