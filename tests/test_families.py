@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Normal
 
@@ -1020,6 +1021,42 @@ def test_generic_1d_output_check_leaves_the_random_state():
     with opt.microbatch(A):
         got = model(s, a), torch.rand(4)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+class FunctionalTie(nn.Module):
+    """An output layer tied to the embedding by hand: ``F.linear(h, wte.weight)`` (refused, with
+    the fix), or through an ``nn.Linear`` holding the same Parameter (exact)."""
+
+    def __init__(self, module_head):
+        super().__init__()
+        self.wte, self.mix = nn.Embedding(10, 6), nn.Linear(6, 6)
+        self.head = None
+        if module_head:
+            self.head = nn.Linear(6, 10, bias=False)
+            self.head.weight = self.wte.weight
+
+    def forward(self, i):
+        h = torch.tanh(self.mix(self.wte(i)))
+        logits = self.head(h) if self.head is not None else F.linear(h, self.wte.weight)
+        return -torch.log_softmax(logits, -1).gather(-1, i[..., None]).squeeze(-1).sum(1)
+
+
+def test_weight_used_directly_outside_its_module_is_refused_with_the_fix():
+    from torch_isopo import ISOPO
+    ids = torch.randint(0, 10, (4, 5))
+    model = FunctionalTie(module_head=False)
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(RuntimeError, match=r"parameter 'wte.weight' .*used directly.*"
+                                           r"head.weight = emb.weight"):
+        with opt.microbatch(torch.randn(4)):
+            model(ids).sum().backward()
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+def test_weight_tied_through_a_module_is_exact(setting):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 10, (4, 5))
+    check_family(FunctionalTie(module_head=True).to(D), lambda m: m(ids), 4, *setting)
 
 
 class SharedVector(nn.Module):

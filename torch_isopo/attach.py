@@ -119,9 +119,13 @@ class Ledger:
                          f"{len(made)} microbatches; run one backward per microbatch")
             elif made is None or grad is not made[0]:
                 error = (f"ISOPO: parameter '{name}' received a gradient that did not come from "
-                         "its module's forward (used directly, e.g. by a fused kernel, or a graph "
-                         "built outside any microbatch was back-propagated inside one); ISOPO "
-                         "cannot attribute it to samples")
+                         "its module's forward: it was used directly (x @ emb.weight.T, "
+                         "F.linear(x, emb.weight), a fused kernel), or a graph built outside any "
+                         "microbatch was back-propagated inside one; ISOPO cannot attribute it "
+                         "to samples. Route a direct use through a module holding the same "
+                         "Parameter (a tied output layer: head = nn.Linear(d, vocab, bias=False); "
+                         "head.weight = emb.weight), which ISOPO merges with its owner into one "
+                         "layer")
             else:
                 return None
             self.made.clear()                  # this backward stops here: leave nothing behind
