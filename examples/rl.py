@@ -80,6 +80,13 @@ def final_reward(hist: dict) -> float:
     return sum(hist["reward"][-10:]) / len(hist["reward"][-10:])
 
 
+def seed_mean(values: list[float], digits: int = 1) -> str:
+    """The mean over seeds of a figure, skipping seeds where it is NaN (never reached)."""
+    hit = [v for v in values if not math.isnan(v)]
+    text = f"{sum(hit) / len(hit):.{digits}f}" if hit else "never"
+    return text if len(hit) == len(values) else f"{text} ({len(hit)}/{len(values)} seeds)"
+
+
 def report(task, runs: dict, out: str) -> None:
     """Print a results table (mean over seeds) and save the learning curves (mean and range)."""
     import matplotlib
@@ -87,21 +94,16 @@ def report(task, runs: dict, out: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    def mean(values, digits=1):
-        hit = [v for v in values if not math.isnan(v)]
-        text = f"{sum(hit) / len(hit):.{digits}f}" if hit else "never"
-        return text if len(hit) == len(values) else f"{text} ({len(hit)}/{len(values)} seeds)"
-
     print(f"\nMean over {len(next(iter(runs.values())))} seeds:\n\n"
           f"| method | final reward | {task.unit} to {task.target:g} | wall s to {task.target:g} "
           f"| wall s | CPU s |\n|---|---|---|---|---|---|")
     for name, hists in runs.items():
         finals = [final_reward(h) for h in hists]
         digits = 1 if task.target > 10 else 3
-        print(f"| {name} | {mean(finals, digits)} (min {min(finals):.{digits}f}) | "
-              f"{mean([first_reach(h, task.target, 'samples') for h in hists], 0)} | "
-              f"{mean([first_reach(h, task.target, 'seconds') for h in hists])} | "
-              f"{mean([h['seconds'][-1] for h in hists])} | {mean([h['cpu'][-1] for h in hists])} |")
+        print(f"| {name} | {seed_mean(finals, digits)} (min {min(finals):.{digits}f}) | "
+              f"{seed_mean([first_reach(h, task.target, 'samples') for h in hists], 0)} | "
+              f"{seed_mean([first_reach(h, task.target, 'seconds') for h in hists])} | "
+              f"{seed_mean([h['seconds'][-1] for h in hists])} | {seed_mean([h['cpu'][-1] for h in hists])} |")
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
     for i, (name, hists) in enumerate(runs.items()):
         R = np.array([smooth(h["reward"]) for h in hists])

@@ -21,6 +21,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 
+from rl import seed_mean
 from torch_isopo.integrations.sb3 import ISOPOPPO
 
 TARGET = 475.0          # CartPole-v1 counts as solved at a mean return of 475
@@ -78,21 +79,16 @@ def report(runs: dict, out: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def mean(values, digits=0):
-        hit = [v for v in values if not math.isnan(v)]
-        text = f"{sum(hit) / len(hit):.{digits}f}" if hit else "never"
-        return text if len(hit) == len(values) else f"{text} ({len(hit)}/{len(values)} seeds)"
-
     print(f"\nMean over {len(next(iter(runs.values())))} seeds (return: last 20 episodes):\n\n"
           f"| method | final return | env steps to {TARGET:g} | wall s to {TARGET:g} | wall s "
           "| CPU s |\n|---|---|---|---|---|---|")
     for name, hists in runs.items():
         finals = [h["return"][-1] for h in hists]
-        print(f"| {name} | {mean(finals, 1)} (min {min(finals):.1f}) | "
-              f"{mean([first_reach(h, 'steps') for h in hists])} | "
-              f"{mean([first_reach(h, 'seconds') for h in hists], 1)} | "
-              f"{mean([h['seconds'][-1] for h in hists], 1)} | "
-              f"{mean([h['cpu'][-1] for h in hists], 1)} |")
+        print(f"| {name} | {seed_mean(finals, 1)} (min {min(finals):.1f}) | "
+              f"{seed_mean([first_reach(h, 'steps') for h in hists], 0)} | "
+              f"{seed_mean([first_reach(h, 'seconds') for h in hists], 1)} | "
+              f"{seed_mean([h['seconds'][-1] for h in hists], 1)} | "
+              f"{seed_mean([h['cpu'][-1] for h in hists], 1)} |")
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     lrs = list(dict.fromkeys(name.split(", lr ")[1] for name in runs))
     methods = list(dict.fromkeys(name.split(", lr ")[0] for name in runs))

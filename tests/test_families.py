@@ -393,20 +393,25 @@ def test_embedding_bag(mode, layout, setting):
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("twice", [False, True])
 @pytest.mark.parametrize("pad", [None, 0])
-def test_embedding_with_max_norm(pad, setting):
+def test_embedding_with_max_norm(pad, twice, setting):
     """Rows renormalised in place before the lookup (repeated tokens, rows over and under the
-    norm): the gradient of the lookup of the renormalised rows, and the same weights after it."""
+    norm; the module called once, or twice on overlapping ids): the gradient of the lookup of
+    the renormalised rows, and the same weights after it."""
     torch.manual_seed(0)
     model = nn.ModuleDict({"emb": nn.Embedding(8, 4, max_norm=1.5, norm_type=2.0, padding_idx=pad),
                            "head": nn.Linear(4, 3)}).to(D)
     with torch.no_grad():
         model["emb"].weight[1::2] *= 0.2          # some rows already within the norm
     ids = torch.tensor([[1, 2, 2], [0, 3, 5], [7, 2, 1], [4, 0, 6]])
-    m, _ = check_family(model, lambda m: _logp(m["head"](m["emb"](ids))).sum(1), 4, *setting,
+
+    def embed(m):
+        return m["emb"](ids[:, :2]) + m["emb"](ids[:, 1:]) if twice else m["emb"](ids)
+    m, _ = check_family(model, lambda m: _logp(m["head"](embed(m))).sum(1), 4, *setting,
                         rules=["embedding", "linear"])
     plain = copy.deepcopy(model)
-    plain["emb"](ids)
+    embed(plain)
     assert torch.equal(m["emb"].weight.detach(), plain["emb"].weight.detach())
 
 

@@ -46,10 +46,8 @@ def _statistic(m: Tensor, damping: float, m_used) -> Tensor:
     if m_used is None:
         return damping * m
     if not isinstance(m_used, float) and all(u == u for u in m_used):      # no NaN: all given
-        used = [damping * u for u in m_used]
-        if m.device.type == "cpu":
-            return torch.tensor(used, dtype=m.dtype)
-        return torch.tensor(used, dtype=m.dtype).to(m.device, non_blocking=True)
+        used = torch.tensor([damping * u for u in m_used], dtype=m.dtype)
+        return used.to(m.device, non_blocking=True)
     used = torch.as_tensor(m_used, dtype=m.dtype, device=m.device)
     return damping * torch.where(torch.isnan(used), m, used)
 
@@ -84,7 +82,7 @@ def ntk_low_rank(K: Tensor, G: Tensor, A: Tensor, damping: float, m_used=None) -
     rho = _statistic(m, damping, m_used)
     safe = rho + (rho == 0)
     F = G.T @ G
-    F = torch.diagonal_scatter(F, torch.diagonal(F) + safe)
+    F.diagonal().add_(safe)
     solved, _ = torch.linalg.solve_ex(F, G.T @ A)
     return Coefficients(A - G @ solved, m, rho, K.to(torch.float64))
 

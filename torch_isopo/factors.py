@@ -133,12 +133,12 @@ def materialised_gradients(uses: list[FactorUse], n: int, P: int, Q: int, rows: 
         if G is None:
             G = ref.new_zeros(n, stop - start, Q)
         for u, pos in local:             # rows outside the chunk add zeros: no host sync
-            r = pos if rows is not None else u.U
+            r = (pos if rows is not None else u.U) - start       # row within the chunk
             V = u.V.to(G.dtype)
             if start > 0 or stop < R:
-                V = V * ((r >= start) & (r < stop)).to(G.dtype)[:, None]
-                r = (r - start).clamp(0, stop - start - 1) + start
-            G.view(-1, Q).index_add_(0, u.smap.ids * (stop - start) + (r - start), V)
+                V = V * ((r >= 0) & (r < stop - start)).to(G.dtype)[:, None]
+                r = r.clamp(0, stop - start - 1)
+            G.view(-1, Q).index_add_(0, u.smap.ids * (stop - start) + r, V)
         yield slice(start, stop), G
 
 

@@ -156,19 +156,21 @@ def coefficients(stats: list[Tensor], A: Tensor, cfg: Settings, m_used: list[flo
         if rest:
             batch = coefficients([stats[j] for j in rest], A, cfg, [m_used[j] for j in rest])
             parts.update({j: batch.layer(k) for k, j in enumerate(rest)})
-        c, m, rho = (torch.stack([getattr(parts[j], f).to(A.device) for j in range(len(stats))])
-                     for f in ("c", "m", "rho"))
-        return Coefficients(c, m, rho, [parts[j].spectrum for j in range(len(stats))])
+        return _gathered([parts[j] for j in range(len(stats))], A.device)
     if len({(s.shape, s.device) for s in stats}) > 1:     # layers on several devices
-        parts = [coefficients([s], A, cfg, [m]) for s, m in zip(stats, m_used)]
-        return Coefficients(*(None if parts[0].spectrum is None and f == "spectrum" else
-                              torch.cat([getattr(p, f).to(A.device) for p in parts])
-                              for f in ("c", "m", "rho", "spectrum")))
+        return _gathered([coefficients([s], A, cfg, [m]).layer(0)
+                          for s, m in zip(stats, m_used)], A.device)
     stat = stats[0][None] if len(stats) == 1 else torch.stack(stats)
     used = None if all(m is None for m in m_used) else [math.nan if m is None else m
                                                          for m in m_used]
     make = ntk_coefficients if cfg.mode == "ntk" else fisher_coefficients
     return make(stat, A.to(stat.device), cfg.damping, used)   # A stays float64
+
+
+def _gathered(parts: list, device) -> Coefficients:
+    """Layers' coefficients computed apart, as one batch on ``device`` (spectra kept apart)."""
+    c, m, rho = (torch.stack([getattr(p, f).to(device) for p in parts]) for f in ("c", "m", "rho"))
+    return Coefficients(c, m, rho, [p.spectrum for p in parts])
 
 
 def contract(p: Prepared, c: Tensor) -> list[Tensor | None]:

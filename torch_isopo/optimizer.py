@@ -224,16 +224,15 @@ class ISOPO(torch.optim.Optimizer):
     def _end_step(self) -> None:
         """Fold this step's microbatch statistics into the averages; keep its figures for
         ``diagnostics``."""
-        ms = iter(_host([coef.m for figs in self._step_figures.values() for coef, _, _ in figs])
-                  if self.ema is not None else ())
-        for name, figs in self._step_figures.items():
-            if self.ema is None:
-                break
-            m = sum(next(ms) / S ** 2 for _, _, S in figs) / len(figs)
-            if math.isfinite(m) and m > 0:
-                # a step without gradient for the layer (m = 0) or with an overflow is no history
-                old = self._m.get(name)
-                self._m[name] = m if old is None else self.ema * old + (1 - self.ema) * m
+        if self.ema is not None:
+            ms = iter(_host([coef.m for figs in self._step_figures.values() for coef, _, _ in figs]))
+            for name, figs in self._step_figures.items():
+                m = sum(next(ms) / S ** 2 for _, _, S in figs) / len(figs)
+                if math.isfinite(m) and m > 0:
+                    # a step without gradient for the layer (m = 0) or with an overflow is no
+                    # history
+                    old = self._m.get(name)
+                    self._m[name] = m if old is None else self.ema * old + (1 - self.ema) * m
         self._last_figures = dict(self._step_figures)
         self._step_figures.clear()
         self._diagnostics = None

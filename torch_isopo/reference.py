@@ -103,7 +103,8 @@ def _coefficients(mode, G, pieces, A, damping, m_given):
         K = G @ G.T
         m = float(K.trace()) / n
         rho = damping * (m if m_given is None else m_given)
-        c = rho * torch.linalg.solve(K + rho * torch.eye(n, dtype=K.dtype, device=K.device), A) if rho > 0 else A
+        eye = torch.eye(n, dtype=K.dtype, device=K.device)
+        c = rho * torch.linalg.solve(K + rho * eye, A) if rho > 0 else A
         return c, m
     dots = pieces @ G.T
     total = (pieces ** 2).sum()

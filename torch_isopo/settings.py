@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+
 @dataclass(frozen=True)
 class Settings:
     """The optimizer's settings as one microbatch sees them."""

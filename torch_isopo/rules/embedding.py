@@ -83,11 +83,10 @@ class EmbeddingRule(Rule):
 
 def _renorm(layer, entry, ids) -> None:
     """What ``F.embedding`` (or ``F.embedding_bag``) does first with ``max_norm``, outside
-    autograd: rescale the looked-up
-    rows in place. Through ``.data``, so the gate's views of the weight stay valid; nothing else
-    holds the weight for its backward (the lookup keeps only the ids), unless the weight is tied
-    to another module, which is refused as plain autograd would refuse an in-place change of a
-    tensor saved for backward."""
+    autograd: rescale the looked-up rows in place. Through ``.data``, so the gate's views of the
+    weight stay valid; nothing else holds the weight for its backward (the lookup keeps only the
+    ids), unless the weight is tied to another module, which is refused as plain autograd would
+    refuse an in-place change of a tensor saved for backward."""
     m = entry.module
     if len(layer.entries) > 1:
         raise ValueError(

@@ -180,10 +180,8 @@ class RecurrentRule(_Recurrent):
             source = x
             x, lengths = pad_packed_sequence(x)
             lengths = lengths.to(x.device)
-        elif x.dim() == 2:
-            x = x.unsqueeze(1)
-            hx = None if hx is None else (tuple(t.unsqueeze(1) for t in hx) if kind == "lstm"
-                                          else hx.unsqueeze(1))
+        elif unbatched:
+            x, hx = x.unsqueeze(1), _batch_axis(hx, kind, 1)
         elif m.batch_first:
             x = x.transpose(0, 1)
         out, h_n, c_n = _run(mb, layer, entry, m, kind, x, hx,
@@ -266,8 +264,7 @@ class CellRule(_Recurrent):
         m, x, hx, kind = self.inputs(entry, args, kwargs)
         single = x.dim() == 1
         if single:
-            x = x[None]
-            hx = None if hx is None else (tuple(t[None] for t in hx) if kind == "lstm" else hx[None])
+            x, hx = x[None], _batch_axis(hx, kind, 0)
         if hx is None:
             h = x.new_zeros(x.shape[0], m.hidden_size)
             c = h if kind == "lstm" else None
@@ -277,6 +274,13 @@ class CellRule(_Recurrent):
         out, h_new, c_new = _direction(_Params(entry, gated), record, _maps(mb, entry, x.device),
                                        kind, x[None], h, c, "", False, None)
         out = (h_new, c_new) if kind == "lstm" else h_new
-        if single:
-            out = tuple(t[0] for t in out) if kind == "lstm" else out[0]
-        return out
+        return _batch_axis(out, kind, 0, add=False) if single else out
+
+
+def _batch_axis(state, kind: str, dim: int, add: bool = True):
+    """A state (a tensor, or an LSTM's ``(h, c)``) with a batch axis of one added at ``dim`` (an
+    unbatched input), or removed again."""
+    if state is None:
+        return None
+    step = (lambda t: t.unsqueeze(dim)) if add else (lambda t: t.squeeze(dim))
+    return tuple(step(t) for t in state) if kind == "lstm" else step(state)
