@@ -153,3 +153,17 @@ def test_a_second_isopo_on_the_same_model_is_refused():
         ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
     first.detach()
     ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+@pytest.mark.parametrize("shape, lazy", [(nn.Identity, lambda: nn.LazyLinear(2)),
+                                         (lambda: nn.Unflatten(1, (4, 1)),
+                                          lambda: nn.LazyConv1d(2, 1))])
+def test_a_lazy_module_must_be_initialised_first(shape, lazy):
+    """Before its first forward a lazy module has no shape: refused, naming it and the fix; after
+    one forward it is an ordinary layer (exact, as every other test of its family)."""
+    model = nn.Sequential(nn.Linear(3, 4), shape(), lazy())
+    with pytest.raises(ValueError, match=r"module '2' \(Lazy.*dummy batch before ISOPO"):
+        ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    model(torch.randn(5, 3))
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert len(opt.layers) == 2

@@ -78,6 +78,7 @@ class ISOPO(torch.optim.Optimizer):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         check_settings(mode, damping, ema, fisher_probes, route, grad_scaler, gates)
+        _check_materialised(model)
         damping = float(damping)
         self.optimizer = _Unset()
         super().__init__([{"params": []}], {})    # hook registries and step profiling, as torch sets them
@@ -299,6 +300,18 @@ class ISOPO(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return (f"ISOPO(mode={self.mode!r}, damping={self.damping}, ema={self.ema}, "
                 f"layers={len(self.layers)}, optimizer={self.optimizer!r})")
+
+
+def _check_materialised(model: nn.Module) -> None:
+    """A lazy module (``nn.LazyLinear``) has no shape until its first forward, and becomes
+    another module then: its layer cannot be found before that."""
+    for name, m in model.named_modules():
+        if any(nn.parameter.is_lazy(t) for t in (*m.parameters(recurse=False),
+                                                   *m.buffers(recurse=False))):
+            raise ValueError(
+                f"ISOPO: module '{name or type(m).__name__}' ({type(m).__name__}) is not "
+                "initialised yet (a lazy module): run one forward with a dummy batch before "
+                "ISOPO(model, ...)")
 
 
 def _host(values: list[Tensor]) -> list[float]:

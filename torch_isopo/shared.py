@@ -75,13 +75,17 @@ class Tracker(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.paused or own_node(_compat.autograd_node()):
+        if self.paused:
             return func(*args, **kwargs)
-        inputs = list(_tensors(args, kwargs))
+        inputs = _tensors(args, kwargs)
         if not inputs:                           # a factory: its result is a constant
+            if own_node(_compat.autograd_node()):
+                return func(*args, **kwargs)
             return self._mark(func(*args, **kwargs), frozenset())
         hits = [t for t in inputs if id(t) in self.free or t in self.shared]
-        mb = self.attachment.forward_microbatch() if hits and torch.is_grad_enabled() else None
+        if not hits or not torch.is_grad_enabled() or own_node(_compat.autograd_node()):
+            return func(*args, **kwargs)
+        mb = self.attachment.forward_microbatch()
         if mb is None:
             return func(*args, **kwargs)
         args, kwargs, reads = self._gated(mb, args, kwargs, hits)
@@ -89,7 +93,7 @@ class Tracker(TorchFunctionMode):
         try:
             out = func(*args, **kwargs)
             data = len(hits) < len(inputs)
-            inputs = list(_tensors(args, kwargs))
+            inputs = _tensors(args, kwargs)
             if reads and meets_samples(mb, out, inputs, self.shared, data):
                 sources = list({id(t): t for t in inputs            # each tensor once
                                 if t in self.shared and self.shared[t]}.values())
@@ -116,9 +120,12 @@ class Tracker(TorchFunctionMode):
             else:
                 reads |= self.shared[t]
         if swap:
-            leaves, spec = _compat.tree_flatten((args, kwargs))
-            args, kwargs = _compat.tree_unflatten(
-                [swap.get(id(t), t) if isinstance(t, Tensor) else t for t in leaves], spec)
+            put = lambda a: swap.get(id(a), a) if isinstance(a, Tensor) else a  # noqa: E731
+            if all(not isinstance(a, (list, tuple, dict)) for a in (*args, *kwargs.values())):
+                args, kwargs = tuple(map(put, args)), {k: put(v) for k, v in kwargs.items()}
+            else:
+                leaves, spec = _compat.tree_flatten((args, kwargs))
+                args, kwargs = _compat.tree_unflatten(list(map(put, leaves)), spec)
         return args, kwargs, frozenset(reads)
 
     def _mark(self, out, reads):
@@ -144,16 +151,19 @@ def constants(modules: list[nn.Module]) -> list:
     out = []
     for m in modules:
         out.extend(m.buffers(recurse=False))
-        out.extend(v for v in vars(m).values() if isinstance(v, torch.Tensor))
+        out.extend(v for v in vars(m).values() if isinstance(v, Tensor))
     return [t for t in out if t is not None]
 
 
-def _tensors(args, kwargs):
-    for a in (*args, *kwargs.values()):
+def _tensors(args, kwargs) -> list[Tensor]:
+    """The tensor arguments of an op, also inside lists and tuples (``torch.cat``'s)."""
+    out = []
+    for a in (*args, *kwargs.values()) if kwargs else args:
         if isinstance(a, Tensor):
-            yield a
+            out.append(a)
         elif isinstance(a, (list, tuple)):
-            yield from (t for t in a if isinstance(t, Tensor))
+            out.extend(t for t in a if isinstance(t, Tensor))
+    return out
 
 
 def _out_tensors(out):
