@@ -256,7 +256,8 @@ def merge_uses(uses: list[FactorUse]) -> list[FactorUse]:
         steps = all(m.inner == 1 and (m.layout == "second" or m.trivial) for m in maps)
         smap = SampleMap(torch.cat([m.ids for m in maps]), first.smap.n, first.smap.inner,
                          "second" if steps else None, sum(m.T for m in maps) if steps else 0)
-        delta = torch.cat([u.delta for u in group])
+        delta = U if all(u.delta is u.U for u in group) else V if all(
+            u.delta is u.V for u in group) else torch.cat([u.delta for u in group])
         merged.append(FactorUse(U, V, delta, smap, first.weight, first.bias))
     return merged
 

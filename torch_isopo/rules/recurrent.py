@@ -24,7 +24,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from ..factors import FactorUse
 from ..gate import own_op
 from . import Rule, register
-from .linear import LinearFn, LinearUse
+from .linear import LinearFn, LinearUse, _autocast_dtype
 
 
 def _kind(m) -> str:
@@ -73,9 +73,14 @@ class TapFn(Function):
 
 def _cell(kind, gi, h, c, w_hh, b_hh):
     """One step from the input projection ``gi``: ``(h', c', reset gate)``."""
-    gh = F.linear(h, w_hh, b_hh)
+    return _step(kind, gi, F.linear(h, w_hh, b_hh), h, c)
+
+
+def _step(kind, gi, gh, h, c):
+    """One step from the gates' input and hidden parts ``gi``, ``gh`` (``gh`` None: ``gi`` holds
+    both, summed): ``(h', c', reset gate)``."""
     if kind == "lstm":                     # one sigmoid over all gates (g's part unused)
-        gates = gi + gh
+        gates = gi if gh is None else gi + gh
         i, f, _, o = torch.sigmoid(gates).chunk(4, -1)
         k = gates.shape[-1] // 4
         c = torch.addcmul(f * c, i, torch.tanh(gates[..., 2 * k:3 * k]))
@@ -85,8 +90,52 @@ def _cell(kind, gi, h, c, w_hh, b_hh):
         r, z = torch.sigmoid(gi[..., :2 * k] + gh[..., :2 * k]).chunk(2, -1)
         n = torch.tanh(torch.addcmul(gi[..., 2 * k:], r, gh[..., 2 * k:]))
         return torch.lerp(n, h, z), None, r
-    pre = gi + gh
+    pre = gi if gh is None else gi + gh
     return (torch.tanh(pre) if kind == "rnn_tanh" else torch.relu(pre)), None, None
+
+
+@dataclass
+class CellUse:
+    record: object
+    smap: object
+    slots: tuple           # W_ih, b_ih, W_hh, b_hh
+    split: bool            # GRU: the hidden part returned apart (the reset gate scales it)
+
+
+@own_op
+class CellFn(Function):
+    """A cell's gate pre-activations ``x W_ihᵀ + b_ih`` and ``h W_hhᵀ + b_hh`` (summed, or apart
+    for a GRU), in one op whose backward hands both weights' factors to the gate."""
+
+    @staticmethod
+    def forward(ctx, x, h, w_ih, b_ih, w_hh, b_hh, use):
+        dtype = _autocast_dtype(x)
+        if dtype is None:
+            gi, gh = F.linear(x, w_ih, b_ih), F.linear(h, w_hh, b_hh)
+        else:                              # what autocast would run: the products in its dtype
+            x, h, w_ih, b_ih, w_hh, b_hh = (None if t is None else t.to(dtype)
+                                            for t in (x, h, w_ih, b_ih, w_hh, b_hh))
+            with torch.autocast(x.device.type, enabled=False):
+                gi, gh = F.linear(x, w_ih, b_ih), F.linear(h, w_hh, b_hh)
+        ctx.save_for_backward(x, h, w_ih, w_hh)
+        ctx.use = use
+        if use.split:
+            return gi, gh
+        return gi.add_(gh)
+
+    @staticmethod
+    def backward(ctx, dgi, dgh=None):
+        x, h, w_ih, w_hh = ctx.saved_tensors
+        use = ctx.use
+        dgh = dgi if not use.split else dgh
+        s0, s1, s2, s3 = use.slots
+        if s0 is not None or s1 is not None:
+            use.record.add(FactorUse(dgi, x, dgi, use.smap, s0, s1))
+        if s2 is not None or s3 is not None:
+            use.record.add(FactorUse(dgh, h, dgh, use.smap, s2, s3))
+        dx = dgi @ w_ih if ctx.needs_input_grad[0] else None
+        dh = dgh @ w_hh if ctx.needs_input_grad[1] else None
+        return dx, dh, None, None, None, None, None
 
 
 class _Params:
@@ -271,8 +320,13 @@ class CellRule(_Recurrent):
         else:
             h, c = hx if kind == "lstm" else (hx, None)
         record, gated = mb.gate(layer)
-        out, h_new, c_new = _direction(_Params(entry, gated), record, _maps(mb, entry, x.device),
-                                       kind, x[None], h, c, "", False, None)
+        p = _Params(entry, gated)
+        (w_ih, s0), (b_ih, s1) = p.get("weight_ih"), p.get("bias_ih")
+        (w_hh, s2), (b_hh, s3) = p.get("weight_hh"), p.get("bias_hh")
+        smap = mb.batch_map(x.shape[0], 1, f"module '{entry.name}' input", x.device)
+        use = CellUse(record, smap, (s0, s1, s2, s3), kind == "gru")
+        pre = CellFn.apply(x, h, w_ih, b_ih, w_hh, b_hh, use)
+        h_new, c_new, _ = _step(kind, *pre, h, c) if use.split else _step(kind, pre, None, h, c)
         out = (h_new, c_new) if kind == "lstm" else h_new
         return _batch_axis(out, kind, 0, add=False) if single else out
 
