@@ -71,9 +71,18 @@ class TapFn(Function):
         return (dgi, None, *([None] * (len(ctx.needs_input_grad) - 2)))
 
 
-def _cell(kind, gi, h, c, w_hh, b_hh):
-    """One step from the input projection ``gi``: ``(h', c', reset gate)``."""
-    return _step(kind, gi, F.linear(h, w_hh, b_hh), h, c)
+def _stepper(kind, gi, w_hh, b_hh):
+    """``step(t, h, c) → (h', c', reset gate)`` over the input projections ``gi (T, N, G)``: the
+    hidden bias folded into them once, each step's hidden product added by one ``addmm``."""
+    if kind == "gru":                      # the new gate's hidden part is scaled: kept apart
+        k = gi.shape[-1] // 3
+        rz = gi[..., :2 * k] if b_hh is None else gi[..., :2 * k] + b_hh[:2 * k]
+        gi_n, w_rz, w_n = gi[..., 2 * k:], w_hh[:2 * k].T, w_hh[2 * k:]
+        b_n = None if b_hh is None else b_hh[2 * k:]
+        return lambda t, h, c: _gru(torch.addmm(rz[t], h, w_rz), gi_n[t],
+                                    F.linear(h, w_n, b_n), h)
+    pre, w = (gi if b_hh is None else gi + b_hh), w_hh.T
+    return lambda t, h, c: _step(kind, torch.addmm(pre[t], h, w), None, h, c)
 
 
 def _step(kind, gi, gh, h, c):
@@ -87,11 +96,17 @@ def _step(kind, gi, gh, h, c):
         return o * torch.tanh(c), c, None
     if kind == "gru":
         k = gi.shape[-1] // 3
-        r, z = torch.sigmoid(gi[..., :2 * k] + gh[..., :2 * k]).chunk(2, -1)
-        n = torch.tanh(torch.addcmul(gi[..., 2 * k:], r, gh[..., 2 * k:]))
-        return torch.lerp(n, h, z), None, r
+        return _gru(gi[..., :2 * k] + gh[..., :2 * k], gi[..., 2 * k:], gh[..., 2 * k:], h)
     pre = gi if gh is None else gi + gh
     return (torch.tanh(pre) if kind == "rnn_tanh" else torch.relu(pre)), None, None
+
+
+def _gru(rz, gi_n, gh_n, h):
+    """A GRU step from the reset and update gates' pre-activations ``rz`` and the new gate's
+    input and hidden parts."""
+    r, z = torch.sigmoid(rz).chunk(2, -1)
+    n = torch.tanh(torch.addcmul(gi_n, r, gh_n))
+    return torch.lerp(n, h, z), None, r
 
 
 @dataclass
@@ -163,10 +178,10 @@ def _direction(p: _Params, record, smap_of, kind, x, h, c, sfx, reverse, lengths
     gi = TapFn.apply(gi, use, *trainable)
     w_hr, s4 = p.get("weight_hr" + sfx)
     outs, hs, rs = [None] * T, [None] * T, [None] * T
-    w_hh_d, b_hh_d = w_hh.detach(), detached(b_hh)
+    step = _stepper(kind, gi, w_hh.detach(), detached(b_hh))
     for t in (reversed(range(T)) if reverse else range(T)):
         hs[t] = h
-        h_new, c_new, rs[t] = _cell(kind, gi[t], h, c, w_hh_d, b_hh_d)
+        h_new, c_new, rs[t] = step(t, h, c)
         if w_hr is not None:
             h_new = LinearFn.apply(h_new, w_hr, None,
                                    LinearUse(record, smap_of(N, 1), False, s4, None))
