@@ -147,6 +147,17 @@ def measure(name: str, n: int, rounds: int) -> tuple[float, float, float]:
     return statistics.median(ratios), statistics.median(base) * 1e3, statistics.median(ours) * 1e3
 
 
+def settle_allocator() -> None:
+    """Free one 30 MB buffer before timing. glibc's malloc then keeps up to 60 MB of freed memory
+    for reuse instead of handing it back to the system after every step (its mmap and trim
+    thresholds rise the first time it frees a large block), as in any process that has held a
+    large buffer (a rollout buffer, a batch of frames). Without it a family's result would
+    depend on the families timed before it in the process (the CNN's frames raise the
+    thresholds for those after it), and ISOPO's transient per-sample gradients would be
+    page-faulted afresh at every step."""
+    torch.empty(30 << 20, dtype=torch.uint8)     # allocated and freed at once
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
@@ -155,6 +166,7 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    settle_allocator()
     print(f"ISOPO ntk forward+backward / plain REINFORCE, median of {args.rounds} interleaved "
           f"rounds, {args.threads} thread(s)")
     head = "".join(f"{'n=' + str(n):>22}" for n in args.n)

@@ -68,14 +68,19 @@ class AttentionRule(Rule):
         a.apply_defaults()
         q, k, v = a.arguments["query"], a.arguments["key"], a.arguments["value"]
         batched = q.dim() == 3
-        if m.batch_first and batched:
+        # the projections run on rows in the caller's layout (no copy), except where dropout
+        # draws inside the attention kernel, whose choice of kernel (and so the random mask
+        # drawn) depends on the layout: there as PyTorch runs it, sequence first
+        turn = m.batch_first and batched and m.training and m.dropout > 0
+        if turn:
             q, k, v = _seq_first(q, k, v)
         elif not batched:
             q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
+        seq_first = not (m.batch_first and batched) or turn
         record, gated = mb.gate(layer)
-        ctx = _Context(mb, record, gated, entry, q.shape[1])
+        ctx = _Context(mb, record, gated, entry, q.shape[1 if seq_first else 0], seq_first)
         out, weights = _attend(m, ctx, q, k, v, a.arguments)
-        if m.batch_first and batched:
+        if turn:
             out = out.transpose(1, 0)
         elif not batched:
             out = out.squeeze(1)
@@ -98,9 +103,9 @@ def _seq_first(q, k, v):
 class _Context:
     """What the projections of one call need: the gate, the slots and the rows' samples."""
 
-    def __init__(self, mb, record, gated, entry, N):
+    def __init__(self, mb, record, gated, entry, N, seq_first):
         self.mb, self.record, self.gated, self.entry, self.N = mb, record, gated, entry, N
-        self.m = entry.module
+        self.m, self.seq_first = entry.module, seq_first
 
     def slot(self, owner, attr):
         return next((i for o, a, i in self.entry.slots if o is owner and a == attr), None)
@@ -111,22 +116,41 @@ class _Context:
 
     def smap(self, L: int, device):
         return self.mb.batch_map(self.N, L, f"module '{self.entry.name}' input", device,
-                                 entry_major=False)
+                                 entry_major=not self.seq_first)
+
+    def length(self, x: Tensor) -> int:
+        return x.shape[0 if self.seq_first else 1]
 
     def linear(self, x, owner, wname, bname, rows=None, bias_rows=None):
-        """``LinearFn`` of ``x (L, N, in)`` with ``owner``'s weight and bias (gated if trainable)."""
+        """``LinearFn`` of ``x`` (``(L, N, in)``, or ``(N, L, in)`` batch first) with ``owner``'s
+        weight and bias (gated if trainable)."""
         w, ws = self.param(owner, wname)
         b, bs = (None, None) if bname is None else self.param(owner, bname)
-        use = LinearUse(self.record, self.smap(x.shape[0], x.device), False, ws, bs, rows,
+        use = LinearUse(self.record, self.smap(self.length(x), x.device), False, ws, bs, rows,
                         bias_rows)
         return LinearFn.apply(x, w, b, use)
 
     def batch_bias(self, attr):
-        """``bias.repeat(1, N, 1)`` of a learned key or value bias."""
+        """``bias.repeat(1, N, 1)`` of a learned key or value bias (``(N, 1, E)`` batch first)."""
         b, slot = self.param(self.m, attr)
         if slot is None:
-            return b.repeat(1, self.N, 1)
-        return BatchBiasFn.apply(b, self.N, self.record, self.smap(1, b.device), slot)
+            out = b.repeat(1, self.N, 1)
+        else:
+            out = BatchBiasFn.apply(b, self.N, self.record, self.smap(1, b.device), slot)
+        return out if self.seq_first else out.transpose(0, 1)
+
+    def heads(self, t: Tensor, H: int) -> Tensor:
+        """``(N, H, L, hd)``: a projection split into heads."""
+        if self.seq_first:
+            return t.view(t.shape[0], self.N, H, -1).permute(1, 2, 0, 3)
+        return t.view(self.N, t.shape[1], H, -1).transpose(1, 2)
+
+    def merged(self, out: Tensor) -> Tensor:
+        """The heads ``(N, H, L, hd)`` side by side again, in the layout of the inputs."""
+        N, H, L, hd = out.shape
+        if self.seq_first:
+            return out.permute(2, 0, 1, 3).reshape(L, N, H * hd)
+        return out.transpose(1, 2).reshape(N, L, H * hd)
 
 
 def _in_projection(m, ctx, q, k, v):
@@ -150,45 +174,39 @@ def _in_projection(m, ctx, q, k, v):
 
 
 def _attend(m, ctx, query, key, value, a):
-    """``F.multi_head_attention_forward`` for ``(L, N, E)`` inputs, the projections as uses."""
-    L, N, E = query.shape
+    """``F.multi_head_attention_forward`` with the projections as uses, on inputs in the layout
+    the module takes them (``(L, N, E)``, or ``(N, L, E)`` batch first): projecting rows in
+    memory order needs no copy."""
+    N, L, E = ctx.N, ctx.length(query), query.shape[-1]
     H, hd = m.num_heads, E // m.num_heads
-    need = a["need_weights"]
     mask, kpm, causal = _masks(a, query.dtype)
     q, k, v = _in_projection(m, ctx, query, key, value)
     if m.bias_k is not None:
-        k = torch.cat([k, ctx.batch_bias("bias_k")])
-        v = torch.cat([v, ctx.batch_bias("bias_v")])
+        seq = 0 if ctx.seq_first else 1
+        k = torch.cat([k, ctx.batch_bias("bias_k")], seq)
+        v = torch.cat([v, ctx.batch_bias("bias_v")], seq)
         mask, kpm = _one_more_key(mask), _one_more_key(kpm)
-    q = q.view(L, N * H, hd).transpose(0, 1)
-    k = k.view(k.shape[0], N * H, hd).transpose(0, 1)
-    v = v.view(v.shape[0], N * H, hd).transpose(0, 1)
+    q, k, v = ctx.heads(q, H), ctx.heads(k, H), ctx.heads(v, H)
     if m.add_zero_attn:
-        zeros = torch.zeros((N * H, 1, hd), dtype=k.dtype, device=k.device)
-        k, v = torch.cat([k, zeros], dim=1), torch.cat([v, zeros], dim=1)
+        zeros = torch.zeros((N, H, 1, hd), dtype=k.dtype, device=k.device)
+        k, v = torch.cat([k, zeros], dim=2), torch.cat([v, zeros], dim=2)
         mask, kpm = _one_more_key(mask), _one_more_key(kpm)
-    S = k.shape[1]
+    S = k.shape[2]
+    if mask is not None:      # (1 or N·H, L, S) → (1 or N, 1 or H, L, S)
+        mask = mask.unsqueeze(0) if mask.shape[0] == 1 else mask.view(N, H, L, S)
     if kpm is not None:
-        kpm = kpm.view(N, 1, 1, S).expand(-1, H, -1, -1).reshape(N * H, 1, S)
+        kpm = kpm.view(N, 1, 1, S)
         mask = kpm if mask is None else mask + kpm
     p = m.dropout if m.training else 0.0
-    if need:
-        w = q * math.sqrt(1.0 / float(hd))
-        w = torch.bmm(w, k.transpose(-2, -1)) if mask is None else torch.baddbmm(
-            mask, w, k.transpose(-2, -1))
-        w = F.softmax(w, dim=-1)
+    if a["need_weights"]:
+        w = torch.matmul(q * math.sqrt(1.0 / float(hd)), k.transpose(-2, -1))
+        w = F.softmax(w if mask is None else w + mask, dim=-1)
         if p > 0.0:
             w = F.dropout(w, p=p)
-        out = torch.bmm(w, v).transpose(0, 1).reshape(L * N, E)
-        out = ctx.linear(out.view(L, N, E), m.out_proj, "weight", _out_bias(m))
-        w = w.view(N, H, L, S)
+        out = ctx.linear(ctx.merged(torch.matmul(w, v)), m.out_proj, "weight", _out_bias(m))
         return out, (w.mean(dim=1) if a["average_attn_weights"] else w)
-    if mask is not None:
-        mask = mask.unsqueeze(0) if mask.shape[0] == 1 else mask.view(N, H, -1, S)
-    out = F.scaled_dot_product_attention(q.view(N, H, L, hd), k.view(N, H, S, hd),
-                                         v.view(N, H, S, hd), mask, p, causal)
-    out = out.permute(2, 0, 1, 3).reshape(L, N, E)
-    return ctx.linear(out, m.out_proj, "weight", _out_bias(m)), None
+    out = F.scaled_dot_product_attention(q, k, v, mask, p, causal)
+    return ctx.linear(ctx.merged(out), m.out_proj, "weight", _out_bias(m)), None
 
 
 def _masks(a, dtype):
