@@ -111,7 +111,7 @@ def _single_kernel(p: Prepared, n: int, cfg: Settings) -> Tensor:
     dots = lambda X: factors.side_dots(X, X, dt)  # noqa: E731
     if R == 1 or (choice == "gram" and fits["gram"]) or not fits["form"]:
         if u.weight is not None and u.bias is not None and u.U is u.delta:   # nn.Linear: U = Δ
-            M = dots(d) * (dots(V) + 1)
+            M = dots(V).add_(1).mul_(dots(d))
         else:
             M = dots(U) * dots(V) if u.weight is not None else 0
             M = M + dots(d) if u.bias is not None else M
