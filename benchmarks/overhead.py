@@ -170,12 +170,22 @@ def reference_style_step(model, inner, ids, m, ntok, A, damping=1.0):
     return step
 
 
+def settle_allocator() -> None:
+    """Free one 30 MB host buffer before timing: glibc's malloc then keeps freed memory for reuse
+    instead of returning it to the system after every step (its thresholds rise the first time it
+    frees a large block), as in any process that has held a large buffer. Without it, the small
+    sizes' transient tensors are page-faulted afresh at every step, and a size's result depends
+    on what ran before it in the process (policies.py does the same)."""
+    torch.empty(30 << 20, dtype=torch.uint8)     # allocated and freed at once
+
+
 def sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
 
 
 def time_methods(args, dtype):
+    settle_allocator()
     steps = {}
     for method in args.methods:
         model, ids, mask, A = build(args.size, args.device, dtype, args.n)
