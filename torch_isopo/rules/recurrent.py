@@ -6,7 +6,9 @@ are therefore sums of outer products of the gates' gradients ``δ_t`` with ``x_t
 The input projection of all steps runs at once through ``TapFn``, an identity whose backward
 receives every ``δ_t``; the recurrence runs with the weights detached (autograd still carries
 ``δ`` back through ``h``), so one op per layer and direction hands all factors to the gate. A
-module (all layers and directions) or a cell is one layer; each sample is one ``fisher`` position.
+cell called in the user's loop computes both products of its step in one op, ``CellFn``, whose
+backward hands both weights' factors to the gate. A module (all layers and directions) or a cell
+is one layer; each sample is one ``fisher`` position.
 Supported as PyTorch has them: ``batch_first``, several layers with dropout, bidirectional,
 ``proj_size``, a given ``hx``, packed sequences, unbatched inputs.
 """
