@@ -32,7 +32,7 @@ class LinearUse:
     chain: object = None                      # a parametrized weight (``parametrized.Chain``)
 
 
-def _autocast_dtype(x) -> torch.dtype | None:
+def autocast_dtype(x) -> torch.dtype | None:
     dev = x.device.type
     if torch.is_autocast_enabled(dev) and x.is_floating_point():
         return torch.get_autocast_dtype(dev)
@@ -58,7 +58,7 @@ class LinearFn(Function):
             weight = weight[use.rows[0]:use.rows[1]]
         if use.bias_rows is not None and bias is not None:
             bias = bias[use.bias_rows[0]:use.bias_rows[1]]
-        dtype = _autocast_dtype(x)
+        dtype = autocast_dtype(x)
         if dtype is None:
             out = _linear(x, weight, bias, use.transposed)
         else:                        # what autocast would run: the op in its lower precision

@@ -26,7 +26,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from ..factors import FactorUse
 from ..gate import own_op
 from . import Rule, register
-from .linear import LinearFn, LinearUse, _autocast_dtype
+from .linear import LinearFn, LinearUse, autocast_dtype
 
 
 def _kind(m) -> str:
@@ -84,23 +84,18 @@ def _stepper(kind, gi, w_hh, b_hh):
         return lambda t, h, c: _gru(torch.addmm(rz[t], h, w_rz), gi_n[t],
                                     F.linear(h, w_n, b_n), h)
     pre, w = (gi if b_hh is None else gi + b_hh), w_hh.T
-    return lambda t, h, c: _step(kind, torch.addmm(pre[t], h, w), None, h, c)
+    return lambda t, h, c: _step(kind, torch.addmm(pre[t], h, w), h, c)
 
 
-def _step(kind, gi, gh, h, c):
-    """One step from the gates' input and hidden parts ``gi``, ``gh`` (``gh`` None: ``gi`` holds
-    both, summed): ``(h', c', reset gate)``."""
+def _step(kind, gates, h, c):
+    """One LSTM or RNN step from its gates' pre-activations (input and hidden parts summed):
+    ``(h', c', None)``."""
     if kind == "lstm":                     # one sigmoid over all gates (g's part unused)
-        gates = gi if gh is None else gi + gh
         i, f, _, o = torch.sigmoid(gates).chunk(4, -1)
         k = gates.shape[-1] // 4
         c = torch.addcmul(f * c, i, torch.tanh(gates[..., 2 * k:3 * k]))
         return o * torch.tanh(c), c, None
-    if kind == "gru":
-        k = gi.shape[-1] // 3
-        return _gru(gi[..., :2 * k] + gh[..., :2 * k], gi[..., 2 * k:], gh[..., 2 * k:], h)
-    pre = gi if gh is None else gi + gh
-    return (torch.tanh(pre) if kind == "rnn_tanh" else torch.relu(pre)), None, None
+    return (torch.tanh(gates) if kind == "rnn_tanh" else torch.relu(gates)), None, None
 
 
 def _gru(rz, gi_n, gh_n, h):
@@ -126,7 +121,7 @@ class CellFn(Function):
 
     @staticmethod
     def forward(ctx, x, h, w_ih, b_ih, w_hh, b_hh, use):
-        dtype = _autocast_dtype(x)
+        dtype = autocast_dtype(x)
         if dtype is None:
             gi, gh = F.linear(x, w_ih, b_ih), F.linear(h, w_hh, b_hh)
         else:                              # what autocast would run: the products in its dtype
@@ -343,7 +338,12 @@ class CellRule(_Recurrent):
         smap = mb.batch_map(x.shape[0], 1, f"module '{entry.name}' input", x.device)
         use = CellUse(record, smap, (s0, s1, s2, s3), kind == "gru")
         pre = CellFn.apply(x, h, w_ih, b_ih, w_hh, b_hh, use)
-        h_new, c_new, _ = _step(kind, *pre, h, c) if use.split else _step(kind, pre, None, h, c)
+        if use.split:                      # GRU: the reset gate scales the new gate's hidden part
+            (gi, gh), k = pre, pre[0].shape[-1] // 3
+            h_new, c_new, _ = _gru(gi[..., :2 * k] + gh[..., :2 * k], gi[..., 2 * k:],
+                                   gh[..., 2 * k:], h)
+        else:
+            h_new, c_new, _ = _step(kind, pre, h, c)
         out = (h_new, c_new) if kind == "lstm" else h_new
         return _batch_axis(out, kind, 0, add=False) if single else out
 
