@@ -74,7 +74,8 @@ def _is_dtensor(t) -> bool:
 
 def _choose(module: nn.Module, name: str) -> Rule:
     """The module's rule: a registered one; for a module whose children have trainable
-    parameters, the free-parameter rule; else the generic black box, announced with its reason."""
+    parameters, or a ``ParameterList``/``ParameterDict``, the free-parameter rule; else the
+    generic black box, announced with its reason."""
     from .attach import PatchedForward
     for hook in _compat.forward_pre_hooks(module):
         if type(hook).__module__ in ("torch.nn.utils.weight_norm", "torch.nn.utils.spectral_norm"):
@@ -91,7 +92,8 @@ def _choose(module: nn.Module, name: str) -> Rule:
     tensors = parametrize.is_parametrized(module)
     if rule is not None and (not tensors or rule.parametrized and rule.supports(module)):
         return rule
-    if any(p.requires_grad for c in _children(module) for p in c.parameters()):
+    if any(p.requires_grad for c in _children(module) for p in c.parameters()) or isinstance(
+            module, (nn.ParameterList, nn.ParameterDict)):   # containers code indexes into
         return FREE
     if replaced:
         reason = "its forward was replaced on the instance"
