@@ -11,6 +11,7 @@ from torch import nn
 from torch.distributions import Normal
 
 from families import IDS, SETTINGS, check_family
+from torch_isopo import ISOPO
 
 D = torch.float64
 
@@ -129,6 +130,54 @@ def test_multihead_attention(case, setting):
                   else torch.randn(L, S, dtype=D))
     check_family(model, lambda m: m(x, y, **kw), N, *setting, sample_dim=0 if batch_first else 1,
                  rules=["attention", "linear"])
+
+
+class AgentsAttention(nn.Module):
+    """Multi-agent: the agents of one environment attend to each other (rows of one entry)."""
+
+    def __init__(self, batch_first):
+        super().__init__()
+        self.batch_first = batch_first
+        self.enc, self.head = nn.Linear(3, 8), nn.Linear(8, 2)
+        self.att = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+
+    def forward(self, x, **kw):
+        h = torch.tanh(self.enc(x))
+        h = h if self.batch_first else h.transpose(0, 1)
+        out, _ = self.att(h, h, h, **kw)
+        out = out if self.batch_first else out.transpose(0, 1)
+        return _logp(self.head(out)).reshape(-1)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_attention_across_samples_of_one_entry_is_refused(batch_first):
+    """Segments giving an entry's positions to several samples, with nothing masking attention
+    between them: a position's output holds other samples' inputs. Refused, naming the fix."""
+    torch.manual_seed(0)
+    model = AgentsAttention(batch_first).to(D)
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x = torch.randn(2, 3, 3, dtype=D)
+    with pytest.raises(ValueError, match="module 'att'.*different samples.*block-diagonal"):
+        with opt.microbatch(torch.randn(6), torch.arange(6), sample_dim=0 if batch_first else 1):
+            model(x).sum().backward()
+    with pytest.raises(ValueError, match="module 'att'.*different samples"):   # causal: no help
+        with opt.microbatch(torch.randn(6), torch.arange(6), sample_dim=0 if batch_first else 1):
+            causal = torch.triu(torch.ones(3, 3, dtype=torch.bool), 1)
+            model(x, attn_mask=causal).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_packed_attention_with_a_block_mask(batch_first, setting):
+    """Two samples packed into one entry, attention kept within each by a block-diagonal mask."""
+    torch.manual_seed(0)
+    model = AgentsAttention(batch_first).to(D)
+    x, seg = torch.randn(2, 3, 3, dtype=D), torch.tensor([0, 0, 1, 2, 2, 2])
+    ids = seg.view(2, 3)
+    mask = (ids[:, :, None] != ids[:, None, :]).repeat_interleave(2, 0)    # (N·H, L, S)
+    check_family(model, lambda m: torch.zeros(3, dtype=D).index_add(0, seg, m(x, attn_mask=mask)),
+                 3, *setting, segments=seg, sample_dim=0 if batch_first else 1)
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=IDS)

@@ -197,6 +197,7 @@ def _attend(m, ctx, query, key, value, a):
     if kpm is not None:
         kpm = kpm.view(N, 1, 1, S)
         mask = kpm if mask is None else mask + kpm
+    _refuse_mixed_samples(ctx, mask, causal, L, ctx.length(key))
     p = m.dropout if m.training else 0.0
     if a["need_weights"]:
         w = torch.matmul(q * math.sqrt(1.0 / float(hd)), k.transpose(-2, -1))
@@ -207,6 +208,28 @@ def _attend(m, ctx, query, key, value, a):
         return out, (w.mean(dim=1) if a["average_attn_weights"] else w)
     out = F.scaled_dot_product_attention(q, k, v, mask, p, causal)
     return ctx.linear(ctx.merged(out), m.out_proj, "weight", _out_bias(m)), None
+
+
+def _refuse_mixed_samples(ctx, mask, causal: bool, L: int, S: int) -> None:
+    """Segments that give the positions of one batch entry to several samples (packed sequences)
+    are exact only where the masks keep each position's attention within its own sample."""
+    seg = ctx.mb.segments
+    if seg is None or seg.numel() != ctx.N * L or L != S:
+        return                         # one sample per entry (or a layout batch_map refuses)
+    ids = seg.view(ctx.N, L)
+    open_ = ids[:, :, None] != ids[:, None, :]            # (N, L, S): across samples
+    if causal:
+        open_ &= torch.ones(L, S, dtype=torch.bool, device=ids.device).tril()
+    if mask is not None:
+        open_ &= ~(mask[..., :S] == -math.inf).all(1).to(ids.device)
+    if bool(open_.any()):
+        raise ValueError(
+            f"ISOPO: module '{ctx.entry.name}': segments give the positions of one sequence to "
+            "different samples, and the attention lets them see each other: a position's output "
+            "then holds other samples' inputs and its gradient cannot be credited to one. Give "
+            "each sample its own batch entry, or pass an attn_mask (or key_padding_mask) that "
+            "blocks attention between positions of different samples (block-diagonal, as for "
+            "packed sequences)")
 
 
 def _masks(a, dtype):
