@@ -83,3 +83,18 @@ def test_a_function_mode_steps_aside():
             torch.ones(2) + 1
         assert _compat.top_function_mode() is mode, "the mode is back after stepping aside"
     assert not seen, "torch.overrides._pop_mode_temporarily no longer removes the top mode"
+
+
+def test_eager_compiled_runs_compiled_code_eagerly():
+    calls = []
+
+    def f(x):
+        calls.append(1)                   # Python runs at every call only when eager
+        return x * 2
+
+    g = torch.compile(f)
+    with _compat.eager_compiled():
+        g(torch.ones(2))
+        g(torch.ones(2))
+    assert len(calls) == 2 or not hasattr(torch.compiler, "set_stance"), (
+        "torch.compiler.set_stance('force_eager') no longer runs compiled code eagerly")

@@ -1279,17 +1279,34 @@ def test_generic_recompute_leaves_buffers_as_a_plain_forward():
 
 
 # -- torch.compile ------------------------------------------------------------------------------
+class CompiledGaussian(nn.Module):
+    """A Gaussian policy whose ``log_std`` is a free parameter, called through ``forward``."""
+
+    def __init__(self):
+        super().__init__()
+        self.mu = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 2))
+        self.log_std = nn.Parameter(torch.randn(2) * 0.3)
+
+    def forward(self, x):
+        mean = self.mu(x.flatten(1))
+        return Normal(mean, self.log_std.exp().expand_as(mean)).log_prob(mean.detach() + 0.5)
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", ["conv", "gaussian"])
 @pytest.mark.parametrize("order", ["compile-then-isopo", "isopo-then-compile"])
-def test_torch_compile(order):
-    """A compiled policy gets exactly the eager ISOPO gradients, whichever comes first."""
+def test_torch_compile(order, kind):
+    """A compiled policy gets exactly the eager ISOPO gradients, whichever comes first; with a
+    free parameter the compiled code runs eagerly inside the block (Dynamo cannot trace under
+    the tracker's mode)."""
     import copy
 
     from torch_isopo import ISOPO
     from torch_isopo.reference import reference_gradients
     torch.manual_seed(0)
-    base = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4, 8),
-                         nn.LayerNorm(8), nn.Linear(8, 2)).to(D)
+    base = (nn.Sequential(nn.Conv1d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4, 8),
+                          nn.LayerNorm(8), nn.Linear(8, 2)) if kind == "conv"
+            else CompiledGaussian()).to(D)
     x = torch.randn(5, 2, 6, dtype=D)
     for mode, damping in [("reinforce", 1.0), ("ntk", 0.5), ("fisher", 0.0)]:
         A = torch.randn(5, dtype=D)

@@ -81,6 +81,14 @@ def without_function_mode():
     return _pop_mode_temporarily()
 
 
+def eager_compiled():
+    """Run ``torch.compile``d code eagerly for a while (``torch.compiler.set_stance``, torch ≥
+    2.6): Dynamo cannot trace a region entered with a ``TorchFunctionMode`` already active (the
+    free-parameter tracker), and fails inside itself. A no-op on older torch."""
+    stance = getattr(torch.compiler, "set_stance", None)
+    return contextlib.nullcontext() if stance is None else stance("force_eager")
+
+
 _MM_OUT_DTYPE: dict[str, bool] = {}
 
 

@@ -203,7 +203,7 @@ class ISOPO(torch.optim.Optimizer):
         self._attachment.active = mb
         self._attachment.graphs.add(mb)
         try:
-            with mb.tracker or contextlib.nullcontext():
+            with _tracking(mb.tracker):
                 yield self
         finally:
             self._attachment.active = None
@@ -300,6 +300,17 @@ class ISOPO(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return (f"ISOPO(mode={self.mode!r}, damping={self.damping}, ema={self.ema}, "
                 f"layers={len(self.layers)}, optimizer={self.optimizer!r})")
+
+
+@contextlib.contextmanager
+def _tracking(tracker):
+    """The free-parameter tracker's mode for the block, with compiled code run eagerly inside it
+    (a compiled policy is traced again once the block is over)."""
+    if tracker is None:
+        yield
+        return
+    with _compat.eager_compiled(), tracker:
+        yield
 
 
 def _check_materialised(model: nn.Module) -> None:
