@@ -195,6 +195,27 @@ def test_reports_a_refusal():
         check(model, lambda m: -logp0(m(X)), modes=("ntk",))
 
 
+class BatchOfOne(nn.Module):
+    """All samples as the positions of one attention sequence: refused (the batch of one is one
+    sample's); the check reports the refusal rather than failing inside the reference."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.head = nn.Linear(3, 8), nn.Linear(8, 3)
+        self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        h = torch.tanh(self.enc(x))[None]
+        return self.head(self.att(h, h, h)[0][0])
+
+
+def test_reports_a_refusal_the_reference_could_not_run():
+    torch.manual_seed(0)
+    result = check(BatchOfOne(), lambda m: -logp0(m(X)), raise_on_error=False)
+    assert set(result.refusals) == {"reinforce", "ntk", "fisher"}
+    assert "module 'att' input: the input has a batch of 1" in result.refusals["ntk"]
+
+
 def test_sample_losses_must_be_per_sample():
     model = mlp()
     with pytest.raises(ValueError, match="unknown modes"):

@@ -115,18 +115,15 @@ def check(model: nn.Module, sample_losses: Callable[[nn.Module], Tensor], advant
     if unknown:
         raise ValueError(f"torch_isopo.check: unknown modes {unknown}; use reinforce, ntk, fisher")
     base = _copy(model, dtype)
+    n = None if advantages is None else torch.as_tensor(advantages).numel()
+    with torch.no_grad():                # the terms' shape first: a plain forward, no ISOPO
+        n = _losses(sample_losses, copy.deepcopy(base), n).numel()
     if advantages is None:
-        with torch.no_grad():
-            n = _losses(sample_losses, copy.deepcopy(base)).numel()
         advantages = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     A = torch.as_tensor(advantages, dtype=torch.float64).detach().cpu()
     rows: dict[str, LayerCheck] = {}
     refusals: dict[str, str] = {}
     for mode in modes:
-        ref = copy.deepcopy(base)
-        want, _ = reference_gradients(ref, lambda: _losses(sample_losses, ref, A.numel()), A, mode,
-                                      damping, segments, sample_dim)
-        want = {name: want.get(p) for name, p in ref.named_parameters() if p.requires_grad}
         fast = copy.deepcopy(base)
         try:
             with warnings.catch_warnings(record=True) as caught:
@@ -148,6 +145,10 @@ def check(model: nn.Module, sample_losses: Callable[[nn.Module], Tensor], advant
         except (ValueError, RuntimeError) as e:
             refusals[mode] = str(e)
             continue
+        ref = copy.deepcopy(base)        # only what ISOPO accepts is checked against it
+        want, _ = reference_gradients(ref, lambda: _losses(sample_losses, ref, A.numel()), A, mode,
+                                      damping, segments, sample_dim)
+        want = {name: want.get(p) for name, p in ref.named_parameters() if p.requires_grad}
         got = {name: p.grad for name, p in fast.named_parameters() if p.requires_grad}
         scale = max((float(g.norm()) for g in want.values() if g is not None), default=0.0)
         for layer in opt.layers:

@@ -116,8 +116,10 @@ def _coefficients(mode, G, pieces, A, damping, m_given):
 
 
 def _expand_shared(args, rule, n, segments, sample_dim):
-    """Inputs of size 1 on the sample axis are shared by all samples: give each its own copy."""
-    if not args or not isinstance(args[0], Tensor) or segments is not None or n == 1:
+    """Inputs of size 1 on the sample axis are shared by all samples: give each its own copy
+    (not for the layers that know their batch axis: there a batch of one is one sample's)."""
+    if not args or not isinstance(args[0], Tensor) or segments is not None or n == 1 or rule in (
+            "attention", "recurrent", "recurrent_cell"):
         return args
     x = args[0]
     rows = x.dim() if rule == "embedding" else x.dim() - 1
