@@ -228,7 +228,9 @@ class Microbatch:
             f"ISOPO: {rows} has no sample axis (rows {shape}), while {self._explicit} has one: "
             "its rows would be taken as samples. If it is shared by all samples (a table of "
             "positions built with torch.arange(T), say), give it a sample axis of size 1 "
-            "(torch.arange(T)[None]) and it is used by every sample; if its rows are samples, "
+            "(torch.arange(T)[None]) and it is used by every sample: the module's output then "
+            "holds one copy per sample along that axis, to be broadcast against the batch "
+            "(x + wpe(pos[None])), not indexed or reduced along it; if its rows are samples, "
             "say so with x[:, None] or segments=")
 
     def sample_map(self, shape, where: str, device, source=None) -> SampleMap:

@@ -110,7 +110,9 @@ def sample_map(token_shape: torch.Size, n: int, segments: Tensor | None, sample_
                 "given. If its rows are parts of samples (episodes, flattened sequences), pass "
                 "segments= to say which sample each row belongs to; if it is shared by all "
                 "samples (a table of positions from torch.arange(T), say), give it a sample axis "
-                "of size 1 (torch.arange(T)[None])")
+                "of size 1 (torch.arange(T)[None]): the module's output then holds one copy per "
+                "sample along that axis, to be broadcast against the batch (x + wpe(pos[None])), "
+                "not indexed or reduced along it")
         return SampleMap(torch.arange(n, device=device), n, 1, "first", 1)
     if dims[sample_dim] != n:
         raise ValueError(
