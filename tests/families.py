@@ -14,7 +14,7 @@ IDS = [f"{m}-{d}" for m, d in SETTINGS]
 
 
 def check_family(model, losses, n, mode, damping, *, segments=None, sample_dim=0, rules=None,
-                 tol=1e-7, seed=0):
+                 tol=1e-7, seed=0, gates="auto"):
     """ISOPO's gradient of every trainable parameter equals the brute force's.
 
     ``losses(m)`` runs the forward of model ``m`` and returns the ``n`` per-sample terms. The error
@@ -26,7 +26,7 @@ def check_family(model, losses, n, mode, damping, *, segments=None, sample_dim=0
     want, _ = reference_gradients(ref, lambda: losses(ref), A, mode, damping, segments, sample_dim)
     m = copy.deepcopy(model)
     opt = ISOPO(m, torch.optim.SGD(m.parameters(), lr=0.1), mode=mode, damping=damping,
-                ema=None, fisher_probes=None)
+                ema=None, fisher_probes=None, gates=gates)
     with opt.microbatch(A, segments, sample_dim=sample_dim):
         losses(m).sum().backward()
     scale = max(float(w.norm()) for w in want.values())

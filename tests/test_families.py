@@ -834,8 +834,56 @@ class ContainerStd(nn.Module):
         return Normal(mean, std.exp().expand_as(mean)).log_prob(a).sum(1) * t.exp()
 
 
+class ScaledTwice(nn.Module):
+    """A free parameter meets the samples through a product between two uses of one Linear: its
+    per-sample products must not run the Linear's backward again (one gate holds both layers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.p = nn.Linear(3, 3), nn.Parameter(1 + 0.3 * torch.randn(3))
+
+    def forward(self, x):
+        return torch.tanh(self.lin(torch.tanh(self.lin(x)) * self.p)).sum(1)
+
+
+class ScaleChain(nn.Module):
+    """Three free parameters of one container, each meeting the samples in turn."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2, bias=False)
+        self.scales = nn.ParameterList([nn.Parameter(1 + 0.3 * torch.randn(2)) for _ in range(3)])
+
+    def forward(self, x):
+        z = self.lin(x)
+        for p in self.scales:
+            z = z * p
+        return z.sum(1)
+
+
+class LeakyCell(nn.Module):
+    """A learned leak applied to a ``GRUCell``'s state at one step of the loop."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell, self.head = nn.GRUCell(3, 4), nn.Linear(4, 2)
+        self.decay = nn.Parameter(torch.rand(4))
+
+    def forward(self, xs):
+        h, out = None, 0
+        for t, x in enumerate(xs):
+            h = self.cell(x, h)
+            h = h * self.decay if t == 1 else h
+            out = out + _logp(self.head(h))
+        return out
+
+
 X3, ACT = torch.randn(6, 3, dtype=D), torch.randn(6, 2, dtype=D)
+XS = torch.randn(3, 6, 3, dtype=D)
 FREE = {
+    "scaled-twice": (ScaledTwice, lambda m: m(X3)),
+    "scale-chain": (ScaleChain, lambda m: m(X3 - X3.mean(0))),      # Σ_i G_i = 0 for the scales
+    "leaky-cell": (LeakyCell, lambda m: m(XS)),
     "parameter-list": (lambda: ContainerStd("list"), lambda m: -m(X3, ACT)),
     "parameter-dict": (lambda: ContainerStd("dict"), lambda m: -m(X3, ACT)),
     "stacked": (StackedStd, lambda m: -m(X3, ACT)),
@@ -853,6 +901,14 @@ def test_free_parameters(name, setting):
     torch.manual_seed(0)
     _, opt = check_family(build().to(D), losses, 6, *setting)
     assert "parameter" in [layer.rule for layer in opt.layers]
+
+
+@pytest.mark.parametrize("setting", [SETTINGS[0], SETTINGS[1], SETTINGS[4]], ids=[IDS[0], IDS[1], IDS[4]])
+@pytest.mark.parametrize("name", ["scaled-twice", "scale-chain", "leaky-cell"])
+def test_free_parameters_with_a_gate_per_layer(name, setting):
+    build, losses = FREE[name]
+    torch.manual_seed(0)
+    check_family(build().to(D), losses, 6, *setting, gates="layer")
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=IDS)

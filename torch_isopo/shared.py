@@ -59,6 +59,7 @@ class Tracker(TorchFunctionMode):
         self.free = {id(p): (layer, i) for layer in layers for i, p in enumerate(layer.params)}
         self.shared = _ByIdentity()             # tensor -> ids of the free layers it reads
         self.gates: dict[int, tuple] = {}       # free layer id -> (record, gated parameters)
+        self.alias_of = _ByIdentity()           # a parameter's stand-in -> its index in the layer
         for t in constants:
             self.shared[t] = frozenset()
         self.paused = 0
@@ -70,7 +71,7 @@ class Tracker(TorchFunctionMode):
     def __exit__(self, *exc):
         """The block is over: drop every reference to its tensors (no cycle through the graph
         outlives it)."""
-        self.shared, self.gates = _ByIdentity(), {}
+        self.shared, self.gates, self.alias_of = _ByIdentity(), {}, _ByIdentity()
         return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -102,7 +103,8 @@ class Tracker(TorchFunctionMode):
                     0 if kind == "one" else next(i for i, t in enumerate(inputs) if t is src)
                     for src in sources]
                 return meet(mb, out, sources,
-                            [{k: self.gates[k] for k in self.shared[t]} for t in sources], targets)
+                            [{k: self.gates[k] for k in self.shared[t]} for t in sources], targets,
+                            [self.alias_of.get(t) for t in sources])
         finally:
             self.paused -= 1
         return out if data and not reads else self._mark(out, reads)
@@ -114,9 +116,13 @@ class Tracker(TorchFunctionMode):
             if id(t) in self.free:
                 layer, i = self.free[id(t)]
                 record, gated = self.gates[id(layer)] = mb.gate(layer)
-                swap[id(t)] = gated[i]
+                # a stand-in of its own: a vector-Jacobian product taken to it (``Meet``) runs
+                # only this op's path, not every use of the gate's other parameters (a model's
+                # single gate holds them all), whose backward would run a second time
+                swap[id(t)] = alias = gated[i].view_as(gated[i])
+                self.alias_of[alias] = i
                 reads.add(id(layer))
-                self.shared[gated[i]] = frozenset([id(layer)])
+                self.shared[alias] = frozenset([id(layer)])
             else:
                 reads |= self.shared[t]
         if swap:
@@ -207,16 +213,17 @@ def _broadcast(t: Tensor, o: Tensor, axis: int) -> bool:
     return k < 0 or t.shape[k] == 1
 
 
-def meet(mb, out, sources: list[Tensor], reads: list[dict], targets=None):
+def meet(mb, out, sources: list[Tensor], reads: list[dict], targets=None, params=None):
     """``out`` (a tensor or a tuple of them), computed from the free-parameter tensors
     ``sources`` (and data), passed through ``Meet``; ``reads[k]`` maps the free layers source k
     reads to their ``(record, gated parameters)``. When the op only broadcasts its inputs,
-    ``targets[k]`` is the result source k is broadcast into."""
+    ``targets[k]`` is the result source k is broadcast into; ``params[k]`` is the index of the
+    parameter source k stands for, if it is one."""
     tensors = _out_tensors(out)
     keep = [t for t in tensors if t.is_floating_point() and t.requires_grad]
     if not keep:
         return out
-    meeting = _Meeting(mb, sources, reads)
+    meeting = _Meeting(mb, sources, reads, params or [None] * len(sources))
     if len(keep) == len(tensors):
         meeting.targets = targets
     met = iter(Meet.apply(meeting, *keep))
@@ -227,8 +234,8 @@ def meet(mb, out, sources: list[Tensor], reads: list[dict], targets=None):
 
 
 class _Meeting:
-    def __init__(self, mb, sources, reads):
-        self.mb, self.sources, self.reads = mb, sources, reads
+    def __init__(self, mb, sources, reads, params):
+        self.mb, self.sources, self.reads, self.params = mb, sources, reads, params
         self.targets = None     # per source, the result it is broadcast into (a pure broadcast)
 
 
@@ -257,7 +264,7 @@ class Meet(Function):
                     masked = masked or [_per_sample(m.mb, o, d) for o, d in zip(outs, grads)]
                     G_src, = _batched_grad(outs, [src], masked, m.mb.n, flat=False)
                 for key, (record, gated) in reads.items():
-                    G = _carried(src, gated, G_src, m.mb.n)
+                    G = _carried(src, m.params[k], gated, G_src, m.mb.n)
                     old = per_layer.get(key)
                     per_layer[key] = (record, G if old is None else old[1] + G)
             for record, G in per_layer.values():
@@ -289,12 +296,12 @@ def _broadcast_grad(m: "_Meeting", k: int, src: Tensor, outs, grads) -> Tensor |
     return G.view(m.mb.n, *src.shape) if src.numel() == G.shape[1] else None
 
 
-def _carried(src: Tensor, gated, G_src: Tensor, n: int) -> Tensor:
-    """``(n, D)``: per-sample gradients of a free layer's parameters from those of ``src``."""
-    for i, g in enumerate(gated):
-        if src is g:                        # the parameter itself: nothing to carry
-            return torch.cat([G_src.reshape(n, -1) if j == i else G_src.new_zeros(n, q.numel())
-                              for j, q in enumerate(gated)], 1)
+def _carried(src: Tensor, index: int | None, gated, G_src: Tensor, n: int) -> Tensor:
+    """``(n, D)``: per-sample gradients of a free layer's parameters from those of ``src``, which
+    is parameter ``index`` itself or computed from the layer's parameters."""
+    if index is not None:                   # the parameter itself: nothing to carry
+        return torch.cat([G_src.reshape(n, -1) if j == index else G_src.new_zeros(n, q.numel())
+                          for j, q in enumerate(gated)], 1)
     return _batched_grad([src], gated, [G_src], n)
 
 
