@@ -4,6 +4,7 @@ import io
 
 import pytest
 import torch
+from torch import nn
 
 from models import MLPPolicy, SeqMixer, VOCAB, gpt2, lm_losses, qwen3
 from torch_isopo import ISOPO
@@ -180,6 +181,45 @@ def test_bf16_autocast_close_to_fp32():
         assert all(p.grad.dtype == torch.float32 for p in m.parameters())
     err = float((grads[0] - grads[1]).norm() / grads[0].norm())
     assert err < 0.05
+
+
+class _AutocastRecurrent(nn.Module):
+    def __init__(self, cls, cell):
+        super().__init__()
+        self.cell = cell
+        self.rnn = (cls(3, 8) if cell else
+                    cls(3, 8, num_layers=2, bidirectional=True, batch_first=True))
+        self.head = nn.Linear(8 if cell else 16, 3)
+
+    def forward(self, x):
+        if self.cell:
+            h, out = None, 0
+            for t in range(x.shape[1]):
+                h = self.rnn(x[:, t], h)
+                out = out + self.head(h[0] if isinstance(h, tuple) else h)
+            return out
+        return self.head(self.rnn(x)[0]).sum(1)
+
+
+@pytest.mark.parametrize("cell", [False, True])
+@pytest.mark.parametrize("kind", ["RNN", "GRU", "LSTM"])
+def test_bf16_autocast_recurrent_close_to_fp32(kind, cell):
+    """Recurrent layers and cells under bf16 autocast run the recurrence in bf16, as autocast
+    would, and give a gradient close to the fp32 one in the parameters' dtype."""
+    torch.manual_seed(0)
+    model = _AutocastRecurrent(getattr(nn, kind + ("Cell" if cell else "")), cell)
+    x, A = torch.randn(4, 5, 3), torch.randn(4)
+    grads = []
+    for autocast in (False, True):
+        m = copy.deepcopy(model)
+        opt = ISOPO(m, torch.optim.SGD(m.parameters(), lr=0.1), mode="ntk", ema=None)
+        with opt.microbatch(A):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = m(x)
+            torch.log_softmax(out.float(), -1)[:, 0].sum().backward()
+        assert all(p.grad.dtype == torch.float32 for p in m.parameters())
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    assert float((grads[0] - grads[1]).norm() / grads[0].norm()) < 0.05
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])

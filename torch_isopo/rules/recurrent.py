@@ -121,14 +121,7 @@ class CellFn(Function):
 
     @staticmethod
     def forward(ctx, x, h, w_ih, b_ih, w_hh, b_hh, use):
-        dtype = autocast_dtype(x)
-        if dtype is None:
-            gi, gh = F.linear(x, w_ih, b_ih), F.linear(h, w_hh, b_hh)
-        else:                              # what autocast would run: the products in its dtype
-            x, h, w_ih, b_ih, w_hh, b_hh = (None if t is None else t.to(dtype)
-                                            for t in (x, h, w_ih, b_ih, w_hh, b_hh))
-            with torch.autocast(x.device.type, enabled=False):
-                gi, gh = F.linear(x, w_ih, b_ih), F.linear(h, w_hh, b_hh)
+        gi, gh = F.linear(x, w_ih, b_ih), F.linear(h, w_hh, b_hh)     # (autocast: cast before)
         ctx.save_for_backward(x, h, w_ih, w_hh)
         ctx.use = use
         if use.split:
@@ -153,14 +146,15 @@ class CellFn(Function):
 class _Params:
     """The module's parameters by name: gated when trainable, else as they are."""
 
-    def __init__(self, entry, gated):
-        self.entry, self.gated, self.m = entry, gated, entry.module
+    def __init__(self, entry, gated, dtype=None):
+        self.entry, self.gated, self.m, self.dtype = entry, gated, entry.module, dtype
 
     def get(self, name):
         if getattr(self.m, name, None) is None:
             return None, None
         s = self.entry.slot(name)
-        return (getattr(self.m, name) if s is None else self.gated[s]), s
+        t = getattr(self.m, name) if s is None else self.gated[s]
+        return (t if self.dtype is None else t.to(self.dtype)), s
 
 
 def _direction(p: _Params, record, smap_of, kind, x, h, c, sfx, reverse, lengths):
@@ -245,8 +239,15 @@ class RecurrentRule(_Recurrent):
             x, hx = x.unsqueeze(1), _batch_axis(hx, kind, 1)
         elif m.batch_first:
             x = x.transpose(0, 1)
-        out, h_n, c_n = _run(mb, layer, entry, m, kind, x, hx,
-                             None if source is None else (lengths, source))
+        dtype = autocast_dtype(x)
+        if dtype is None:
+            out, h_n, c_n = _run(mb, layer, entry, m, kind, x, hx,
+                                 None if source is None else (lengths, source))
+        else:                     # what autocast would run: the whole recurrence in its dtype
+            x, hx = x.to(dtype), _cast(hx, dtype)
+            with torch.autocast(x.device.type, enabled=False):
+                out, h_n, c_n = _run(mb, layer, entry, m, kind, x, hx,
+                                     None if source is None else (lengths, source), dtype)
         if packed:
             out = _repack(out, source)
         elif unbatched:
@@ -257,8 +258,15 @@ class RecurrentRule(_Recurrent):
         return out, ((h_n, c_n) if kind == "lstm" else h_n)
 
 
-def _run(mb, layer, entry, m, kind, x, hx, packed):
-    """All layers and directions; ``packed`` is ``(lengths, the PackedSequence)`` or None."""
+def _cast(state, dtype):
+    if state is None:
+        return None
+    return tuple(t.to(dtype) for t in state) if isinstance(state, tuple) else state.to(dtype)
+
+
+def _run(mb, layer, entry, m, kind, x, hx, packed, dtype=None):
+    """All layers and directions; ``packed`` is ``(lengths, the PackedSequence)`` or None; with
+    ``dtype`` the parameters are cast to it (autocast)."""
     T, N = x.shape[:2]
     lengths = None if packed is None else packed[0]
     D = 2 if m.bidirectional else 1
@@ -269,7 +277,7 @@ def _run(mb, layer, entry, m, kind, x, hx, packed):
     else:
         h0, c0 = hx if kind == "lstm" else (hx, None)
     record, gated = mb.gate(layer)
-    p = _Params(entry, gated)
+    p = _Params(entry, gated, dtype)
     smap_of = _maps(mb, entry, x.device)
     hs, cs, inp = [], [], x
     for k in range(m.num_layers):
@@ -332,20 +340,28 @@ class CellRule(_Recurrent):
         else:
             h, c = hx if kind == "lstm" else (hx, None)
         record, gated = mb.gate(layer)
-        p = _Params(entry, gated)
-        (w_ih, s0), (b_ih, s1) = p.get("weight_ih"), p.get("bias_ih")
-        (w_hh, s2), (b_hh, s3) = p.get("weight_hh"), p.get("bias_hh")
-        smap = mb.batch_map(x.shape[0], 1, f"module '{entry.name}' input", x.device)
-        use = CellUse(record, smap, (s0, s1, s2, s3), kind == "gru")
-        pre = CellFn.apply(x, h, w_ih, b_ih, w_hh, b_hh, use)
-        if use.split:                      # GRU: the reset gate scales the new gate's hidden part
-            (gi, gh), k = pre, pre[0].shape[-1] // 3
-            h_new, c_new, _ = _gru(gi[..., :2 * k] + gh[..., :2 * k], gi[..., 2 * k:],
-                                   gh[..., 2 * k:], h)
-        else:
-            h_new, c_new, _ = _step(kind, pre, h, c)
-        out = (h_new, c_new) if kind == "lstm" else h_new
+        dtype = autocast_dtype(x)
+        if dtype is None:
+            out = _cell(mb, entry, kind, record, _Params(entry, gated), x, h, c)
+        else:                     # what autocast would run: the whole step in its dtype
+            x, h, c = x.to(dtype), h.to(dtype), None if c is None else c.to(dtype)
+            with torch.autocast(x.device.type, enabled=False):
+                out = _cell(mb, entry, kind, record, _Params(entry, gated, dtype), x, h, c)
         return _batch_axis(out, kind, 0, add=False) if single else out
+
+
+def _cell(mb, entry, kind, record, p: _Params, x, h, c):
+    """One step of a cell: ``h'``, or ``(h', c')`` for an LSTM."""
+    (w_ih, s0), (b_ih, s1) = p.get("weight_ih"), p.get("bias_ih")
+    (w_hh, s2), (b_hh, s3) = p.get("weight_hh"), p.get("bias_hh")
+    smap = mb.batch_map(x.shape[0], 1, f"module '{entry.name}' input", x.device)
+    use = CellUse(record, smap, (s0, s1, s2, s3), kind == "gru")
+    pre = CellFn.apply(x, h, w_ih, b_ih, w_hh, b_hh, use)
+    if use.split:                          # GRU: the reset gate scales the new gate's hidden part
+        (gi, gh), k = pre, pre[0].shape[-1] // 3
+        return _gru(gi[..., :2 * k] + gh[..., :2 * k], gi[..., 2 * k:], gh[..., 2 * k:], h)[0]
+    h_new, c_new, _ = _step(kind, pre, h, c)
+    return (h_new, c_new) if kind == "lstm" else h_new
 
 
 def _batch_axis(state, kind: str, dim: int, add: bool = True):
