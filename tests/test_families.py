@@ -878,9 +878,27 @@ class LeakyCell(nn.Module):
         return out
 
 
+class ReadsItsParameters(nn.Module):
+    """Reads its free parameters' attributes (``is_leaf``), slices a ``ParameterList`` (which
+    re-registers them) and uses a matrix through ``.T``."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.w = nn.Linear(3, 2), nn.Parameter(torch.randn(2, 2))
+        self.scales = nn.ParameterList([nn.Parameter(torch.randn(2)) for _ in range(3)])
+
+    def forward(self, x):
+        assert self.w.is_leaf and self.w.grad_fn is None and self.scales[0].is_leaf
+        z = self.lin(x) @ self.w.T
+        for p in self.scales[1:]:
+            z = z * p
+        return z.sum(1)
+
+
 X3, ACT = torch.randn(6, 3, dtype=D), torch.randn(6, 2, dtype=D)
 XS = torch.randn(3, 6, 3, dtype=D)
 FREE = {
+    "reads-its-parameters": (ReadsItsParameters, lambda m: m(X3)),
     "scaled-twice": (ScaledTwice, lambda m: m(X3)),
     "scale-chain": (ScaleChain, lambda m: m(X3 - X3.mean(0))),      # Σ_i G_i = 0 for the scales
     "leaky-cell": (LeakyCell, lambda m: m(XS)),

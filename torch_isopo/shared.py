@@ -78,6 +78,10 @@ class Tracker(TorchFunctionMode):
         kwargs = kwargs or {}
         if self.paused:
             return func(*args, **kwargs)
+        if getattr(func, "__name__", None) == "__get__" and func.__self__.__name__ not in _VIEWS:
+            # an attribute of the tensor itself (is_leaf, grad, shape): the parameter's own,
+            # never its stand-in's (a ParameterList slice re-registers the parameters)
+            return self._mark(func(*args, **kwargs), frozenset())
         inputs = _tensors(args, kwargs)
         if not inputs:                           # a factory: its result is a constant
             if own_node(_compat.autograd_node()):
@@ -271,6 +275,9 @@ class Meet(Function):
                 record.add(ExplicitUse(G, None, None))
         return (None, *douts)
 
+
+# tensor attributes that compute a view, followed like any op (``w.T``, ``w.mT``)
+_VIEWS = frozenset({"T", "mT", "H", "mH", "real", "imag"})
 
 # ops whose results only broadcast their inputs (``"each"``: the k-th input into the k-th result)
 _BROADCASTS = {Tensor.expand: "one", Tensor.expand_as: "one", torch.broadcast_to: "one",
