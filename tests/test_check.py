@@ -216,6 +216,29 @@ def test_reports_a_refusal_the_reference_could_not_run():
     assert "module 'att' input: the input has a batch of 1" in result.refusals["ntk"]
 
 
+class PackedLSTM(nn.Module):
+    """A float32 model fed a ``PackedSequence`` and an ``(h0, c0)`` tuple: the check's float64
+    copy casts the tensors inside them too."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.head, self.h0 = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2), nn.Linear(3, 4)
+
+    def forward(self, x, lengths):
+        from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+        h0 = torch.tanh(self.h0(x[:, :1]))[:, 0][None]
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        out, _ = self.lstm(packed, (h0, torch.zeros_like(h0)))
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        return logp0(self.head(out)).sum(1)
+
+
+def test_casts_tensors_inside_tuples_and_packed_sequences():
+    torch.manual_seed(0)
+    x, lengths = torch.randn(3, 5, 3), torch.tensor([5, 2, 4])
+    assert check(PackedLSTM(), lambda m: -m(x, lengths)).ok
+
+
 def test_sample_losses_must_be_per_sample():
     model = mlp()
     with pytest.raises(ValueError, match="unknown modes"):

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from . import _compat
 from .layers import GenericRuleWarning
 from .optimizer import ISOPO
 from .reference import reference_gradients
@@ -168,8 +169,9 @@ def _copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     def cast(t):
         return t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
 
-    def pre(module, args, kwargs):
-        return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+    def pre(module, args, kwargs):     # also inside tuples (an LSTM's state, a PackedSequence)
+        leaves, spec = _compat.tree_flatten((args, kwargs))
+        return _compat.tree_unflatten([cast(t) for t in leaves], spec)
 
     for sub in m.modules():
         sub.register_forward_pre_hook(pre, with_kwargs=True)
