@@ -187,6 +187,58 @@ def test_reentrant_checkpointing_inside_the_block():
     _assert_clean(m, opt, hooks)
 
 
+class Regions(nn.Module):
+    """One Linear applied twice under reentrant checkpointing: both calls in one region, or
+    each in its own region."""
+
+    def __init__(self, split):
+        super().__init__()
+        self.a, self.head, self.split = nn.Linear(4, 4), nn.Linear(4, 3), split
+
+    def twice(self, x):
+        return torch.tanh(self.a(torch.tanh(self.a(x))))
+
+    def once(self, x):
+        return torch.tanh(self.a(x))
+
+    def forward(self, x, ckpt=True):
+        if not ckpt:
+            return self.head(self.twice(x))
+        if self.split:
+            x = checkpoint(self.once, x, use_reentrant=True)
+            return self.head(checkpoint(self.once, x, use_reentrant=True))
+        return self.head(checkpoint(self.twice, x, use_reentrant=True))
+
+
+@pytest.mark.parametrize("gates", ["auto", "layer"])
+@pytest.mark.parametrize("mode", ["ntk", "fisher"])
+def test_reentrant_region_calling_a_layer_twice(mode, gates):
+    """Both calls of a layer in one reentrant region share one gate: exact."""
+    torch.manual_seed(0)
+    model = Regions(split=False).double()
+    X, A = torch.randn(5, 4, dtype=torch.float64, requires_grad=True), torch.randn(5, dtype=torch.float64)
+    expected = _reference(model, lambda r: torch.log_softmax(r(X, ckpt=False), -1)[:, 0], A, mode)
+    m, opt, hooks = _make(model, mode=mode, gates=gates)
+    with opt.microbatch(A):
+        torch.log_softmax(m(X), -1)[:, 0].sum().backward()
+    _assert_grads(m, expected, tol=1e-8)
+    _assert_clean(m, opt, hooks)
+
+
+@pytest.mark.parametrize("gates", ["auto", "layer"])
+def test_a_layer_in_two_reentrant_regions_is_refused(gates):
+    """Each reentrant region is back-propagated on its own: a layer used in two cannot have its
+    per-sample gradients joined into one K. Refused, naming the layer and the fix."""
+    torch.manual_seed(0)
+    m, opt, hooks = _make(Regions(split=True).double(), gates=gates)
+    X = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="layer 'a' runs in more than one region of reentrant.*"
+                                         "use_reentrant=False"):
+        with opt.microbatch(torch.randn(5, dtype=torch.float64)):
+            torch.log_softmax(m(X), -1)[:, 0].sum().backward()
+    _assert_clean(m, opt, hooks)
+
+
 def test_one_backward_through_two_microbatches_is_an_error(data):
     model, X, A = data
     m, opt, hooks = _make(model)

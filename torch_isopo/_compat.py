@@ -30,6 +30,14 @@ def autograd_node():
     return torch._C._current_autograd_node()
 
 
+def reentrant_recompute(node) -> bool:
+    """Whether the running autograd node is reentrant activation checkpointing's
+    (``torch.utils.checkpoint`` with ``use_reentrant=True``), which recomputes its region's forward
+    and back-propagates it on its own."""
+    from torch.utils.checkpoint import CheckpointFunction
+    return isinstance(node, node_type(CheckpointFunction))
+
+
 def node_type(fn: type[Function]) -> type:
     """The class of the graph nodes a custom ``Function`` creates, to recognise them while walking
     ``next_functions``. ``torch.autograd.function`` builds it as ``_backward_cls``."""

@@ -122,6 +122,8 @@ class Microbatch:
         self._together: set[int] = set()   # the layers gated together
         self._gates: dict[int, tuple] | None = {}
         self._maps: dict[tuple, SampleMap] = {}
+        self._used: set[int] = set()             # layers whose forward ran with grad here
+        self._regions: dict[int, tuple] = {}     # layer -> (reentrant region node, its gate)
         self._explicit = None        # the first input with a sample axis (its description)
         self._pending: list = []     # inputs without one, their history not yet needed
         self._advantages: dict[str, tuple] = {}
@@ -132,26 +134,51 @@ class Microbatch:
         so no reference cycle outlives the graph."""
         self._gates = None
         self._pending = []
+        self._regions = {}
 
     def gate(self, layer) -> tuple:
         """``(record, gated params)``: the layer's parameters as this microbatch's graph sees them
         (one gate per layer and microbatch, or one for all ``gate_all`` layers at once)."""
         key = id(layer)
+        node = _compat.autograd_node()
+        if node is not None and _compat.reentrant_recompute(node):
+            return self._region_gate(layer, node)
+        recompute = node is not None
+        if not recompute:
+            self._used.add(key)
         found = None if self._gates is None else self._gates.get(key)
-        recompute = _compat.autograd_node() is not None
         if found is not None and not (recompute and key in self._together):
             return found
         if found is None and self._gates is not None and self.gate_all and not recompute \
                 and self._gate_together(self.gate_all):
             return self._gates[key]
-        # a forward recomputed inside a backward (reentrant checkpointing backpropagates it on
-        # its own) gets a gate of its own, which finishes there
+        found = self._new_gate(layer)
+        if self._gates is not None and key not in self._together:
+            self._gates[key] = found
+        return found
+
+    def _new_gate(self, layer) -> tuple:
         params = layer.live_params()
         self.ledger.watch(layer, params)
         record = LayerRecord(layer, self, params)
-        found = (record, Gate.apply(record, *params))
-        if self._gates is not None and key not in self._together:
-            self._gates[key] = found
+        return record, Gate.apply(record, *params)
+
+    def _region_gate(self, layer, node) -> tuple:
+        """A region of reentrant activation checkpointing is recomputed inside the backward and
+        back-propagated on its own: its layers get gates of their own, which finish there. That
+        is exact when all of a layer's uses are in the one region; a layer used in two regions,
+        or in one and outside, is refused (its uses could not be joined into one ``K``)."""
+        region, found = self._regions.get(id(layer), (node, None))
+        if region is not node or id(layer) in self._used:
+            raise ValueError(
+                f"ISOPO: layer '{layer.name}' runs in more than one region of reentrant "
+                "activation checkpointing (torch.utils.checkpoint with use_reentrant=True), or in "
+                "one and outside it: each region is back-propagated on its own, so the layer's "
+                "per-sample gradients cannot be joined. Use use_reentrant=False (exact), or "
+                "checkpoint all calls of the layer in one region")
+        if found is None:
+            found = self._new_gate(layer)
+            self._regions[id(layer)] = (node, found)
         return found
 
     def _gate_together(self, layers) -> bool:
