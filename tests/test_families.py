@@ -158,13 +158,41 @@ def test_attention_across_samples_of_one_entry_is_refused(batch_first):
     opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
     x = torch.randn(2, 3, 3, dtype=D)
     with pytest.raises(ValueError, match="module 'att'.*different samples.*block-diagonal"):
-        with opt.microbatch(torch.randn(6), torch.arange(6), sample_dim=0 if batch_first else 1):
+        with opt.microbatch(torch.randn(6), torch.arange(6)):
             model(x).sum().backward()
     with pytest.raises(ValueError, match="module 'att'.*different samples"):   # causal: no help
-        with opt.microbatch(torch.randn(6), torch.arange(6), sample_dim=0 if batch_first else 1):
+        with opt.microbatch(torch.randn(6), torch.arange(6)):
             causal = torch.triu(torch.ones(3, 3, dtype=torch.bool), 1)
             model(x, attn_mask=causal).sum().backward()
     assert all(p.grad is None for p in model.parameters())
+
+
+class TimeMajor(nn.Module):
+    """Every tensor time-major ``(T, N, d)``: an encoder, a sequence-first GRU and attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.rnn, self.head = nn.Linear(3, 4), nn.GRU(4, 4), nn.Linear(4, 2)
+        self.att = nn.MultiheadAttention(4, 2)
+
+    def forward(self, x, mask):
+        h, _ = self.rnn(torch.tanh(self.enc(x)))
+        return _logp(self.head(self.att(h, h, h, attn_mask=mask)[0]))
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+def test_time_major_rows_with_sequence_major_segments(setting):
+    """``segments`` are sequence-major (``segments[b·T + t]``) for every layer, also for the
+    time-major rows of a Linear with ``sample_dim=1``, as for the GRU and the attention."""
+    torch.manual_seed(0)
+    T, N = 4, 3
+    x, entry = torch.randn(T, N, 3, dtype=D), torch.tensor([0, 1, 0])
+    seg = entry.repeat_interleave(T)
+    mask = torch.zeros(T, T, dtype=torch.bool)
+
+    def losses(m):
+        return torch.zeros(2, dtype=D).index_add(0, entry.repeat(T), m(x, mask).reshape(-1))
+    check_family(TimeMajor().to(D), losses, 2, *setting, segments=seg, sample_dim=1)
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
@@ -177,7 +205,7 @@ def test_packed_attention_with_a_block_mask(batch_first, setting):
     ids = seg.view(2, 3)
     mask = (ids[:, :, None] != ids[:, None, :]).repeat_interleave(2, 0)    # (N·H, L, S)
     check_family(model, lambda m: torch.zeros(3, dtype=D).index_add(0, seg, m(x, attn_mask=mask)),
-                 3, *setting, segments=seg, sample_dim=0 if batch_first else 1)
+                 3, *setting, segments=seg)
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=IDS)

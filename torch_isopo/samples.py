@@ -77,7 +77,9 @@ def sample_map(token_shape: torch.Size, n: int, segments: Tensor | None, sample_
     """Build the row → sample map of one layer input, or raise a clear error.
 
     Rules (docs/layers.md, "Samples"): with ``segments``, one id per token (the first two dims of
-    a ≥2-D token shape, or each row of a 1-D one); otherwise a ≥2-D token shape has its samples
+    a ≥2-D token shape, sequence-major: ``(B, L)`` also for time-major ``(L, B)`` rows with
+    ``sample_dim=1``, as for the layers that know their batch axis; or each row of a 1-D one);
+    otherwise a ≥2-D token shape has its samples
     along ``sample_dim`` (0 or 1) and a 1-D token shape has one sample per row. A microbatch of
     one sample owns every row (an unbatched episode ``(T, d)``).
     """
@@ -100,6 +102,8 @@ def sample_map(token_shape: torch.Size, n: int, segments: Tensor | None, sample_
                 f"{where}: segments has {segments.numel()} entries but the input has {tokens} "
                 f"tokens (input token shape {dims}); give one sample id per token")
         ids = segments.to(device).reshape(-1)
+        if len(dims) >= 2 and sample_dim == 1:   # sequence-major ids of time-major rows
+            ids = ids.view(dims[1], dims[0]).T.reshape(-1)
         if inner > 1:
             ids = ids.repeat_interleave(inner)
         return SampleMap(ids, n, inner, None, 0)
