@@ -167,3 +167,18 @@ def test_a_lazy_module_must_be_initialised_first(shape, lazy):
     model(torch.randn(5, 3))
     opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
     assert len(opt.layers) == 2
+
+
+@pytest.mark.parametrize("cls, hx, error", [
+    (nn.LSTMCell, lambda: torch.zeros(3, 4), TypeError),                       # h without c
+    (nn.GRUCell, lambda: torch.zeros(1, 4), RuntimeError),                     # batch of one
+    (nn.LSTMCell, lambda: (torch.zeros(1, 4), torch.zeros(1, 4)), RuntimeError),
+    (nn.RNNCell, lambda: torch.zeros(3, 5), RuntimeError)])                    # hidden size
+def test_a_cell_state_of_the_wrong_shape_is_refused(cls, hx, error):
+    """As PyTorch refuses it, naming the module, with nothing written."""
+    model = nn.ModuleDict({"cell": cls(2, 4)})
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(error, match="module 'cell'"):
+        with opt.microbatch(torch.randn(3)):
+            model["cell"](torch.randn(3, 2), hx())
+    assert all(p.grad is None for p in model.parameters())

@@ -331,6 +331,7 @@ class CellRule(_Recurrent):
 
     def forward(self, mb, layer, entry, orig, args, kwargs):
         m, x, hx, kind = self.inputs(entry, args, kwargs)
+        _check_state(entry.name, kind, x, hx, m.hidden_size)
         single = x.dim() == 1
         if single:
             x, hx = x[None], _batch_axis(hx, kind, 0)
@@ -348,6 +349,21 @@ class CellRule(_Recurrent):
             with torch.autocast(x.device.type, enabled=False):
                 out = _cell(mb, entry, kind, record, _Params(entry, gated, dtype), x, h, c)
         return _batch_axis(out, kind, 0, add=False) if single else out
+
+
+def _check_state(name: str, kind: str, x: Tensor, hx, hidden: int) -> None:
+    """The cell's state as PyTorch requires it (an LSTM's as ``(h, c)``), each of the input's
+    batch and the cell's hidden size."""
+    if hx is None:
+        return
+    if kind == "lstm" and not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+        raise TypeError(f"ISOPO: module '{name}' (LSTMCell) takes its state as a tuple (h, c)")
+    want = (*x.shape[:-1], hidden)
+    for t in (hx if kind == "lstm" else (hx,)):
+        if not isinstance(t, Tensor) or tuple(t.shape) != want:
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise RuntimeError(f"ISOPO: module '{name}': the state has shape {got}, but an input "
+                               f"of shape {tuple(x.shape)} needs {want}")
 
 
 def _cell(mb, entry, kind, record, p: _Params, x, h, c):
