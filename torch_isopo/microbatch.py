@@ -277,16 +277,24 @@ def _check_arrived(layer, uses, arrived, autocast: bool) -> None:
     did not see: refuse it rather than write a gradient it cannot attribute to samples."""
     if all(g is None for g in arrived):
         return
-    flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).double()
-                      for g, p in zip(arrived, layer.params)])
     whole = [u for u in uses if isinstance(u, ExplicitUse) and u.slots is None]
-    total = sum(u.G.sum(0).double() for u in whole) if whole else torch.zeros_like(flat)
-    # rounding scales with the terms summed, not with their sum: per-sample gradients that
-    # cancel (a Gaussian's log_std at its fit) leave a small sum with the terms' rounding
-    scale = sum(u.G.abs().sum(0).double() for u in whole) if whole else flat.abs()
-    tol = 2e-2 if autocast else 64 * torch.finfo(next(g for g in arrived if g is not None).dtype).eps
-    if len(whole) < len(uses) or float((total.to(flat.device) - flat).norm()) > tol * float(
-            scale.norm()) + 1e-30:
+    bad = len(whole) < len(uses)
+    if not bad:
+        flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                          for g, p in zip(arrived, layer.params)]).double()
+        if whole:
+            G = whole[0].G if len(whole) == 1 else sum(u.G for u in whole)
+            # rounding scales with the terms summed, not with their sum: per-sample gradients
+            # that cancel (a Gaussian's log_std at its fit) leave a small sum with their rounding
+            sums = torch.stack([G.sum(0), G.abs().sum(0)]).double()
+            sums[0] -= flat.to(sums.device)
+        else:                            # nothing to account for what arrived
+            sums = torch.stack([flat, flat])
+        err, scale = torch.linalg.vector_norm(sums, dim=1).tolist()
+        tol = 2e-2 if autocast else 64 * torch.finfo(
+            next(g for g in arrived if g is not None).dtype).eps
+        bad = err > tol * scale + 1e-30
+    if bad:
         raise RuntimeError(
             f"ISOPO: parameters {', '.join(repr(n) for n in layer.param_names)} reach the loss "
             "through ops where they never meet the samples (a result without a sample axis, such "

@@ -78,10 +78,6 @@ class Tracker(TorchFunctionMode):
         kwargs = kwargs or {}
         if self.paused:
             return func(*args, **kwargs)
-        if getattr(func, "__name__", None) == "__get__" and func.__self__.__name__ not in _VIEWS:
-            # an attribute of the tensor itself (is_leaf, grad, shape): the parameter's own,
-            # never its stand-in's (a ParameterList slice re-registers the parameters)
-            return self._mark(func(*args, **kwargs), frozenset())
         inputs = _tensors(args, kwargs)
         if not inputs:                           # a factory: its result is a constant
             if own_node(_compat.autograd_node()):
@@ -90,6 +86,10 @@ class Tracker(TorchFunctionMode):
         hits = [t for t in inputs if id(t) in self.free or t in self.shared]
         if not hits or not torch.is_grad_enabled() or own_node(_compat.autograd_node()):
             return func(*args, **kwargs)
+        if getattr(func, "__name__", None) == "__get__" and func.__self__.__name__ not in _VIEWS:
+            # an attribute of the tensor itself (is_leaf, grad, shape): the parameter's own,
+            # never its stand-in's (a ParameterList slice re-registers the parameters)
+            return self._mark(func(*args, **kwargs), frozenset())
         mb = self.attachment.forward_microbatch()
         if mb is None:
             return func(*args, **kwargs)
