@@ -1024,6 +1024,31 @@ def test_free_parameter_outside_the_samples_is_refused():
             (-logp.sum() - 0.01 * model.log_std.sum()).backward()
 
 
+class InPlaceScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.p = nn.Linear(3, 4), nn.Parameter(torch.ones(4))
+
+    def forward(self, x, in_place):
+        h = self.lin(x) + 0
+        h = h.mul_(self.p) if in_place else h * self.p
+        return torch.tanh(h).sum(1)
+
+
+def test_free_parameter_meeting_the_samples_in_place_is_refused():
+    """``h.mul_(p)`` overwrites a tensor whose history ISOPO cannot take over: refused at the
+    forward with the out-of-place fix, which is exact."""
+    torch.manual_seed(0)
+    model = InPlaceScale().to(D)
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match=r"in-place op mul_ .*h = h \* p"):
+        with opt.microbatch(torch.randn(6)):
+            model(X3, True).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    for setting in SETTINGS:
+        check_family(model, lambda m: m(X3, False), 6, *setting)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_free_parameter_whose_sample_gradients_cancel_at_float32(seed):
     """A Gaussian policy's ``log_std`` at its fit: its per-sample gradients (``z² − 1``) cancel,

@@ -100,6 +100,12 @@ class Tracker(TorchFunctionMode):
             data = len(hits) < len(inputs)
             inputs = _tensors(args, kwargs)
             if reads and meets_samples(mb, out, inputs, self.shared, data):
+                if _in_place(func) and any(o is t for o in _out_tensors(out) for t in inputs):
+                    raise ValueError(
+                        f"ISOPO: the in-place op {getattr(func, '__name__', func)} meets free "
+                        "parameters with the samples in a tensor it overwrites, whose history "
+                        "ISOPO cannot take over; write it out of place (h = h * p, not "
+                        "h.mul_(p))")
                 sources = list({id(t): t for t in inputs            # each tensor once
                                 if t in self.shared and self.shared[t]}.values())
                 kind = None if kwargs.get("alpha") is not None else _BROADCASTS.get(func)
@@ -174,6 +180,13 @@ def _tensors(args, kwargs) -> list[Tensor]:
         elif isinstance(a, (list, tuple)):
             out.extend(t for t in a if isinstance(t, Tensor))
     return out
+
+
+def _in_place(func) -> bool:
+    """``mul_``, ``add_``, ``h *= p`` (``__imul__``): ops that overwrite an input."""
+    name = getattr(func, "__name__", "")
+    return name.startswith("__i") and name.endswith("__") or (
+        name.endswith("_") and not name.startswith("__"))
 
 
 def _out_tensors(out):
