@@ -239,6 +239,33 @@ def test_casts_tensors_inside_tuples_and_packed_sequences():
     assert check(PackedLSTM(), lambda m: -m(x, lengths)).ok
 
 
+class ReentrantCheckpoint(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(3, 3), nn.Linear(3, 3)
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+        return self.head(checkpoint(lambda y: torch.tanh(self.a(y)), x, use_reentrant=True))
+
+
+def test_says_why_the_brute_force_cannot_run():
+    """Reentrant checkpointing hides the layers' outputs from the brute force: a clear error."""
+    torch.manual_seed(0)
+    x = X.clone().requires_grad_()
+    with pytest.raises(ValueError, match="brute force could not run.*use_reentrant=False"):
+        check(ReentrantCheckpoint(), lambda m: -logp0(m(x)))
+
+
+def test_refuses_non_finite_sample_terms():
+    """Terms that are not finite without ISOPO (float64 turning a float32 softmax's mask into
+    NaN) are reported as such, not as layers that disagree."""
+    poison = torch.ones(N)
+    poison[1] = float("nan")
+    with pytest.raises(ValueError, match="not finite in torch.float64 without ISOPO"):
+        check(mlp(), lambda m: -logp0(m(X)) * poison.to(torch.float64))
+
+
 def test_sample_losses_must_be_per_sample():
     model = mlp()
     with pytest.raises(ValueError, match="unknown modes"):

@@ -117,8 +117,15 @@ def check(model: nn.Module, sample_losses: Callable[[nn.Module], Tensor], advant
         raise ValueError(f"torch_isopo.check: unknown modes {unknown}; use reinforce, ntk, fisher")
     base = _copy(model, dtype)
     n = None if advantages is None else torch.as_tensor(advantages).numel()
-    with torch.no_grad():                # the terms' shape first: a plain forward, no ISOPO
-        n = _losses(sample_losses, copy.deepcopy(base), n).numel()
+    with torch.no_grad():                # the terms first: a plain forward, no ISOPO
+        terms = _losses(sample_losses, copy.deepcopy(base), n)
+    n = terms.numel()
+    if not bool(torch.isfinite(terms).all()):
+        raise ValueError(
+            f"torch_isopo.check: the model's sample terms are not finite in {dtype} without ISOPO "
+            "(an attention that takes its softmax in float32 turns float64's most negative mask "
+            "value into -inf, so a fully masked row of left padding gives NaN); check in "
+            "float32 (dtype=torch.float32, rtol=1e-4) or with another attention implementation")
     if advantages is None:
         advantages = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     A = torch.as_tensor(advantages, dtype=torch.float64).detach().cpu()
@@ -147,8 +154,15 @@ def check(model: nn.Module, sample_losses: Callable[[nn.Module], Tensor], advant
             refusals[mode] = str(e)
             continue
         ref = copy.deepcopy(base)        # only what ISOPO accepts is checked against it
-        want, _ = reference_gradients(ref, lambda: _losses(sample_losses, ref, A.numel()), A, mode,
-                                      damping, segments, sample_dim)
+        try:
+            want, _ = reference_gradients(ref, lambda: _losses(sample_losses, ref, A.numel()), A,
+                                          mode, damping, segments, sample_dim)
+        except RuntimeError as e:
+            raise ValueError(
+                f"torch_isopo.check: the brute force could not run on this model ({e}). It "
+                "differentiates every layer's output with torch.autograd.grad, which reentrant "
+                "activation checkpointing (use_reentrant=True) does not allow: check the model "
+                "without it (model.gradient_checkpointing_disable(), or use_reentrant=False)") from e
         want = {name: want.get(p) for name, p in ref.named_parameters() if p.requires_grad}
         got = {name: p.grad for name, p in fast.named_parameters() if p.requires_grad}
         scale = max((float(g.norm()) for g in want.values() if g is not None), default=0.0)

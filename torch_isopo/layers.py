@@ -19,7 +19,8 @@ from .rules import FREE, GENERIC, Rule, rule_for
 
 
 class GenericRuleWarning(UserWarning):
-    """A module takes the generic rule: exact, but one backward pass per sample."""
+    """A module takes the generic rule: exact, but its per-sample gradients cost a batched
+    backward of the module."""
 
 
 @dataclass
@@ -102,8 +103,8 @@ def _choose(module: nn.Module, name: str) -> Rule:
     else:
         reason = f"no rule is registered for {type(module).__qualname__}"
     warnings.warn(f"ISOPO: module '{name}' takes the generic rule ({reason}), with everything "
-                  "below it: exact, but one backward pass per sample", GenericRuleWarning,
-                  stacklevel=4)
+                  "below it: exact, but its per-sample gradients cost a batched backward of the "
+                  "module", GenericRuleWarning, stacklevel=4)
     return GENERIC
 
 
