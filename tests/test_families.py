@@ -375,7 +375,6 @@ def test_one_sample_per_sequence_through_time_major_lstm(setting):
 def test_steps_of_one_sequence_in_different_samples_are_refused():
     """A sample per step inside a recurrent layer cannot be attributed (the state mixes the
     steps' gradients): refused rather than silently wrong."""
-    from torch_isopo import ISOPO
     n, T = 3, 4
     model = SequenceMajorLSTM().to(D)
     opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
@@ -408,7 +407,6 @@ PARAMETRIZATIONS = {
 def test_parametrized_weights(kind, conv, setting):
     """The gradients of the originals, exactly; building ISOPO changes no buffer (spectral norm's
     power iteration vectors stay where they were)."""
-    from torch_isopo import ISOPO
     wrap = PARAMETRIZATIONS[kind]
     torch.manual_seed(0)
     if conv:
@@ -426,7 +424,6 @@ def test_parametrized_weights(kind, conv, setting):
 
 
 def test_hook_based_weight_norm_is_refused():
-    from torch_isopo import ISOPO
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -493,7 +490,6 @@ def test_embedding_with_max_norm(pad, twice, setting):
 
 
 def test_tied_embedding_with_max_norm_is_refused_before_any_change():
-    from torch_isopo import ISOPO
     torch.manual_seed(0)
     emb, head = nn.Embedding(8, 4, max_norm=0.5), nn.Linear(4, 8, bias=False)
     head.weight = emb.weight
@@ -527,7 +523,6 @@ def test_embedding_bag_with_max_norm(mode, setting):
     lambda: nn.EmbeddingBag(8, 4, mode="max", max_norm=1.0)],
     ids=["freq", "sparse", "bag-freq", "bag-sparse", "bag-max-max_norm"])
 def test_embedding_that_mixes_samples_or_is_sparse_is_refused(build):
-    from torch_isopo import ISOPO
     model = nn.Sequential(build(), nn.Linear(4, 2))
     with pytest.raises(ValueError, match="scale_grad_by_freq=False, sparse=False"):
         ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
@@ -549,7 +544,6 @@ def test_nanogpt_positions_without_a_sample_axis_are_refused(t, mode):
     """``wpe(torch.arange(t))`` is shared by all samples: never credited row by row to samples,
     whether or not ``t`` equals the number of samples; the error names the fix."""
     from models import NanoGPT, lm_losses
-    from torch_isopo import ISOPO
     model = NanoGPT(shared_positions=True)
     opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1), mode=mode)
     ids = torch.randint(0, 32, (3, t))
@@ -725,7 +719,6 @@ def test_one_sample_without_a_batch_axis(name, setting):
                          ids=["instance_norm", "conv"])
 def test_unbatched_input_with_several_samples_is_refused(module):
     """``(C, L)`` without its batch axis inside a microbatch of 3: whose is it?"""
-    from torch_isopo import ISOPO
     model = nn.Sequential(module, nn.Flatten(0), nn.LazyLinear(3))
     model(torch.randn(3, 5))
     opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
@@ -755,7 +748,6 @@ def test_shared_input_of_a_convolution(setting):
 
 
 def test_one_sample_with_and_without_a_batch_axis_agree():
-    from torch_isopo import ISOPO
     torch.manual_seed(0)
     model = EpisodeMLP()
     x, a = torch.randn(T1, 4), torch.randint(0, 3, (T1,))
@@ -984,7 +976,6 @@ def test_diagnostics_of_a_layer_solved_in_its_own_dimensions(dtype, n):
     Woodbury beside it (200 samples, ``finish.LOW_RANK_N``); its figures equal the brute
     force's: ``m = tr(K)/n`` and ``‖c‖/‖A‖`` with ``c = ρ (K + ρI)⁻¹ A``, and ``K`` of rank 2 is
     singular."""
-    from torch_isopo import ISOPO
     from torch_isopo.finish import LOW_RANK_N
     assert (n >= LOW_RANK_N) == (n == 200)
     torch.manual_seed(0)
@@ -1015,7 +1006,6 @@ def test_diagnostics_of_a_layer_solved_in_its_own_dimensions(dtype, n):
 
 def test_free_parameter_outside_the_samples_is_refused():
     """A loss term that is not a sum of per-sample terms (a state-independent entropy bonus)."""
-    from torch_isopo import ISOPO
     model = SB3Gaussian()
     opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(RuntimeError, match="'log_std' reach the loss through ops where they never meet"):
@@ -1054,7 +1044,6 @@ def test_free_parameter_whose_sample_gradients_cancel_at_float32(seed):
     """A Gaussian policy's ``log_std`` at its fit: its per-sample gradients (``z² − 1``) cancel,
     leaving a sum far below the terms. The float32 rounding of that sum scales with the terms,
     and the gate's check accepts it."""
-    from torch_isopo import ISOPO
     torch.manual_seed(seed)
     model = SB3Gaussian()
     x = torch.randn(64, 3)
@@ -1107,7 +1096,6 @@ def test_learned_initial_state(kind, setting):
 def test_learned_initial_state_on_the_batch_axis_is_refused():
     """``h0.expand(L, n, H)`` never has the samples along dim 0: refused at the RNN, inside the
     ``(h, c)`` tuple, with the fix."""
-    from torch_isopo import ISOPO
     model = LearnedState()
     model.state = lambda p, n: p.expand(-1, n, -1).contiguous()
     opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
@@ -1195,7 +1183,6 @@ class RawDistribution(nn.Module):
 
 
 def test_generic_module_returning_a_distribution_is_refused():
-    from torch_isopo import ISOPO
     model = RawDistribution()
     opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(TypeError, match=r"module 'RawDistribution' output is a Categorical.*"
@@ -1208,7 +1195,6 @@ def test_generic_module_returning_a_distribution_is_refused():
 def test_generic_1d_output_check_leaves_the_random_state():
     """The second forward that follows the data replays the forward's dropout without drawing:
     what the model draws next is what it draws without ISOPO."""
-    from torch_isopo import ISOPO
     s, a = torch.tensor([0, 2, 2, 4, 1, 0]), torch.randint(0, 3, (6,))
     model = TabularPolicy(dropout=True).train()
     plain = copy.deepcopy(model)
@@ -1241,7 +1227,6 @@ class FunctionalTie(nn.Module):
 
 
 def test_weight_used_directly_outside_its_module_is_refused_with_the_fix():
-    from torch_isopo import ISOPO
     ids = torch.randint(0, 10, (4, 5))
     model = FunctionalTie(module_head=False)
     opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
@@ -1270,7 +1255,6 @@ class SharedVector(nn.Module):
 
 
 def test_generic_1d_output_not_computed_from_the_samples_is_refused():
-    from torch_isopo import ISOPO
     model = nn.ModuleDict({"vec": SharedVector(), "mu": nn.Linear(3, 6)})
     opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
     x = torch.randn(6, 3)
@@ -1305,7 +1289,6 @@ class WithStdHead(nn.Module):
 @pytest.mark.parametrize("k", [2, 6])
 def test_parameter_vector_returned_by_a_module_is_refused(k):
     """With k == n = 6 the vector has as many entries as samples: still not per sample."""
-    from torch_isopo import ISOPO
     model = WithStdHead(k, broadcast=False)
     opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(ValueError, match=r"module 'std' output is 1-D \(shape \(%d,\)\) and not.*"
@@ -1324,7 +1307,6 @@ def test_parameter_vector_broadcast_by_its_module(k, setting):
 
 
 def test_table_used_as_a_layer_input_is_refused():
-    from torch_isopo import ISOPO
 
     class Queries(nn.Module):
         def __init__(self):
@@ -1366,7 +1348,6 @@ def test_tied_weight_with_separate_biases_and_repeated_use(rows, setting):
 # -- samples mixed across the batch ---------------------------------------------------------------
 @pytest.mark.parametrize("affine", [True, False])
 def test_batchnorm_with_batch_statistics_is_refused(affine):
-    from torch_isopo import ISOPO
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, affine=affine), nn.Linear(4, 2))
     opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(ValueError, match=r"module '1' \(BatchNorm1d\).*mixes samples.*eval"):
@@ -1382,7 +1363,6 @@ def test_batchnorm_with_batch_statistics_is_refused(affine):
 def test_generic_recompute_leaves_buffers_as_a_plain_forward():
     """A black box with running statistics of its own: the recompute in the backward does not
     move them a second time."""
-    from torch_isopo import ISOPO
 
     class Running(nn.Module):
         def __init__(self):
@@ -1428,7 +1408,6 @@ def test_torch_compile(order, kind):
     the tracker's mode)."""
     import copy
 
-    from torch_isopo import ISOPO
     from torch_isopo.reference import reference_gradients
     torch.manual_seed(0)
     base = (nn.Sequential(nn.Conv1d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4, 8),
