@@ -230,7 +230,7 @@ def _broadcast(t: Tensor, o: Tensor, axis: int) -> bool:
     return k < 0 or t.shape[k] == 1
 
 
-def meet(mb, out, sources: list[Tensor], reads: list[dict], targets=None, params=None):
+def meet(mb, out, sources: list[Tensor], reads: list[dict], targets, params):
     """``out`` (a tensor or a tuple of them), computed from the free-parameter tensors
     ``sources`` (and data), passed through ``Meet``; ``reads[k]`` maps the free layers source k
     reads to their ``(record, gated parameters)``. When the op only broadcasts its inputs,
@@ -240,7 +240,7 @@ def meet(mb, out, sources: list[Tensor], reads: list[dict], targets=None, params
     keep = [t for t in tensors if t.is_floating_point() and t.requires_grad]
     if not keep:
         return out
-    meeting = _Meeting(mb, sources, reads, params or [None] * len(sources))
+    meeting = _Meeting(mb, sources, reads, params)
     if len(keep) == len(tensors):
         meeting.targets = targets
     met = iter(Meet.apply(meeting, *keep))

@@ -239,15 +239,9 @@ class RecurrentRule(_Recurrent):
             x, hx = x.unsqueeze(1), _batch_axis(hx, kind, 1)
         elif m.batch_first:
             x = x.transpose(0, 1)
-        dtype = autocast_dtype(x)
-        if dtype is None:
-            out, h_n, c_n = _run(mb, layer, entry, m, kind, x, hx,
-                                 None if source is None else (lengths, source))
-        else:                     # what autocast would run: the whole recurrence in its dtype
-            x, hx = x.to(dtype), _cast(hx, dtype)
-            with torch.autocast(x.device.type, enabled=False):
-                out, h_n, c_n = _run(mb, layer, entry, m, kind, x, hx,
-                                     None if source is None else (lengths, source), dtype)
+        packed_as = None if source is None else (lengths, source)
+        out, h_n, c_n = _in_autocast_dtype(x, lambda dtype: _run(
+            mb, layer, entry, m, kind, _cast(x, dtype), _cast(hx, dtype), packed_as, dtype))
         if packed:
             out = _repack(out, source)
         elif unbatched:
@@ -258,13 +252,27 @@ class RecurrentRule(_Recurrent):
         return out, ((h_n, c_n) if kind == "lstm" else h_n)
 
 
+def _in_autocast_dtype(x: Tensor, run):
+    """``run(dtype)``: under autocast, what autocast would run (the whole recurrence in its
+    dtype, ``run`` casting to it); else ``run(None)``."""
+    dtype = autocast_dtype(x)
+    if dtype is None:
+        return run(None)
+    with torch.autocast(x.device.type, enabled=False):
+        return run(dtype)
+
+
 def _cast(state, dtype):
-    if state is None:
-        return None
-    return tuple(t.to(dtype) for t in state) if isinstance(state, tuple) else state.to(dtype)
+    """A tensor, or a tuple of them (an LSTM's state; None entries kept), in ``dtype`` (None: as
+    it is)."""
+    if state is None or dtype is None:
+        return state
+    if isinstance(state, tuple):
+        return tuple(None if t is None else t.to(dtype) for t in state)
+    return state.to(dtype)
 
 
-def _run(mb, layer, entry, m, kind, x, hx, packed, dtype=None):
+def _run(mb, layer, entry, m, kind, x, hx, packed, dtype):
     """All layers and directions; ``packed`` is ``(lengths, the PackedSequence)`` or None; with
     ``dtype`` the parameters are cast to it (autocast)."""
     T, N = x.shape[:2]
@@ -341,13 +349,8 @@ class CellRule(_Recurrent):
         else:
             h, c = hx if kind == "lstm" else (hx, None)
         record, gated = mb.gate(layer)
-        dtype = autocast_dtype(x)
-        if dtype is None:
-            out = _cell(mb, entry, kind, record, _Params(entry, gated), x, h, c)
-        else:                     # what autocast would run: the whole step in its dtype
-            x, h, c = x.to(dtype), h.to(dtype), None if c is None else c.to(dtype)
-            with torch.autocast(x.device.type, enabled=False):
-                out = _cell(mb, entry, kind, record, _Params(entry, gated, dtype), x, h, c)
+        out = _in_autocast_dtype(x, lambda dtype: _cell(
+            mb, entry, kind, record, _Params(entry, gated, dtype), *_cast((x, h, c), dtype)))
         return _batch_axis(out, kind, 0, add=False) if single else out
 
 
