@@ -110,7 +110,8 @@ ATTENTION = list(itertools.product(
     [(True, False, False), (False, True, True)], [False, True]))  # bias/bias_kv/zero_attn, masks
 
 
-@pytest.mark.parametrize("setting", [SETTINGS[1], SETTINGS[3]], ids=[IDS[1], IDS[3]])
+@pytest.mark.parametrize("setting", [SETTINGS[0], SETTINGS[1], SETTINGS[3]],
+                         ids=[IDS[0], IDS[1], IDS[3]])
 @pytest.mark.parametrize("case", ATTENTION, ids=lambda c: "-".join(map(str, (c[0], c[1], c[2], c[3][0], c[4]))))
 def test_multihead_attention(case, setting):
     batch_first, inputs, need, (bias, bias_kv, zero), masks = case
@@ -262,7 +263,8 @@ RECURRENT = [(cls, bf, layers, bi, bias, proj)
              and (layers == 1 or bi == bias)]          # fewer two-layer combinations
 
 
-@pytest.mark.parametrize("setting", [SETTINGS[1], SETTINGS[3]], ids=[IDS[1], IDS[3]])
+@pytest.mark.parametrize("setting", [SETTINGS[0], SETTINGS[1], SETTINGS[3]],
+                         ids=[IDS[0], IDS[1], IDS[3]])
 @pytest.mark.parametrize("given_h", [False, True])
 @pytest.mark.parametrize("case", RECURRENT,
                          ids=lambda c: f"{c[0].__name__}-bf{c[1]}-L{c[2]}-bi{c[3]}-b{c[4]}-p{c[5]}")
@@ -308,13 +310,17 @@ class CellLoop(nn.Module):
     """A recurrent policy written as a loop over a cell, with an encoder and a head called at
     every step (each Linear used T times in one microbatch)."""
 
-    def __init__(self, cls):
+    def __init__(self, cls, bias=True, learned_h0=False):
         super().__init__()
-        self.enc, self.cell, self.head = nn.Linear(3, 4), cls(4, 5), nn.Linear(5, 2)
+        self.enc, self.cell, self.head = nn.Linear(3, 4), cls(4, 5, bias=bias), nn.Linear(5, 2)
         self.lstm = cls is nn.LSTMCell
+        self.h0 = nn.Linear(3, 5) if learned_h0 else None
 
     def forward(self, xs):
         h, out = None, 0
+        if self.h0 is not None:                  # an initial state computed from the samples
+            h = torch.tanh(self.h0(xs[0]))
+            h = (h, torch.zeros_like(h)) if self.lstm else h
         for x in xs:
             h = self.cell(torch.tanh(self.enc(x)), h)
             out = out + _logp(self.head(h[0] if self.lstm else h))
@@ -329,6 +335,20 @@ def test_cells_in_a_python_loop(cls, setting):
     xs = torch.randn(5, 3, 3, dtype=D)
     check_family(model, lambda m: m(xs), 3, *setting,
                  rules=["linear", "recurrent_cell", "linear"])
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("frozen", [None, "weight_ih", "weight_hh"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("cls", [nn.RNNCell, nn.GRUCell, nn.LSTMCell])
+def test_cell_variants(cls, bias, frozen, setting):
+    """Cells without biases, with a frozen weight, and with an initial state from a layer."""
+    torch.manual_seed(0)
+    model = CellLoop(cls, bias=bias, learned_h0=True).to(D)
+    if frozen:
+        getattr(model.cell, frozen).requires_grad_(False)
+    xs = torch.randn(4, 3, 3, dtype=D)
+    check_family(model, lambda m: m(xs), 3, *setting)
 
 
 @pytest.mark.parametrize("setting", [SETTINGS[2], SETTINGS[4]], ids=[IDS[2], IDS[4]])

@@ -211,7 +211,7 @@ class Regions(nn.Module):
 
 
 @pytest.mark.parametrize("gates", ["auto", "layer"])
-@pytest.mark.parametrize("mode", ["ntk", "fisher"])
+@pytest.mark.parametrize("mode", ["reinforce", "ntk", "fisher"])
 def test_reentrant_region_calling_a_layer_twice(mode, gates):
     """Both calls of a layer in one reentrant region share one gate: exact."""
     torch.manual_seed(0)
