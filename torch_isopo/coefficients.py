@@ -22,8 +22,9 @@ class Coefficients:
     c: Tensor
     m: Tensor          # the microbatch's own statistic (tr K / n, or mean ν²)
     rho: Tensor        # damping · m_used
-    spectrum: Tensor | list[Tensor]   # K (ntk) or ν² (fisher), stacked or one per layer: its
-                                      # condition number is computed when diagnostics are read
+    spectrum: Tensor | list[Tensor]   # K (ntk; G with K = GGᵀ for ``ntk_low_rank``) or ν²
+                                      # (fisher), stacked or one per layer: its condition number
+                                      # is computed when diagnostics are read
 
     def layer(self, i: int) -> "Layer":
         return Layer(self, i)
@@ -73,18 +74,20 @@ def ntk_coefficients(K: Tensor, A: Tensor, damping: float, m_used=None) -> Coeff
     return Coefficients(safe[..., None] * solved, m, rho, K)
 
 
-def ntk_low_rank(K: Tensor, G: Tensor, A: Tensor, damping: float, m_used=None) -> Coefficients:
-    """``ntk_coefficients`` for ``K = G Gᵀ`` with ``G`` ``(n, D)``, ``D < n``, in ``D`` dimensions:
-    ``ρ (K + ρI)⁻¹ = I − G (GᵀG + ρI)⁻¹ Gᵀ`` (Woodbury), so ``c = A − G (GᵀG + ρI)⁻¹ GᵀA``."""
+def ntk_low_rank(G: Tensor, A: Tensor, damping: float, m_used=None) -> Coefficients:
+    """``ntk_coefficients`` for ``K = G Gᵀ`` with ``G`` ``(n, D)``, ``D < n``, in ``D`` dimensions
+    and without forming ``K``: ``ρ (K + ρI)⁻¹ = I − G (GᵀG + ρI)⁻¹ Gᵀ`` (Woodbury), so
+    ``c = A − G (GᵀG + ρI)⁻¹ GᵀA``. Its spectrum for logging is ``G`` (``condition_number``)."""
     G = G.to(torch.float64)
-    A = A.to(G)
-    m = (G * G).sum() / A.numel()
+    A = A if A.dtype == G.dtype and A.device == G.device else A.to(G)
+    F = G.T @ G
+    diag = F.diagonal()
+    m = diag.sum() / A.numel()                 # tr(GGᵀ) = tr(GᵀG)
     rho = _statistic(m, damping, m_used)
     safe = rho + (rho == 0)
-    F = G.T @ G
-    F.diagonal().add_(safe)
+    diag += safe
     solved, _ = torch.linalg.solve_ex(F, G.T @ A)
-    return Coefficients(A - G @ solved, m, rho, K.to(torch.float64))
+    return Coefficients(torch.addmv(A, G, solved, alpha=-1), m, rho, G)
 
 
 def fisher_coefficients(nu2: Tensor, A: Tensor, damping: float, m_used=None) -> Coefficients:
@@ -118,6 +121,8 @@ def condition_number(spectrum: Tensor, mode: str) -> float:
     s = spectrum.detach().to("cpu", torch.float64)
     if not torch.isfinite(s).all():
         return math.nan
+    if mode == "ntk" and s.shape[0] != s.shape[1]:     # G (n, D) of a layer solved by Woodbury
+        s = s @ s.T
     if mode == "ntk":
         ev = torch.linalg.eigvalsh(s).clamp_min(0.0)
         top, low = float(ev[-1]), float(ev[0])

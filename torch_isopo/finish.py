@@ -71,10 +71,10 @@ def prepare(uses: list, params: list[Tensor], n: int, cfg: Settings,
         return p
     dt = factors.work_dtype(p.ref)
     budget = max(1, cfg.budget_bytes * 8 // torch.finfo(dt).bits)
-    if cfg.mode == "ntk" or sample_pieces:
+    if cfg.mode == "ntk" and not factor and 2 * explicit.G.shape[1] < n and n >= LOW_RANK_N:
+        p.low_rank = explicit.G          # K = GGᵀ is never formed
+    elif cfg.mode == "ntk" or sample_pieces:
         p.stat = _statistic(_kernel(p, n, dt, budget, cfg), cfg, sample_pieces, key)
-        if cfg.mode == "ntk" and not factor and 2 * explicit.G.shape[1] < n and n >= LOW_RANK_N:
-            p.low_rank = explicit.G
     else:
         p.stat = fisher_nu2(*probes.fisher_products(factor, explicit, n, dt, budget, cfg, key))
     return p
@@ -152,7 +152,7 @@ def coefficients(stats: list[Tensor], A: Tensor, cfg: Settings, m_used: list[flo
     low = [j for j, G in enumerate(low_rank or []) if G is not None]
     if low:
         rest = [j for j in range(len(stats)) if j not in low]
-        parts = {j: ntk_low_rank(stats[j], low_rank[j], A, cfg.damping, m_used[j]) for j in low}
+        parts = {j: ntk_low_rank(low_rank[j], A, cfg.damping, m_used[j]) for j in low}
         if rest:
             batch = coefficients([stats[j] for j in rest], A, cfg, [m_used[j] for j in rest])
             parts.update({j: batch.layer(k) for k, j in enumerate(rest)})

@@ -164,11 +164,8 @@ class Tracker(TorchFunctionMode):
 
 def constants(modules: list[nn.Module]) -> list:
     """Tensors a free parameter may meet that are not data: buffers and tensors held by modules."""
-    out = []
-    for m in modules:
-        out.extend(m.buffers(recurse=False))
-        out.extend(v for v in vars(m).values() if isinstance(v, Tensor))
-    return [t for t in out if t is not None]
+    return [t for m in modules for t in (*m._buffers.values(), *vars(m).values())
+            if isinstance(t, Tensor)]          # (a buffer may be None)
 
 
 def _tensors(args, kwargs) -> list[Tensor]:
