@@ -1133,6 +1133,47 @@ def test_learned_initial_state_on_the_batch_axis_is_refused():
         assert torch.equal(p.grad, q.grad)
 
 
+class TimeMajorState(nn.Module):
+    """A time-major bidirectional 2-layer GRU (4 state rows) with a learned initial state, in a
+    microbatch with ``sample_dim=1``: there the batch axis the RNN takes is the sample axis."""
+
+    def __init__(self, recipe="expand"):
+        super().__init__()
+        self.rnn = nn.GRU(2, 5, num_layers=2, bidirectional=True)
+        self.h0 = nn.Parameter(torch.randn(4, 1, 5) * 0.3)
+        self.head = nn.Linear(10, 3)
+        self.recipe = recipe
+
+    def forward(self, x):                                    # (T, n, 2) -> (n,)
+        n = x.shape[1]
+        h0 = self.h0.expand(-1, n, -1) if self.recipe == "expand" else \
+            self.h0.transpose(0, 1).expand(n, -1, -1).transpose(0, 1)
+        out, _ = self.rnn(x, h0)
+        return _logp(self.head(out)).sum(0)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("n", [3, 4], ids=["n=3", "n=4=state-rows"])
+def test_learned_initial_state_time_major(n, setting):
+    torch.manual_seed(0)
+    x = torch.randn(5, n, 2, dtype=D)
+    check_family(TimeMajorState().to(D), lambda m: m(x), n, *setting, sample_dim=1)
+
+
+@pytest.mark.parametrize("n", [3, 4], ids=["n=3", "n=4=state-rows"])
+def test_learned_initial_state_moved_along_the_wrong_axis_is_refused(n):
+    """Under ``sample_dim=1`` the batch-first recipe moves the samples off the sample axis: its
+    ``transpose`` of the ``(4, 1, H)`` state only moves axes (it was taken for a broadcast when
+    ``n`` equals the 4 state rows, a wrong gradient); refused at the RNN with both recipes."""
+    model = TimeMajorState(recipe="transpose")
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match=r"input of module 'rnn'.*h0\.expand\(-1, n, -1\) in a "
+                                         r"microbatch with sample_dim=1"):
+        with opt.microbatch(torch.randn(n), sample_dim=1):
+            model(torch.randn(5, n, 2)).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+
+
 class RawPolicy(nn.Module):
     """A linear softmax policy on raw parameters (a generic module), returning each sample's
     log-probability with a trailing axis, or 1-D (computed from the samples: per sample)."""

@@ -159,7 +159,8 @@ class Tracker(TorchFunctionMode):
                 "sample_dim): ISOPO cannot tell which sample uses which of its rows. Broadcast it "
                 "along that axis first (table.expand(n, *table.shape), or add it to the batch's "
                 "activations); for a learned initial state with the batch on dim 1, as an RNN "
-                "takes it: h0.transpose(0, 1).expand(n, -1, -1).transpose(0, 1)")
+                "takes it: h0.transpose(0, 1).expand(n, -1, -1).transpose(0, 1), or "
+                "h0.expand(-1, n, -1) in a microbatch with sample_dim=1")
 
 
 def constants(modules: list[nn.Module]) -> list:
@@ -221,10 +222,13 @@ def meets_samples(mb, out, inputs, shared, data: bool) -> bool:
 
 
 def _broadcast(t: Tensor, o: Tensor, axis: int) -> bool:
+    """Whether ``t`` is broadcast along ``o``'s sample axis: absent or of size 1 there (aligned
+    from the right, as broadcasting aligns) and copied along it, not moved into it (a transpose
+    of an ``(L, 1, H)`` table also has size 1 where its result has ``n``)."""
     if o.dim() == 0:                 # a scalar of shared tensors alone has no sample axis
         return False
     k = axis - (o.dim() - t.dim())
-    return k < 0 or t.shape[k] == 1
+    return (k < 0 or t.shape[k] == 1) and t.numel() * o.shape[axis] <= o.numel()
 
 
 def meet(mb, out, sources: list[Tensor], reads: list[dict], targets, params):
