@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributions import Normal
+from torch.distributions import LowRankMultivariateNormal, MultivariateNormal, Normal
 
 from families import IDS, SETTINGS, check_family
 from torch_isopo import ISOPO
@@ -967,6 +967,79 @@ def test_free_parameters_with_a_gate_per_layer(name, setting):
     build, losses = FREE[name]
     torch.manual_seed(0)
     check_family(build().to(D), losses, 6, *setting, gates="layer")
+
+
+class Covariance(nn.Module):
+    """A multivariate Gaussian policy whose covariance is built from free parameters by ops on
+    them alone (``torch.diag``, ``W @ W.T``, ``tril``): tables whose rows are not samples, even
+    with as many rows as samples; the distribution's log-density then moves the samples to
+    ``(d, n)`` intermediates and back."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind, self.mu = kind, nn.Linear(3, 3)
+        self.W = nn.Parameter(0.5 * torch.randn(3, 3 if kind in ("full", "tril") else 2))
+        self.v = nn.Parameter(0.3 * torch.randn(3))
+
+    def forward(self, x, a):
+        mu = self.mu(x)
+        if self.kind == "low-rank":
+            dist = LowRankMultivariateNormal(mu, self.W, F.softplus(self.v) + 0.1)
+        elif self.kind == "full":
+            dist = MultivariateNormal(mu, covariance_matrix=self.W @ self.W.T + torch.eye(3, dtype=mu.dtype))
+        elif self.kind == "tril":
+            dist = MultivariateNormal(mu, scale_tril=torch.tril(self.W, -1) + torch.diag_embed(F.softplus(self.v)))
+        else:
+            dist = MultivariateNormal(mu, covariance_matrix=torch.diag(self.v.exp()))
+        return -dist.log_prob(a)
+
+
+class Transposed(nn.Module):
+    """Free parameters applied to the samples in a transposed layout: ``(W @ h.T).T``, a chain
+    ``(q @ z.T).T`` after ``z`` met another free parameter, and a stack of two vectors used as
+    a table."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.head = nn.Linear(3, 4), nn.Linear(5, 2)
+        self.W = nn.Parameter(0.5 * torch.randn(5, 4))
+        self.p, self.q = nn.Parameter(1 + 0.3 * torch.randn(5)), nn.Parameter(torch.randn(1, 1))
+        self.rows = nn.ParameterList([nn.Parameter(torch.randn(2)) for _ in range(2)])
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        z = torch.tanh((self.W @ h.T).T) * self.p
+        s = (self.q @ z.sum(1, keepdim=True).T).T.squeeze(1)
+        return _logp(self.head(z)) + s ** 2 + (z[:, :2] @ torch.stack(list(self.rows)).T).sum(1)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("n", [2, 3], ids=["n=2", "n=3=d"])
+@pytest.mark.parametrize("kind", ["low-rank", "full", "tril", "diag"])
+def test_free_parameters_made_into_tables(kind, n, setting):
+    torch.manual_seed(0)
+    x, a = torch.randn(n, 3, dtype=D), torch.randn(n, 3, dtype=D)
+    check_family(Covariance(kind).to(D), lambda m: m(x, a), n, *setting)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_free_parameters_in_a_transposed_layout(n, setting):
+    torch.manual_seed(0)
+    x = torch.randn(n, 3, dtype=D)
+    check_family(Transposed().to(D), lambda m: m(x), n, *setting)
+
+
+def test_free_parameters_with_the_samples_off_the_sample_axis_into_a_module_are_refused():
+    """``W @ h.T`` holds the samples along dim 1: as a module's input its rows are not samples."""
+    model = Transposed()
+    model.across = nn.Linear(3, 2)                 # over the 3 samples of W @ h.T's (5, 3) rows
+    model.forward = lambda x: model.across(model.W @ torch.tanh(model.inp(x)).T)
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match=r"input of module 'across'.*mixes free parameters with the "
+                                         r"samples.*x @ W\.T rather than \(W @ x\.T\)\.T"):
+        with opt.microbatch(torch.randn(3)):
+            model(torch.randn(3, 3)).sum().backward()
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=IDS)

@@ -8,7 +8,10 @@ by a forward ISOPO could patch. While a microbatch is open a ``TorchFunctionMode
   built by a factory such as ``torch.ones``) or the result of an op that reads shared tensors only;
 * an op that reads a free parameter (through shared tensors) and whose results have the sample
   layout (``n`` along the sample axis), with the samples coming from data among its inputs or from
-  broadcasting the shared ones, is where the parameter *meets* the samples. Its results pass
+  an op that broadcasts the shared ones along that axis (``expand``, ``repeat``), is where the
+  parameter *meets* the samples. A result of data and shared tensors without the sample layout
+  (``W @ h.T``, a distribution's ``(d, n)`` intermediate) carries the data on: the samples are met
+  where an op puts them back on the sample axis. Its results pass
   through ``Meet``, whose backward takes each sample's vector-Jacobian product back to the
   parameter through the forward's own graph (vectorised over samples): the parameter's ``G_i``.
 
@@ -21,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd import Function
 from torch.overrides import TorchFunctionMode
+import threading
 import weakref
 
 from . import _compat
@@ -58,6 +62,7 @@ class Tracker(TorchFunctionMode):
         self.attachment = attachment
         self.free = {id(p): (layer, i) for layer in layers for i, p in enumerate(layer.params)}
         self.shared = _ByIdentity()             # tensor -> ids of the free layers it reads
+        self.mixed = _ByIdentity()              # shared tensors that also carry data
         self.gates: dict[int, tuple] = {}       # free layer id -> (record, gated parameters)
         self.alias_of = _ByIdentity()           # a parameter's stand-in -> its index in the layer
         for t in constants:
@@ -71,7 +76,8 @@ class Tracker(TorchFunctionMode):
     def __exit__(self, *exc):
         """The block is over: drop every reference to its tensors (no cycle through the graph
         outlives it)."""
-        self.shared, self.gates, self.alias_of = _ByIdentity(), {}, _ByIdentity()
+        self.shared, self.mixed, self.gates, self.alias_of = (_ByIdentity(), _ByIdentity(), {},
+                                                              _ByIdentity())
         return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -97,9 +103,9 @@ class Tracker(TorchFunctionMode):
         self.paused += 1
         try:
             out = func(*args, **kwargs)
-            data = len(hits) < len(inputs)
+            data = len(hits) < len(inputs) or any(t in self.mixed for t in hits)
             inputs = _tensors(args, kwargs)
-            if reads and meets_samples(mb, out, inputs, self.shared, data):
+            if reads and meets_samples(mb, func, out, inputs, data):
                 if _in_place(func) and any(o is t for o in _out_tensors(out) for t in inputs):
                     raise ValueError(
                         f"ISOPO: the in-place op {getattr(func, '__name__', func)} meets free "
@@ -117,7 +123,13 @@ class Tracker(TorchFunctionMode):
                             [self.alias_of.get(t) for t in sources])
         finally:
             self.paused -= 1
-        return out if data and not reads else self._mark(out, reads)
+        if data and not reads:
+            return out
+        self._mark(out, reads)
+        if data:
+            for t in _out_tensors(out):
+                self.mixed[t] = True
+        return out
 
     def _gated(self, mb, args, kwargs, hits):
         """Free parameters replaced by their gated tensors; the free layers the op reads."""
@@ -152,6 +164,12 @@ class Tracker(TorchFunctionMode):
     def refuse_free(self, x: Tensor, where: str) -> None:
         """A layer input computed from free parameters that never met the samples has no sample
         axis of its own (a position table, learned queries): its rows are not samples."""
+        if x in self.mixed:
+            raise ValueError(
+                f"ISOPO: {where} (shape {tuple(x.shape)}) mixes free parameters with the samples, "
+                "but not with the samples along the sample axis (dim 0, or sample_dim): ISOPO "
+                "cannot tell which sample uses which of its rows. Move the samples to that axis "
+                "before the module (x @ W.T rather than (W @ x.T).T)")
         if id(x) in self.free or x in self.shared and self.shared[x]:
             raise ValueError(
                 f"ISOPO: {where} (shape {tuple(x.shape)}) is computed from parameters and "
@@ -212,23 +230,23 @@ def sample_layout(mb, o: Tensor) -> bool:
     return o.shape[_sample_axis(mb, o)] == mb.n
 
 
-def meets_samples(mb, out, inputs, shared, data: bool) -> bool:
-    """Whether every float result has the sample layout, with data among the inputs or every
-    shared input broadcast along the sample axis (size 1 or absent there)."""
+def meets_samples(mb, func, out, inputs, data: bool) -> bool:
+    """Whether every float result has the sample layout, with data among the inputs or, without
+    data, an op that broadcasts every input along the sample axis (size 1 or absent there). Any
+    other op on shared tensors alone (a ``transpose``, ``torch.diag``, ``torch.stack``) only
+    reshapes a table: its rows are not samples, even when there are ``n`` of them."""
     outs = [o for o in _out_tensors(out) if o.is_floating_point()]
     if not outs or not all(sample_layout(mb, o) for o in outs):
         return False
-    return data or all(_broadcast(t, o, _sample_axis(mb, o)) for t in inputs for o in outs)
+    return data or func in _EXPANDS and all(
+        _broadcast(t, o, _sample_axis(mb, o)) for t in inputs for o in outs)
 
 
 def _broadcast(t: Tensor, o: Tensor, axis: int) -> bool:
-    """Whether ``t`` is broadcast along ``o``'s sample axis: absent or of size 1 there (aligned
-    from the right, as broadcasting aligns) and copied along it, not moved into it (a transpose
-    of an ``(L, 1, H)`` table also has size 1 where its result has ``n``)."""
     if o.dim() == 0:                 # a scalar of shared tensors alone has no sample axis
         return False
     k = axis - (o.dim() - t.dim())
-    return (k < 0 or t.shape[k] == 1) and t.numel() * o.shape[axis] <= o.numel()
+    return k < 0 or t.shape[k] == 1
 
 
 def meet(mb, out, sources: list[Tensor], reads: list[dict], targets, params):
@@ -270,28 +288,50 @@ class Meet(Function):
 
     @staticmethod
     def backward(ctx, *douts):
+        if getattr(_nested, "depth", 0):     # a VJP of another meeting's crossing this one: its
+            return (None,) * (len(douts) + 1)   # paths are this one's, recorded when it runs
         m = ctx.meeting
         outs = [o for o, d in zip(ctx.saved_tensors, douts) if d is not None]
         grads = [d for d in douts if d is not None]
         if len(outs) == len(douts):
-            per_layer: dict[int, tuple] = {}
-            masked = None
-            for k, (src, reads) in enumerate(zip(m.sources, m.reads)):
-                G_src = _broadcast_grad(m, k, src, outs, grads)
-                if G_src is None:
-                    masked = masked or [_per_sample(m.mb, o, d) for o, d in zip(outs, grads)]
-                    G_src, = _batched_grad(outs, [src], masked, m.mb.n, flat=False)
-                for key, (record, gated) in reads.items():
-                    G = _carried(src, m.params[k], gated, G_src, m.mb.n)
-                    old = per_layer.get(key)
-                    per_layer[key] = (record, G if old is None else old[1] + G)
-            for record, G in per_layer.values():
+            _nested.depth = getattr(_nested, "depth", 0) + 1
+            try:
+                uses = _recorded(m, outs, grads)
+            finally:
+                _nested.depth -= 1
+            for record, G in uses:
                 record.add(ExplicitUse(G, None, None))
         return (None, *douts)
 
 
+def _recorded(m: "_Meeting", outs, grads) -> list[tuple]:
+    """``(record, G)`` per free layer the meeting's sources read: the per-sample gradients of
+    its parameters along the paths from the results to the sources and on to the parameters."""
+    per_layer: dict[int, tuple] = {}
+    masked = None
+    for k, (src, reads) in enumerate(zip(m.sources, m.reads)):
+        G_src = _broadcast_grad(m, k, src, outs, grads)
+        if G_src is None:
+            masked = masked or [_per_sample(m.mb, o, d) for o, d in zip(outs, grads)]
+            G_src, = _batched_grad(outs, [src], masked, m.mb.n, flat=False)
+        for key, (record, gated) in reads.items():
+            G = _carried(src, m.params[k], gated, G_src, m.mb.n)
+            old = per_layer.get(key)
+            per_layer[key] = (record, G if old is None else old[1] + G)
+    return list(per_layer.values())
+
+
+# a meeting's VJPs in progress on this thread (``_recorded``): a path through another meeting is
+# that meeting's to record, when the backward reaches it, so a VJP stops there
+_nested = threading.local()
+
 # tensor attributes that compute a view, followed like any op (``w.T``, ``w.mT``)
 _VIEWS = frozenset({"T", "mT", "H", "mH", "real", "imag"})
+
+# ops that copy their inputs along new or size-1 axes: the only ones where shared tensors alone
+# meet the samples
+_EXPANDS = frozenset({Tensor.expand, Tensor.expand_as, torch.broadcast_to, Tensor.broadcast_to,
+                      torch.broadcast_tensors, Tensor.repeat, torch.tile, Tensor.tile})
 
 # ops whose results only broadcast their inputs (``"each"``: the k-th input into the k-th result)
 _BROADCASTS = {Tensor.expand: "one", Tensor.expand_as: "one", torch.broadcast_to: "one",
