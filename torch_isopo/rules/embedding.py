@@ -201,7 +201,8 @@ class EmbeddingBagRule(Rule):
         if m.max_norm is not None:
             _renorm(layer, entry, ids)
         bag, counts = _bags(ids, offsets, m.include_last_offset)
-        scale = torch.ones(bag.numel(), device=ids.device) if psw is None else psw.reshape(-1)
+        scale = torch.ones(bag.numel(), dtype=m.weight.dtype,
+                           device=ids.device) if psw is None else psw.reshape(-1)
         if m.mode == "mean":
             if m.padding_idx is not None:
                 counts = torch.zeros_like(counts).index_add_(
