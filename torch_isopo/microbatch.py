@@ -280,16 +280,17 @@ def _check_arrived(layer, uses, arrived, autocast: bool) -> None:
     whole = [u for u in uses if isinstance(u, ExplicitUse) and u.slots is None]
     bad = len(whole) < len(uses)
     if not bad:
-        flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
-                          for g, p in zip(arrived, layer.params)]).double()
+        flat = arrived[0].reshape(-1) if len(arrived) == 1 else torch.cat(
+            [(torch.zeros_like(p) if g is None else g).reshape(-1)
+             for g, p in zip(arrived, layer.params)])
         if whole:
             G = whole[0].G if len(whole) == 1 else sum(u.G for u in whole)
             # rounding scales with the terms summed, not with their sum: per-sample gradients
             # that cancel (a Gaussian's log_std at its fit) leave a small sum with their rounding
-            sums = torch.stack([G.sum(0), G.abs().sum(0)]).double()
-            sums[0] -= flat.to(sums.device)
+            sums = torch.stack([G.sum(0, dtype=torch.float64) - flat.to(G.device, torch.float64),
+                                G.abs().sum(0, dtype=torch.float64)])
         else:                            # nothing to account for what arrived
-            sums = torch.stack([flat, flat])
+            sums = flat.double().expand(2, -1)
         err, scale = torch.linalg.vector_norm(sums, dim=1).tolist()
         tol = 2e-2 if autocast else 64 * torch.finfo(
             next(g for g in arrived if g is not None).dtype).eps
