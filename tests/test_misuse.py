@@ -393,3 +393,56 @@ def test_step_inside_the_block(data):
     (m1, o1), (m2, o2) = runs
     assert o1._m == o2._m and o1._m
     assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
+
+
+def test_parameter_of_the_optimizer_outside_the_model(data):
+    """A ``log_std`` kept beside the model, in the optimizer: its loss inside a microbatch is
+    refused (its gradient would be plain autograd's, without advantages); trained outside any
+    block (a critic's own loss) it is plain autograd; added later with ``add_param_group`` it
+    is guarded too."""
+    model, X, A = data
+    log_std, extra = nn.Parameter(torch.zeros(4, dtype=X.dtype)), nn.Parameter(torch.ones(1, dtype=X.dtype))
+    opt = ISOPO(model, torch.optim.SGD([*model.parameters(), log_std], lr=0.1))
+    hooks = _hooks(model)
+    for p, losses in ((log_std, lambda: (model(X) * log_std.exp()).sum(1)),
+                      (extra, lambda: _losses(model, X) * extra)):
+        if p is extra:
+            opt.add_param_group({"params": [extra]})
+        with pytest.raises(RuntimeError, match=r"not a trainable parameter of the model ISOPO "
+                                               r"was built on.*whole agent"):
+            with opt.microbatch(A):
+                losses().sum().backward()
+        assert p.grad is None
+        opt.zero_grad()
+        losses().sum().backward()                       # outside a block: plain autograd
+        assert p.grad is not None
+        opt.zero_grad()
+    _assert_clean(model, opt, hooks)
+
+
+@pytest.mark.parametrize("change", ["unfreeze", "freeze"])
+def test_trainable_parameters_changed_after_building_are_refused(data, change):
+    """Layers and their parameters are found when ISOPO is built: a parameter frozen or
+    unfrozen later is refused at the next block (unfrozen it would get plain autograd's
+    gradient; frozen it would still enter ``K``), before anything runs; rebuilt, it is exact."""
+    model, X, A = data
+    if change == "unfreeze":
+        model.a.bias.requires_grad_(False)
+    m, opt, hooks = _make(model)
+    m.a.bias.requires_grad_(change == "unfreeze")
+    with pytest.raises(ValueError, match=r"parameter 'a\.bias' was (trainable|frozen) when ISOPO "
+                                         r"was built.*opt\.detach\(\); opt = ISOPO"):
+        with opt.microbatch(A):
+            raise AssertionError("the block must not start")
+    assert all(p.grad is None for p in m.parameters())
+    _assert_clean(m, opt, hooks)
+    opt.detach()
+    opt = ISOPO(m, opt.optimizer, damping=0.5, ema=None)
+    with opt.microbatch(A):
+        _losses(m, X).sum().backward()
+    ref = copy.deepcopy(m)
+    want, _ = reference_gradients(ref, lambda: _losses(ref, X), A, "ntk", 0.5)
+    for p, q in zip(m.parameters(), ref.parameters()):
+        assert (p.grad is None) == (not q.requires_grad)
+        if q.requires_grad:
+            assert float((p.grad - want[q]).norm() / want[q].norm()) < 1e-10

@@ -100,6 +100,33 @@ class ISOPO(torch.optim.Optimizer):
         self._last_figures: dict[str, list] = {}       # the last step's, for diagnostics
         self._diagnostics: dict[str, dict[str, float]] | None = None
         self._undo = attach(model, self.layers, self._attachment, self._ledger)
+        # which parameters train is fixed with the layers: checked at every microbatch
+        self._trainable = [(name, p, p.requires_grad) for name, p in model.named_parameters()]
+        self._guard_strays(optimizer.param_groups)
+
+    def _guard_strays(self, groups) -> None:
+        """Trainable parameters of the inner optimizer that no layer holds (a ``log_std`` kept
+        beside the model, ISOPO built on a submodule): a gradient they receive inside a
+        microbatch would be plain autograd's, without advantages, so it is refused."""
+        owned = {id(p) for layer in self.layers for p in layer.params}
+        for i, group in enumerate(groups):
+            for p in group["params"]:
+                if id(p) not in owned and p.requires_grad:
+                    owned.add(id(p))
+                    self._undo.append(("hook", p.register_hook(self._stray(i, p)), None))
+
+    def _stray(self, group: int, p: Tensor):
+        def check(grad):
+            if self._attachment.active is not None:
+                raise RuntimeError(
+                    f"ISOPO: a parameter of shape {tuple(p.shape)} in the optimizer's param group "
+                    f"{group} is not a trainable parameter of the model ISOPO was built on, and it "
+                    "received a gradient inside a microbatch, which ISOPO cannot attribute to "
+                    "samples. Build ISOPO on the module that holds all the parameters the loss "
+                    "trains (the whole agent), or compute that parameter's loss outside the "
+                    "microbatch block")
+            return None
+        return check
 
     @classmethod
     def factory(cls, model: nn.Module, optimizer_cls, **isopo_kwargs) -> type:
@@ -158,6 +185,8 @@ class ISOPO(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         self.optimizer.add_param_group(param_group)
+        if getattr(self, "_undo", None):         # not while Optimizer.__init__ sets up
+            self._guard_strays(self.optimizer.param_groups[-1:])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients and forget the statistics of the microbatches that made them (a
@@ -187,6 +216,14 @@ class ISOPO(torch.optim.Optimizer):
             raise RuntimeError("ISOPO microbatch contexts cannot be nested")
         if not self._undo:
             raise RuntimeError("this ISOPO optimizer was detached from its model")
+        for name, p, trainable in self._trainable:
+            if p.requires_grad != trainable:
+                raise ValueError(
+                    f"ISOPO: parameter '{name}' was {'trainable' if trainable else 'frozen'} when "
+                    f"ISOPO was built and is {'frozen' if trainable else 'trainable'} now: ISOPO "
+                    "finds the layers and the parameters they train once, when it is built. "
+                    "Build it again after changing which parameters train: opt.detach(); "
+                    "opt = ISOPO(model, opt.optimizer, ...)")
         A = check_advantages(advantages)
         seg = check_segments(segments, A.numel())
         if sample_dim not in (0, 1):
