@@ -443,6 +443,48 @@ def test_parametrized_weights(kind, conv, setting):
                  rules=["conv" if conv else "linear", "linear"])
 
 
+class RunningCentre(nn.Module):
+    """A module of its own parameters (generic rule) that updates a running mean of its inputs
+    in its forward and uses the updated one: the recompute must start from the buffer the
+    forward started from."""
+
+    def __init__(self):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(3, 3) * 0.5)
+        self.register_buffer("mean", torch.randn(3))
+
+    def forward(self, x):
+        if self.training:
+            with torch.no_grad():
+                self.mean.mul_(0.5).add_(0.5 * x.mean(0))
+        return (x - self.mean) @ self.W.T
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("kind", ["running-mean", "spectral-norm-embedding"])
+def test_generic_module_moving_its_buffers(kind, setting):
+    """Buffers a generic module's forward moves (a running mean; spectral norm's power iteration
+    on an ``nn.Embedding``, away from its fixed point): exact gradients, and the buffers end
+    where one plain forward leaves them."""
+    import warnings
+    torch.manual_seed(0)
+    if kind == "running-mean":
+        body, x = RunningCentre(), torch.randn(5, 3, dtype=D)
+    else:
+        body = torch.nn.utils.parametrizations.spectral_norm(nn.Embedding(7, 3))
+        with torch.no_grad():               # the power iteration far from converged
+            body.parametrizations.weight.original.mul_(torch.randn(7, 3))
+        x = torch.randint(0, 7, (5,))
+    model = nn.Sequential(body, nn.Tanh(), nn.Linear(3, 4)).to(D)
+    plain = copy.deepcopy(model)
+    plain(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m, _ = check_family(model, lambda m: _logp(m(x)), 5, *setting, rules=["generic", "linear"])
+    for (k, want), got in zip(plain.state_dict().items(), m.state_dict().values()):
+        assert torch.equal(want, got), k
+
+
 def test_hook_based_weight_norm_is_refused():
     import warnings
     with warnings.catch_warnings():

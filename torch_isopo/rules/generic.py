@@ -99,8 +99,12 @@ class RecomputeFn(Function):
         ctx.cuda_rng = (torch.cuda.get_rng_state(dev) if ctx.rng is not None and dev.type == "cuda"
                         else None)
         ctx.device = dev
+        before = [(b, b.clone()) for b in use.entry.module.buffers()]
         with torch.no_grad():
             out = use.call(inputs, params)
+        # buffers the forward moved (running statistics, power iterations): the recompute
+        # starts from where this forward started
+        ctx.buffers = [(b, v) for b, v in before if not torch.equal(b, v)]
         leaves, spec = _compat.tree_flatten(out)
         use.set_outputs(leaves, spec, lambda: _from_samples(use, ctx, inputs, params))
         tensors = tuple(t for t in leaves if isinstance(t, Tensor))
@@ -118,6 +122,7 @@ class RecomputeFn(Function):
         xs = [a.detach().requires_grad_(need) for a, need in zip(flat[:n], needs)]
         ps = [p.detach().requires_grad_() for p in flat[n:]]
         buffers = [(b, b.clone()) for b in use.entry.module.buffers()]
+        _restore(ctx.buffers)
         with _replayed(ctx):
             outs = [t for t in _compat.tree_flatten(use.call(xs, ps))[0] if isinstance(t, Tensor)]
         pairs = [(o, g, m) for o, g, m in zip(outs, douts, use.out_maps)
@@ -178,8 +183,9 @@ def _from_samples(use, ctx, inputs, params) -> bool:
 
 
 def _restore(buffers) -> None:
-    """Put back buffers the recompute moved (running statistics, power iterations): the module
-    ran once, in the forward, as a plain forward runs it."""
+    """Set buffers to saved values: before a recompute, those the forward started from; after
+    it, those the forward left (running statistics, power iterations), so the module ran once,
+    in the forward, as a plain forward runs it."""
     with torch.no_grad():
         for b, v in buffers:
             if not torch.equal(b, v):
