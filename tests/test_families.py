@@ -1021,7 +1021,7 @@ class Covariance(nn.Module):
         super().__init__()
         self.kind, self.mu = kind, nn.Linear(3, 3)
         self.W = nn.Parameter(0.5 * torch.randn(3, 3 if kind in ("full", "tril") else 2))
-        self.v = nn.Parameter(0.3 * torch.randn(3))
+        self.v = nn.Parameter(0.3 * torch.randn(3 if kind != "written" else 6))
 
     def forward(self, x, a):
         mu = self.mu(x)
@@ -1031,6 +1031,10 @@ class Covariance(nn.Module):
             dist = MultivariateNormal(mu, covariance_matrix=self.W @ self.W.T + torch.eye(3, dtype=mu.dtype))
         elif self.kind == "tril":
             dist = MultivariateNormal(mu, scale_tril=torch.tril(self.W, -1) + torch.diag_embed(F.softplus(self.v)))
+        elif self.kind == "written":            # entries written in place into a zero table
+            L = torch.zeros(3, 3, dtype=mu.dtype)
+            L[tuple(torch.tril_indices(3, 3))] = self.v
+            dist = MultivariateNormal(mu, scale_tril=L + torch.eye(3, dtype=mu.dtype))
         else:
             dist = MultivariateNormal(mu, covariance_matrix=torch.diag(self.v.exp()))
         return -dist.log_prob(a)
@@ -1057,7 +1061,7 @@ class Transposed(nn.Module):
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
 @pytest.mark.parametrize("n", [2, 3], ids=["n=2", "n=3=d"])
-@pytest.mark.parametrize("kind", ["low-rank", "full", "tril", "diag"])
+@pytest.mark.parametrize("kind", ["low-rank", "full", "tril", "written", "diag"])
 def test_free_parameters_made_into_tables(kind, n, setting):
     torch.manual_seed(0)
     x, a = torch.randn(n, 3, dtype=D), torch.randn(n, 3, dtype=D)
@@ -1172,6 +1176,46 @@ def test_free_parameter_meeting_the_samples_in_place_is_refused():
     assert all(p.grad is None for p in model.parameters())
     for setting in SETTINGS:
         check_family(model, lambda m: m(X3, False), 6, *setting)
+
+
+class ClassTokenWritten(nn.Module):
+    """A class token written into a zero buffer of the batch's shape, before or after the
+    tokens (``t[:, 0] = cls``), or concatenated out of place."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.emb, self.head, self.how = nn.Linear(2, 4), nn.Linear(4, 2), how
+        self.cls = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        n, T, _ = x.shape
+        if self.how == "cat":
+            t = torch.cat([self.cls.expand(n, 1, -1), self.emb(x)], 1)
+        else:
+            t = torch.zeros(n, T + 1, 4, dtype=x.dtype)
+            if self.how == "tokens-first":
+                t[:, 1:] = self.emb(x)
+            t[:, 0] = self.cls
+            if self.how == "token-first":
+                t[:, 1:] = self.emb(x)
+        return _logp(self.head(torch.tanh(t).mean(1)))
+
+
+@pytest.mark.parametrize("how", ["tokens-first", "token-first"])
+def test_free_parameter_written_in_place_into_the_batch_is_refused(how):
+    """``t[:, 0] = cls`` into a tensor that holds (or will hold) the samples' rows meets them in
+    a tensor it overwrites: refused at the forward, before or after the tokens are written, with
+    the out-of-place fix (``torch.cat``), which is exact."""
+    torch.manual_seed(0)
+    model, x = ClassTokenWritten(how).to(D), torch.randn(5, 3, 2, dtype=D)
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match=r"in-place op __setitem__ .*torch\.cat\(\[cls"):
+        with opt.microbatch(torch.randn(5)):
+            model(x).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    model.how = "cat"
+    for setting in SETTINGS:
+        check_family(model, lambda m: m(x), 5, *setting)
 
 
 @pytest.mark.parametrize("seed", range(5))

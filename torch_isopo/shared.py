@@ -53,6 +53,10 @@ class _ByIdentity:
     def __setitem__(self, t, value) -> None:
         self.items[id(t)] = (weakref.ref(t), value)
 
+    def discard(self, t) -> None:
+        if t in self:
+            del self.items[id(t)]
+
 
 class Tracker(TorchFunctionMode):
     """Follows the free parameters of ``layers`` through one microbatch's forward."""
@@ -102,7 +106,8 @@ class Tracker(TorchFunctionMode):
         args, kwargs, reads = self._gated(mb, args, kwargs, hits)
         self.paused += 1
         try:
-            out = func(*args, **kwargs)
+            result = func(*args, **kwargs)
+            out = args[0] if func is Tensor.__setitem__ else result    # what the op wrote
             data = len(hits) < len(inputs) or any(t in self.mixed for t in hits)
             inputs = _tensors(args, kwargs)
             if reads and meets_samples(mb, func, out, inputs, data):
@@ -111,7 +116,8 @@ class Tracker(TorchFunctionMode):
                         f"ISOPO: the in-place op {getattr(func, '__name__', func)} meets free "
                         "parameters with the samples in a tensor it overwrites, whose history "
                         "ISOPO cannot take over; write it out of place (h = h * p, not "
-                        "h.mul_(p))")
+                        "h.mul_(p); torch.cat([cls.expand(n, 1, -1), x], 1), not "
+                        "t[:, 0] = cls)")
                 sources = list({id(t): t for t in inputs            # each tensor once
                                 if t in self.shared and self.shared[t]}.values())
                 kind = None if kwargs.get("alpha") is not None else _BROADCASTS.get(func)
@@ -124,12 +130,15 @@ class Tracker(TorchFunctionMode):
         finally:
             self.paused -= 1
         if data and not reads:
-            return out
+            if _in_place(func):                 # a constant written with data holds data now
+                for t in _out_tensors(out):
+                    self.shared.discard(t)
+            return result
         self._mark(out, reads)
         if data:
             for t in _out_tensors(out):
                 self.mixed[t] = True
-        return out
+        return result
 
     def _gated(self, mb, args, kwargs, hits):
         """Free parameters replaced by their gated tensors; the free layers the op reads."""
@@ -199,9 +208,9 @@ def _tensors(args, kwargs) -> list[Tensor]:
 
 
 def _in_place(func) -> bool:
-    """``mul_``, ``add_``, ``h *= p`` (``__imul__``): ops that overwrite an input."""
+    """``mul_``, ``add_``, ``h *= p`` (``__imul__``), ``t[i] = v``: ops that overwrite an input."""
     name = getattr(func, "__name__", "")
-    return name.startswith("__i") and name.endswith("__") or (
+    return name == "__setitem__" or name.startswith("__i") and name.endswith("__") or (
         name.endswith("_") and not name.startswith("__"))
 
 
