@@ -446,3 +446,24 @@ def test_trainable_parameters_changed_after_building_are_refused(data, change):
         assert (p.grad is None) == (not q.requires_grad)
         if q.requires_grad:
             assert float((p.grad - want[q]).norm() / want[q].norm()) < 1e-10
+
+
+def test_refused_backward_leaves_no_statistics(data):
+    """A backward refused in the block (an L2 penalty on a weight used directly) adds nothing to
+    the step's statistics: after it, a clean microbatch and ``step()`` fold exactly the
+    statistics a fresh optimizer folds (``ema``), one microbatch per layer."""
+    model, X, A = data
+    m, opt, hooks = _make(model, ema=0.9)
+    twin, twin_opt, _ = _make(model, ema=0.9)
+    with pytest.raises(RuntimeError, match="did not come from its module's forward"):
+        with opt.microbatch(A):
+            (_losses(m, X).sum() + (m.a.weight ** 2).sum()).backward()
+    for p in m.parameters():
+        p.grad = None                      # the partial gradients, as after a failed autograd call
+    for mm, o in ((m, opt), (twin, twin_opt)):
+        with o.microbatch(A):
+            _losses(mm, X).sum().backward()
+        o.step()
+    assert opt._m == twin_opt._m and len(opt._m) == len(opt.layers)
+    assert all(d["microbatches"] == 1 for d in opt.diagnostics.values())
+    _assert_clean(m, opt, hooks)

@@ -98,7 +98,7 @@ def finish_records(records: list[LayerRecord], arrived: list[tuple]) -> list[tup
                         for g, q in zip(grads, r.params))
         mb.ledger.record(r.params, outs[k])
         if cfg.mode != "reinforce":   # tensors, read at step() and when logged
-            mb.figures.setdefault(r.layer.name, []).append((coef.layer(j), A, S))
+            mb.add_figures(r.layer.name, (coef.layer(j), A, S))
     return outs
 
 
@@ -127,11 +127,22 @@ class Microbatch:
         self._explicit = None        # the first input with a sample axis (its description)
         self._pending: list = []     # inputs without one, their history not yet needed
         self._advantages: dict[str, tuple] = {}
+        self._figures: list | None = []   # made while the block is open, kept if it ends well
 
-    def close(self) -> None:
+    def add_figures(self, name: str, figures: tuple) -> None:
+        if self._figures is None:         # a backward after the block (its graph kept)
+            self.figures.setdefault(name, []).append(figures)
+        else:
+            self._figures.append((name, figures))
+
+    def close(self, failed: bool = False) -> None:
         """The block has ended: only the graph keeps the gates alive. A forward run for this
         microbatch later (a checkpoint recompute) gets gates of its own, kept by nothing here,
-        so no reference cycle outlives the graph."""
+        so no reference cycle outlives the graph. The statistics of a block that ended in an
+        error (a refused backward) do not enter the step's."""
+        for name, figures in [] if failed else self._figures:
+            self.figures.setdefault(name, []).append(figures)
+        self._figures = None
         self._gates = None
         self._pending = []
         self._regions = {}

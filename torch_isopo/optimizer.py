@@ -239,13 +239,15 @@ class ISOPO(torch.optim.Optimizer):
             mb.tracker = Tracker(self._attachment, free, constants(self._modules_list))
         self._attachment.active = mb
         self._attachment.graphs.add(mb)
+        failed = True
         try:
             with _tracking(mb.tracker):
                 yield self
+            failed = False
         finally:
             self._attachment.active = None
             self._ledger.clear()
-            mb.close()
+            mb.close(failed)
 
     def _settings(self) -> Settings:
         seed = 0
