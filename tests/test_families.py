@@ -405,6 +405,20 @@ def test_steps_of_one_sequence_in_different_samples_are_refused():
             model(x, n, hx).sum().backward()
 
 
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("channels", [1, 2])
+def test_convolution_in_a_time_major_microbatch(channels, setting):
+    """``sample_dim=1`` names dim 1 of ≥3-D inputs the sample axis; a convolution and a channel
+    norm take their batch axis at dim 0 all the same (their channel axis, of size 1 here, was
+    expanded to the samples)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(channels, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(16, 3)).to(D)
+    x = torch.randn(5, channels, 4, 4, dtype=D)
+    check_family(model, lambda m: _logp(m(x)), 5, *setting, sample_dim=1,
+                 rules=["conv", "channel_norm", "linear"])
+
+
 # -- parametrizations ---------------------------------------------------------------------------
 class Doubled(nn.Module):
     """A user parametrization."""

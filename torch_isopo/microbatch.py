@@ -218,8 +218,11 @@ class Microbatch:
             self._advantages[key] = (A.to(device), back, self._loss_scale())
         return self._advantages[key]
 
-    def expand_shared(self, t: Tensor, features: bool) -> Tensor:
-        return expand_shared(t, self.n, self.segments, self.sample_dim, t.dim() - int(features))
+    def expand_shared(self, t: Tensor, features: bool, axis: int | None = None) -> Tensor:
+        """``t`` expanded to ``n`` along the sample axis where it has size 1 there (``axis``: a
+        layer's own batch axis, as a convolution's, whatever ``sample_dim`` says)."""
+        return expand_shared(t, self.n, self.segments, self.sample_dim if axis is None else axis,
+                             t.dim() - int(features))
 
     def unbatched(self, x: Tensor, name: str) -> Tensor:
         """An unbatched input ``(C, *spatial)`` as a batch of one: the one sample's (or the

@@ -123,9 +123,10 @@ def _expand_shared(args, rule, n, segments, sample_dim):
         return args
     x = args[0]
     rows = x.dim() if rule == "embedding" else x.dim() - 1
-    if rows >= 2 and x.shape[sample_dim] == 1:
+    axis = 0 if rule in ("conv", "channel_norm") else sample_dim    # channels-first: batch first
+    if rows >= 2 and x.shape[axis] == 1:
         shape = list(x.shape)
-        shape[sample_dim] = n
+        shape[axis] = n
         return (x.expand(shape), *args[1:])
     return args
 

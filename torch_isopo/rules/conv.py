@@ -141,7 +141,7 @@ class ConvRule(Rule):
         d = len(m.kernel_size)
         x = only_input(entry, args, kwargs)
         unbatched = x.dim() == d + 1
-        x = mb.unbatched(x, entry.name) if unbatched else mb.expand_shared(x, features=True)
+        x = mb.unbatched(x, entry.name) if unbatched else mb.expand_shared(x, features=True, axis=0)
         pads = _pads(m, d, m.kernel_size)
         if any(p for pair in pads for p in pair):
             flat = [p for pair in reversed(pads) for p in pair]

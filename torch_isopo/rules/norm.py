@@ -134,7 +134,7 @@ class ChannelNormRule(Rule):
             refuse_batch_statistics(entry.name, m)
         x = only_input(entry, args, kwargs)
         unbatched = any(isinstance(m, t) and x.dim() == r for t, r in _UNBATCHED.items())
-        x = mb.unbatched(x, entry.name) if unbatched else mb.expand_shared(x, features=True)
+        x = mb.unbatched(x, entry.name) if unbatched else mb.expand_shared(x, features=True, axis=0)
         record, gated = mb.gate(layer)
         own = dict(m.named_parameters(recurse=False))
         with _set(m, {a: None if own.get(a) is None else _unit(a, own[a])
