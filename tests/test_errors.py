@@ -44,6 +44,9 @@ def mlp():
     (torch.tensor([1.0, float("nan"), 0.0, 1.0]), "finite"),
     (torch.tensor([1.0, float("inf"), 0.0, 1.0]), "finite"),
     (torch.tensor([1 + 1j, 0, 0, 0]), "real"),
+    (None, "sequence of real numbers, got NoneType"),
+    ("1234", "sequence of real numbers, got str"),
+    (torch.randn(4, device="meta"), "meta device"),
 ])
 def test_bad_advantages(mlp, adv, match):
     model, opt, X = mlp

@@ -337,7 +337,13 @@ def unit_advantages(A: Tensor) -> tuple[Tensor, float]:
 
 
 def check_advantages(advantages) -> Tensor:
-    A = torch.as_tensor(advantages)
+    try:
+        A = torch.as_tensor(advantages)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError("advantages must be a 1-D tensor, array or sequence of real numbers, got "
+                        f"{type(advantages).__name__}") from None
+    if A.is_meta:
+        raise ValueError("advantages must hold values: got a tensor on the meta device")
     if A.dim() != 1 or A.numel() == 0:
         raise ValueError(f"advantages must be a 1-D tensor with one value per sample, got shape "
                          f"{tuple(A.shape)}")
