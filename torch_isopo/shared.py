@@ -9,11 +9,12 @@ by a forward ISOPO could patch. While a microbatch is open a ``TorchFunctionMode
 * an op that reads a free parameter (through shared tensors) and whose results have the sample
   layout (``n`` along the sample axis), with the samples coming from data among its inputs or from
   an op that broadcasts the shared ones along that axis (``expand``, ``repeat``), is where the
-  parameter *meets* the samples. A result of data and shared tensors without the sample layout
-  (``W @ h.T``, a distribution's ``(d, n)`` intermediate) carries the data on: the samples are met
-  where an op puts them back on the sample axis. Its results pass
-  through ``Meet``, whose backward takes each sample's vector-Jacobian product back to the
-  parameter through the forward's own graph (vectorised over samples): the parameter's ``G_i``.
+  parameter *meets* the samples. Its results pass through ``Meet``, whose backward takes each
+  sample's vector-Jacobian product back to the parameter through the forward's own graph
+  (vectorised over samples, stopping at other meetings): the parameter's ``G_i``;
+* a result of data and shared tensors without the sample layout (``W @ h.T``, a distribution's
+  ``(d, n)`` intermediate) carries the data on: the samples are met where an op puts them back
+  on the sample axis.
 
 The layer's gate then checks that the gradient autograd delivers equals ``Σ_i G_i``: a path from
 a free parameter to the loss that never met the samples is an error, never a silent gradient.
