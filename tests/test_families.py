@@ -1073,6 +1073,47 @@ class Transposed(nn.Module):
         return _logp(self.head(z)) + s ** 2 + (z[:, :2] @ torch.stack(list(self.rows)).T).sum(1)
 
 
+class CovarianceStack(nn.Module):
+    """``k`` Gaussian action heads, each with a learned ``scale_tril`` (a free ``(k, d, d)``
+    stack), optionally broadcast along the sample axis first."""
+
+    def __init__(self, k, expand):
+        super().__init__()
+        self.k, self.expand = k, expand
+        self.body = nn.Linear(3, k * 2)
+        self.W = nn.Parameter(0.3 * torch.randn(k, 2, 2))
+
+    def forward(self, x, a):
+        n = x.shape[0]
+        L = torch.tril(self.W, -1) + torch.diag_embed(self.W.diagonal(dim1=-2, dim2=-1).exp())
+        if self.expand:
+            L = L.expand(n, *L.shape)
+        dist = MultivariateNormal(self.body(x).view(n, self.k, 2), scale_tril=L)
+        return -dist.log_prob(a).sum(-1)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("k, expand", [(2, False), (3, True)], ids=["k=2", "k=3=n-expanded"])
+def test_free_parameter_stack_per_head(k, expand, setting):
+    torch.manual_seed(0)
+    x, a = torch.randn(3, 3, dtype=D), torch.randn(3, k, 2, dtype=D)
+    check_family(CovarianceStack(k, expand).to(D), lambda m: m(x, a), 3, *setting)
+
+
+def test_free_parameter_stack_with_as_many_entries_as_samples_is_refused():
+    """``log_prob`` solves the ``(k, d, d)`` stack against data it moved to ``(k, d, n)``: with
+    ``k == n`` the heads look like samples (it was a wrong gradient). Refused, with the
+    broadcast that is exact (above)."""
+    torch.manual_seed(0)
+    model = CovarianceStack(3, False)
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match=r"shape \(3, 2, 2\) .*scale_tril per head.*"
+                                         r"L\.expand\(n, \*L\.shape\)"):
+        with opt.microbatch(torch.randn(3)):
+            model(torch.randn(3, 3), torch.randn(3, 3, 2)).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+
+
 @pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
 @pytest.mark.parametrize("n", [2, 3], ids=["n=2", "n=3=d"])
 @pytest.mark.parametrize("kind", ["low-rank", "full", "tril", "written", "diag"])

@@ -135,13 +135,21 @@ class Microbatch:
         else:
             self._figures.append((name, figures))
 
+    def commit_figures(self) -> None:
+        """The statistics made so far enter the step's (at the end of the block, or at a
+        ``step()`` inside it)."""
+        for name, figures in self._figures or []:
+            self.figures.setdefault(name, []).append(figures)
+        if self._figures is not None:
+            self._figures = []
+
     def close(self, failed: bool = False) -> None:
         """The block has ended: only the graph keeps the gates alive. A forward run for this
         microbatch later (a checkpoint recompute) gets gates of its own, kept by nothing here,
         so no reference cycle outlives the graph. The statistics of a block that ended in an
         error (a refused backward) do not enter the step's."""
-        for name, figures in [] if failed else self._figures:
-            self.figures.setdefault(name, []).append(figures)
+        if not failed:
+            self.commit_figures()
         self._figures = None
         self._gates = None
         self._pending = []

@@ -197,6 +197,8 @@ class ISOPO(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """Step the inner optimizer, then fold this step's statistics into the averages."""
+        if self._attachment.active is not None:     # inside a block: its statistics count
+            self._attachment.active.commit_figures()
         loss = self.optimizer.step(closure)
         self._end_step()
         return loss

@@ -121,6 +121,8 @@ class Tracker(TorchFunctionMode):
                         "t[:, 0] = cls)")
                 sources = list({id(t): t for t in inputs            # each tensor once
                                 if t in self.shared and self.shared[t]}.values())
+                if data:
+                    _refuse_stacks(mb, func, out, sources)
                 kind = None if kwargs.get("alpha") is not None else _BROADCASTS.get(func)
                 targets = None if kind is None else [
                     0 if kind == "one" else next(i for i, t in enumerate(inputs) if t is src)
@@ -250,6 +252,33 @@ def meets_samples(mb, func, out, inputs, data: bool) -> bool:
         return False
     return data or func in _EXPANDS and all(
         _broadcast(t, o, _sample_axis(mb, o)) for t in inputs for o in outs)
+
+
+def _refuse_stacks(mb, func, out, sources) -> None:
+    """A stack of matrices read from free parameters with ``n`` entries where the result has
+    the samples (a ``scale_tril`` per head or mixture component, which
+    ``MultivariateNormal.log_prob`` solves against data it moved to ``(k, d, n)``) may be a table
+    whose ``k`` happens to equal ``n``: ISOPO cannot tell, so it refuses."""
+    if mb.segments is not None or mb.n == 1 or func in _INDEXING:
+        return
+    for o in _out_tensors(out):
+        axis = _sample_axis(mb, o)
+        for t in sources:
+            k = axis - (o.dim() - t.dim())
+            if t.dim() >= 3 and k >= 0 and t.shape[k] == mb.n:
+                raise ValueError(
+                    f"ISOPO: a tensor of shape {tuple(t.shape)} computed from free parameters "
+                    f"meets the samples in {getattr(func, '__name__', func)} with {mb.n} entries "
+                    "along the sample axis, as many as there are samples: ISOPO cannot tell a "
+                    "stack shared by all samples (a scale_tril per head or mixture component) "
+                    "from one entry per sample. Broadcast it along the sample axis first "
+                    "(L.expand(n, *L.shape)), which is exact")
+
+
+# ops that select entries of their first input by the others: its shape is not aligned with theirs
+_INDEXING = frozenset({Tensor.__getitem__, torch.index_select, Tensor.index_select, torch.gather,
+                       Tensor.gather, torch.take_along_dim, Tensor.take_along_dim,
+                       torch.nn.functional.embedding})
 
 
 def _broadcast(t: Tensor, o: Tensor, axis: int) -> bool:
