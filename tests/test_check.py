@@ -142,7 +142,6 @@ MIXED = {
     "batch mean in a generic module": (
         lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), Centre(), nn.Linear(4, 3)),
         lambda m: -logp0(m(X)), "0", "linear"),
-    "table across the samples": (TableAcross, lambda m: -m(X), "TableAcross", "parameter"),
 }
 
 
@@ -165,6 +164,25 @@ def test_names_the_layer_whose_samples_are_mixed(name):
     row = next(row for row in result.layers if row.name == layer)
     assert all(e > 1e-2 for e in row.errors.values())
     assert f"{row.errors['reinforce']:.1e} !" in str(result)
+
+
+@pytest.mark.parametrize("rows", [N, N + 1], ids=["n rows", "n+1 rows"])
+def test_table_across_the_samples(rows):
+    """A free table broadcast against the samples along a new leading axis: with ``n`` rows its
+    rows would look like samples, and ISOPO refuses it at the forward (``check`` says so); with
+    any other count the samples are met where ``mean(0)`` puts them back on dim 0: exact."""
+    torch.manual_seed(0)
+    model = TableAcross(rows)
+    if rows != N:
+        assert check(model, lambda m: -m(X)).ok
+        return
+    opt = torch_isopo.ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match=r"shape \(6, 1, 4\) computed from free parameters"):
+        with opt.microbatch(torch.randn(N)):
+            (-model(X)).sum().backward()
+    opt.detach()
+    with pytest.raises(CheckError, match=r"ISOPO refused the model .*shape \(6, 1, 4\)"):
+        check(model, lambda m: -m(X))
 
 
 def test_wrong_segments_are_caught():

@@ -122,7 +122,7 @@ class Tracker(TorchFunctionMode):
                 sources = list({id(t): t for t in inputs            # each tensor once
                                 if t in self.shared and self.shared[t]}.values())
                 if data:
-                    _refuse_stacks(mb, func, out, sources)
+                    _refuse_stacks(mb, func, out, [t for t in sources if t not in self.mixed])
                 kind = None if kwargs.get("alpha") is not None else _BROADCASTS.get(func)
                 targets = None if kind is None else [
                     0 if kind == "one" else next(i for i, t in enumerate(inputs) if t is src)
