@@ -92,8 +92,8 @@ def finish_records(records: list[LayerRecord], arrived: list[tuple]) -> list[tup
     cs = coef.c.to(ref.device, ref.dtype) if ref.dtype in (torch.float32, torch.float64) \
         else coef.c
     for j, ((k, r, _), p) in enumerate(zip(live, preps)):
-        same = p.ref.dtype == cs.dtype and p.ref.device == cs.device
-        grads = contract(p, cs[j] if same else coef.c[j])
+        same = p.ref.dtype == cs.dtype and p.ref.device == cs.device and p.explicit is None
+        grads = contract(p, cs[j] if same else coef.c[j])     # explicit G: c in float64
         outs[k] = tuple(None if g is None else _finished(g, q, back)
                         for g, q in zip(grads, r.params))
         mb.ledger.record(r.params, outs[k])
