@@ -20,7 +20,7 @@ from .samples import SampleMap
 from .settings import Settings
 
 
-_EXACT_ELEMS = 1 << 22   # explicit per-sample gradients up to this size: K and Σ c_i G_i in float64
+_EXACT_ELEMS = 1 << 18   # explicit per-sample gradients up to this size: K and Σ c_i G_i in float64
 
 LOW_RANK_N = 160   # from here on a layer of D < n/2 parameters is solved in D dimensions: below,
                    # one more n × n matrix in the batched solve costs less than Woodbury's own ops
