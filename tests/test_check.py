@@ -292,3 +292,28 @@ def test_sample_losses_must_be_per_sample():
         check(model, lambda m: -logp0(m(X)).sum())
     with pytest.raises(ValueError, match=r"n = 4"):
         check(model, lambda m: -logp0(m(X)), torch.randn(4))
+
+
+class ScaledInPlace(nn.Module):
+    """A tied embedding and output layer, the embedding's output scaled in place (CTRL's
+    ``inputs_embeds *= sqrt(d)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        h *= 2.0
+        logp = torch.log_softmax(self.head(torch.tanh(h)), -1)
+        return -logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1).sum(1)
+
+
+def test_brute_force_pieces_of_an_output_scaled_in_place():
+    """The brute force takes a module's Fisher pieces at the gradient of its own output, not of
+    what the model made of it in place (the tied layer's two uses were weighted wrongly)."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 10, (3, 5))
+    result = check(ScaledInPlace(), lambda m: m(ids), torch.randn(3), modes=("fisher",))
+    assert result.ok

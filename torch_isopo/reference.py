@@ -61,9 +61,10 @@ def reference_gradients(model: nn.Module, sample_losses: Callable[[], Tensor], a
 def _record_calls(layers, sample_losses, n, segments, sample_dim):
     """Run the forward, recording every layer module's call: ``(losses, {entry: [calls]})``.
 
-    The outputs the rest of the model sees are aliases of the module's own, so the gradient
-    reaching them is what flows in from outside the call (a module whose outputs feed each other,
-    such as ``LSTMCell``'s ``(h, c)``, is not counted twice)."""
+    The outputs the rest of the model sees are copies of aliases of the module's own, so the
+    gradient reaching the aliases is what flows in from outside the call (a module whose outputs
+    feed each other, such as ``LSTMCell``'s ``(h, c)``, is not counted twice), also when the model
+    scales them in place."""
     calls: dict[int, list] = {}
     handles = []
     for layer in layers:
@@ -76,7 +77,7 @@ def _record_calls(layers, sample_losses, n, segments, sample_dim):
             def post(mod, args, kwargs, out, e=e):
                 alias = _alias(out)
                 calls[id(e)][-1][2] = alias
-                return alias
+                return _copied(alias)
             handles.append(e.module.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(e.module.register_forward_hook(post, with_kwargs=True))
     try:
@@ -91,6 +92,16 @@ def _alias(out):
         return out.view_as(out) if out.requires_grad else out
     if isinstance(out, tuple) and not hasattr(out, "_fields"):
         return tuple(_alias(o) for o in out)
+    return out
+
+
+def _copied(out):
+    """What the rest of the model gets: a copy of the alias, which an in-place op there (CTRL's
+    ``inputs_embeds *= sqrt(d)``) changes without changing the alias the pieces are taken at."""
+    if isinstance(out, Tensor):
+        return out.clone() if out.requires_grad else out
+    if isinstance(out, tuple) and not hasattr(out, "_fields"):
+        return tuple(_copied(o) for o in out)
     return out
 
 
