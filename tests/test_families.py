@@ -1131,6 +1131,28 @@ def test_free_parameters_in_a_transposed_layout(n, setting):
     check_family(Transposed().to(D), lambda m: m(x), n, *setting)
 
 
+class TransposedBetween(nn.Module):
+    """A linear layer used before and after a free matrix applied in a transposed layout: the
+    meeting's VJP back to ``W`` crosses the layer's first use (an attention sink between a
+    tied embedding and output layer, as in GPT-OSS)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.W = nn.Linear(4, 4), nn.Parameter(0.5 * torch.randn(4, 4))
+
+    def forward(self, x):
+        z = (self.W @ torch.tanh(self.lin(x)).T).T
+        return _logp(self.lin(torch.tanh(z)))
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("gates", ["model", "layer"])
+def test_free_parameter_meeting_between_two_uses_of_a_layer(gates, setting):
+    torch.manual_seed(0)
+    x = torch.randn(5, 4, dtype=D)
+    check_family(TransposedBetween().to(D), lambda m: m(x), 5, *setting, gates=gates)
+
+
 def test_free_parameters_with_the_samples_off_the_sample_axis_into_a_module_are_refused():
     """``W @ h.T`` holds the samples along dim 1: as a module's input its rows are not samples."""
     model = Transposed()

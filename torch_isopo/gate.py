@@ -9,6 +9,8 @@ scalers, DDP and FSDP all see it. Nothing here keeps state outside the graph.
 from __future__ import annotations
 
 import collections
+import contextlib
+import threading
 
 from torch.autograd import Function
 
@@ -16,6 +18,24 @@ from . import _compat
 
 
 _OWN_NODES: set[type] = set()
+
+# vector-Jacobian products a free parameter's meeting runs inside the backward (``shared.Meet``),
+# on this thread: the layers' backwards they cross record nothing, and another meeting they cross
+# stops them (what lies behind it is its own, recorded when the backward reaches it)
+_vjp = threading.local()
+
+
+def in_meeting_vjp() -> bool:
+    return getattr(_vjp, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def meeting_vjp():
+    _vjp.depth = getattr(_vjp, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _vjp.depth -= 1
 
 
 def own_op(fn: type[Function]) -> type[Function]:

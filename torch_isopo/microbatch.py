@@ -13,7 +13,7 @@ from torch import Tensor
 from . import _compat
 from .finish import ExplicitUse, coefficients, contract, prepare
 from .settings import Settings
-from .gate import Gate, descends_from_use
+from .gate import Gate, descends_from_use, in_meeting_vjp
 from .layers import _is_dtensor
 from .samples import SampleMap, batch_map, expand_shared, sample_map
 
@@ -36,6 +36,8 @@ class LayerRecord:
         return self.mb.settings.mode == "fisher"
 
     def add(self, use) -> None:
+        if in_meeting_vjp():          # a free parameter's VJP ran this layer's backward again
+            return
         task = _compat.graph_task_id()
         if task != self.task:         # a new backward: drop what an interrupted one left
             self.uses, self.task = [], task

@@ -25,12 +25,11 @@ import torch
 from torch import Tensor, nn
 from torch.autograd import Function
 from torch.overrides import TorchFunctionMode
-import threading
 import weakref
 
 from . import _compat
 from .finish import ExplicitUse
-from .gate import own_node, own_op
+from .gate import in_meeting_vjp, meeting_vjp, own_node, own_op
 
 
 class _ByIdentity:
@@ -327,17 +326,14 @@ class Meet(Function):
 
     @staticmethod
     def backward(ctx, *douts):
-        if getattr(_nested, "depth", 0):     # a VJP of another meeting's crossing this one: its
+        if in_meeting_vjp():                 # another meeting's VJP crossing this one: its
             return (None,) * (len(douts) + 1)   # paths are this one's, recorded when it runs
         m = ctx.meeting
         outs = [o for o, d in zip(ctx.saved_tensors, douts) if d is not None]
         grads = [d for d in douts if d is not None]
         if len(outs) == len(douts):
-            _nested.depth = getattr(_nested, "depth", 0) + 1
-            try:
+            with meeting_vjp():
                 uses = _recorded(m, outs, grads)
-            finally:
-                _nested.depth -= 1
             for record, G in uses:
                 record.add(ExplicitUse(G, None, None))
         return (None, *douts)
@@ -359,10 +355,6 @@ def _recorded(m: "_Meeting", outs, grads) -> list[tuple]:
             per_layer[key] = (record, G if old is None else old[1] + G)
     return list(per_layer.values())
 
-
-# a meeting's VJPs in progress on this thread (``_recorded``): a path through another meeting is
-# that meeting's to record, when the backward reaches it, so a VJP stops there
-_nested = threading.local()
 
 # tensor attributes that compute a view, followed like any op (``w.T``, ``w.mT``)
 _VIEWS = frozenset({"T", "mT", "H", "mH", "real", "imag"})
