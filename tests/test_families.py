@@ -1131,6 +1131,29 @@ def test_free_parameters_in_a_transposed_layout(n, setting):
     check_family(Transposed().to(D), lambda m: m(x), n, *setting)
 
 
+class Float32Scale(nn.Module):
+    """DiffLlama's learned scale: ``exp(Σ lq·lk)`` summed in float32 in a float64 model, and
+    applied to a difference of two layers' outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+        self.lq, self.lk = nn.Parameter(0.3 * torch.randn(4)), nn.Parameter(0.3 * torch.randn(4))
+
+    def forward(self, x):
+        lam = torch.exp(torch.sum(self.lq * self.lk, dim=-1, dtype=torch.float32)).to(x.dtype)
+        return _logp(self.head(self.a(x) - lam * self.b(x)))
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+def test_free_parameter_through_a_float32_op_in_a_float64_model(setting):
+    """The gate's check of what arrives allows the rounding of the coarsest dtype on the free
+    parameters' path (it refused this as 'never meet the samples')."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 4, dtype=D)
+    check_family(Float32Scale().to(D), lambda m: m(x), 5, *setting, tol=1e-5)
+
+
 class TransposedBetween(nn.Module):
     """A linear layer used before and after a free matrix applied in a transposed layout: the
     meeting's VJP back to ``W`` crosses the layer's first use (an attention sink between a

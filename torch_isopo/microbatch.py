@@ -27,6 +27,7 @@ class LayerRecord:
         self.layer, self.mb, self.n = layer, mb, mb.n
         self.params = params          # the parameter tensors the gate received
         self.autocast = torch.is_autocast_enabled(params[0].device.type)
+        self.eps = 0.0                # the coarsest rounding of a free parameter's ops (tracker)
         self.uses: list = []
         self.task = None              # the backward (autograd graph task) the uses came from
 
@@ -76,7 +77,7 @@ def finish_records(records: list[LayerRecord], arrived: list[tuple]) -> list[tup
     live = []
     for k, (r, got) in enumerate(zip(records, arrived)):
         uses = r.take()
-        _check_arrived(r.layer, uses, got, r.autocast)
+        _check_arrived(r.layer, uses, got, r.autocast, r.eps)
         if uses:
             live.append((k, r, uses))
     if not live:
@@ -296,7 +297,7 @@ class Microbatch:
         return self._maps[key]
 
 
-def _check_arrived(layer, uses, arrived, autocast: bool) -> None:
+def _check_arrived(layer, uses, arrived, autocast: bool, eps: float = 0.0) -> None:
     """A gradient that reached the gate without a use to account for it came from a path ISOPO
     did not see: refuse it rather than write a gradient it cannot attribute to samples."""
     if all(g is None for g in arrived):
@@ -316,8 +317,9 @@ def _check_arrived(layer, uses, arrived, autocast: bool) -> None:
         else:                            # nothing to account for what arrived
             sums = flat.double().expand(2, -1)
         err, scale = torch.linalg.vector_norm(sums, dim=1).tolist()
-        tol = 2e-2 if autocast else 64 * torch.finfo(
-            next(g for g in arrived if g is not None).dtype).eps
+        # the rounding of the coarsest dtype on the way (a float32 op on a float64 parameter)
+        tol = 2e-2 if autocast else 64 * max(eps, torch.finfo(
+            next(g for g in arrived if g is not None).dtype).eps)
         bad = err > tol * scale + 1e-30
     if bad:
         raise RuntimeError(

@@ -126,6 +126,7 @@ class Tracker(TorchFunctionMode):
                 targets = None if kind is None else [
                     0 if kind == "one" else next(i for i, t in enumerate(inputs) if t is src)
                     for src in sources]
+                self._rounding(out, reads)
                 return meet(mb, out, sources,
                             [{k: self.gates[k] for k in self.shared[t]} for t in sources], targets,
                             [self.alias_of.get(t) for t in sources])
@@ -170,7 +171,18 @@ class Tracker(TorchFunctionMode):
     def _mark(self, out, reads):
         for t in _out_tensors(out):
             self.shared[t] = reads
+        self._rounding(out, reads)
         return out
+
+    def _rounding(self, out, reads) -> None:
+        """The coarsest rounding on the paths of the free layers ``reads`` (a float32 op on a
+        float64 parameter), for the gate's check of what arrives."""
+        for t in _out_tensors(out):
+            if reads and t.is_floating_point():
+                eps = torch.finfo(t.dtype).eps
+                for key in reads:
+                    record = self.gates[key][0]
+                    record.eps = max(record.eps, eps)
 
     def refuse_free(self, x: Tensor, where: str) -> None:
         """A layer input computed from free parameters that never met the samples has no sample
