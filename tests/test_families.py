@@ -991,6 +991,20 @@ class ReadsItsParameters(nn.Module):
         return z.sum(1)
 
 
+class CopiedState(nn.Module):
+    """A learned state copied to every sample by ``repeat_interleave`` (or ``repeat``), then
+    the input of a layer."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.lin, self.s, self.how = nn.Linear(3, 2), nn.Parameter(torch.randn(1, 3)), how
+
+    def forward(self, x):
+        n = x.shape[0]
+        s = self.s.repeat_interleave(n, dim=0) if self.how == "interleave" else self.s.repeat(n, 1)
+        return _logp(self.lin(torch.tanh(s + x)) + self.lin(s))
+
+
 X3, ACT = torch.randn(6, 3, dtype=D), torch.randn(6, 2, dtype=D)
 XS = torch.randn(3, 6, 3, dtype=D)
 FREE = {
@@ -1005,6 +1019,8 @@ FREE = {
     "sb3": (SB3Gaussian, lambda m: -m.evaluate_actions(X3, ACT)[0]),
     "distribution": (DistributionOut, lambda m: -m(X3).log_prob(ACT).sum(-1)),
     "tokens": (TokensWithTable, lambda m: m(X3.view(6, 3, 1).expand(6, 3, 2).contiguous())),
+    "repeat-interleave": (lambda: CopiedState("interleave"), lambda m: m(X3)),
+    "repeat": (lambda: CopiedState("repeat"), lambda m: m(X3)),
 }
 
 

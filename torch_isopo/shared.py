@@ -374,7 +374,8 @@ _VIEWS = frozenset({"T", "mT", "H", "mH", "real", "imag"})
 # ops that copy their inputs along new or size-1 axes: the only ones where shared tensors alone
 # meet the samples
 _EXPANDS = frozenset({Tensor.expand, Tensor.expand_as, torch.broadcast_to, Tensor.broadcast_to,
-                      torch.broadcast_tensors, Tensor.repeat, torch.tile, Tensor.tile})
+                      torch.broadcast_tensors, Tensor.repeat, torch.tile, Tensor.tile,
+                      Tensor.repeat_interleave, torch.repeat_interleave})
 
 # ops whose results only broadcast their inputs (``"each"``: the k-th input into the k-th result)
 _BROADCASTS = {Tensor.expand: "one", Tensor.expand_as: "one", torch.broadcast_to: "one",
