@@ -408,8 +408,9 @@ def test_parameter_of_the_optimizer_outside_the_model(data):
                       (extra, lambda: _losses(model, X) * extra)):
         if p is extra:
             opt.add_param_group({"params": [extra]})
-        with pytest.raises(RuntimeError, match=r"not a trainable parameter of the model ISOPO "
-                                               r"was built on.*whole agent"):
+        with pytest.raises(RuntimeError, match=rf"param group {1 if p is extra else 0} is not a "
+                                               r"trainable parameter of the model ISOPO was built "
+                                               r"on.*whole agent"):
             with opt.microbatch(A):
                 losses().sum().backward()
         assert p.grad is None

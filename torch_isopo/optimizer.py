@@ -104,12 +104,12 @@ class ISOPO(torch.optim.Optimizer):
         self._trainable = [(name, p, p.requires_grad) for name, p in model.named_parameters()]
         self._guard_strays(optimizer.param_groups)
 
-    def _guard_strays(self, groups) -> None:
+    def _guard_strays(self, groups, start: int = 0) -> None:
         """Trainable parameters of the inner optimizer that no layer holds (a ``log_std`` kept
         beside the model, ISOPO built on a submodule): a gradient they receive inside a
         microbatch would be plain autograd's, without advantages, so it is refused."""
         owned = {id(p) for layer in self.layers for p in layer.params}
-        for i, group in enumerate(groups):
+        for i, group in enumerate(groups, start):
             for p in group["params"]:
                 if id(p) not in owned and p.requires_grad:
                     owned.add(id(p))
@@ -186,7 +186,7 @@ class ISOPO(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         self.optimizer.add_param_group(param_group)
         if getattr(self, "_undo", None):         # not while Optimizer.__init__ sets up
-            self._guard_strays(self.optimizer.param_groups[-1:])
+            self._guard_strays(self.optimizer.param_groups[-1:], len(self.param_groups) - 1)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients and forget the statistics of the microbatches that made them (a
