@@ -1213,6 +1213,38 @@ def test_gaussian_with_log_std_solved_in_its_own_dimensions(setting):
                  *setting)
 
 
+class PackedTemperature(nn.Module):
+    """Packed sequences ``(1, N, d)`` through attention written by hand, with a learned
+    temperature on the scores ``(1, H, N, N)``."""
+
+    def __init__(self, heads):
+        super().__init__()
+        self.qkv, self.out, self.heads = nn.Linear(8, 24), nn.Linear(8, 2), heads
+        self.temp = nn.Parameter(torch.tensor(1.3))
+
+    def forward(self, x, mask):
+        B, N, d = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        p = ((q @ k.transpose(-1, -2)) * self.temp).masked_fill(~mask, -1e9).softmax(-1)
+        return _logp(self.out((p @ v).transpose(1, 2).reshape(B, N, d)))[0]
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("heads", [2, 4], ids=["H=2", "H=4=N"])
+def test_free_parameter_on_packed_attention_scores(heads, setting):
+    """With per-token segments a ``(B, H, N, N)`` result has ``B·H`` leading rows, as many as
+    the segments when ``H == N``: there its heads were taken for tokens (a wrong gradient). A
+    result whose dims 1 and 2 are equal is not where the samples are met; the data is carried
+    to the ``(B, N, d)`` output."""
+    torch.manual_seed(0)
+    seg = torch.tensor([0, 0, 1, 1])
+    mask = (seg[:, None] == seg[None]) & torch.ones(4, 4, dtype=torch.bool).tril()
+    x = torch.randn(1, 4, 8, dtype=D)
+    check_family(PackedTemperature(heads).to(D),
+                 lambda m: torch.zeros(2, dtype=D).index_add(0, seg, m(x, mask)), 2, *setting,
+                 segments=seg)
+
+
 @pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
 def test_free_parameters_with_segments(setting):
     """Episodes of several rows: the per-row log-probs of a Gaussian policy summed per episode."""

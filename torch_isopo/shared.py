@@ -248,6 +248,8 @@ def sample_layout(mb, o: Tensor) -> bool:
     if o.dim() == 0:
         return False
     if mb.segments is not None:
+        if o.dim() >= 4 and o.shape[1] == o.shape[2]:   # (B, H, L, ·) and (B, L, H, ·) alike:
+            return False            # not here; the data is carried to where they differ
         rows = o.shape[0] * o.shape[1] if o.dim() >= 3 else o.shape[0]
         return rows == mb.segments.numel()
     return o.shape[_sample_axis(mb, o)] == mb.n
