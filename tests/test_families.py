@@ -196,6 +196,21 @@ def test_time_major_rows_with_sequence_major_segments(setting):
     check_family(TimeMajor().to(D), losses, 2, *setting, segments=seg, sample_dim=1)
 
 
+def test_flattened_time_major_rows_with_segments_are_refused():
+    """A head over ``h.reshape(T·N, d)`` of a time-major ``(T, N, d)`` GRU output: the rows are
+    time-major but ``segments`` are sequence-major, and no order can be told from a 2-D input
+    (its steps were credited to the wrong samples). Refused, naming the 3-D fix (exact above)."""
+    model = TimeMajor()
+    model.forward = lambda x, mask: _logp(model.head(model.rnn(x)[0].reshape(-1, 4)))
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x, seg = torch.randn(4, 3, 4), torch.tensor([0, 1, 0]).repeat_interleave(4)
+    with pytest.raises(ValueError, match=r"module 'head' input: 12 rows with segments in a "
+                                         r"time-major microbatch.*\(T, B, d\) tensor itself"):
+        with opt.microbatch(torch.randn(2), seg, sample_dim=1):
+            model(x, None).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+
+
 @pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_packed_attention_with_a_block_mask(batch_first, setting):

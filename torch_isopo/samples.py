@@ -101,6 +101,12 @@ def sample_map(token_shape: torch.Size, n: int, segments: Tensor | None, sample_
             raise ValueError(
                 f"{where}: segments has {segments.numel()} entries but the input has {tokens} "
                 f"tokens (input token shape {dims}); give one sample id per token")
+        if len(dims) == 1 and sample_dim == 1:
+            raise ValueError(
+                f"{where}: {dims[0]} rows with segments in a time-major microbatch "
+                "(sample_dim=1): ISOPO cannot tell whether they were flattened from (T, B) "
+                "(time-major) or (B, T) (sequence-major), and segments are sequence-major. Give "
+                "the module the (T, B, d) tensor itself, which it reads with sample_dim=1")
         ids = segments.to(device).reshape(-1)
         if len(dims) >= 2 and sample_dim == 1:   # sequence-major ids of time-major rows
             ids = ids.view(dims[1], dims[0]).T.reshape(-1)
