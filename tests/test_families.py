@@ -1185,6 +1185,39 @@ def test_free_parameter_through_a_float32_op_in_a_float64_model(setting):
     check_family(Float32Scale().to(D), lambda m: m(x), 5, *setting, tol=1e-5)
 
 
+class PickedRows(nn.Module):
+    """Rows of free tables picked by integer ids: a position table by positions made outside
+    the model (``x + pos[positions]``, as many positions as samples), a tabular policy's logits
+    by state ids, and a task table by task ids fed to a layer."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind, self.gru, self.head = kind, nn.GRU(3, 4, batch_first=True), nn.Linear(4, 2)
+        self.pos, self.logits = nn.Parameter(torch.randn(10, 3)), nn.Parameter(torch.randn(7, 2))
+        self.task = nn.Parameter(torch.randn(5, 4))
+
+    def forward(self, x, ids):
+        if self.kind == "positions":
+            _, h = self.gru(x + self.pos[ids])
+            return _logp(self.head(h[-1]))
+        if self.kind == "tabular":
+            return _logp(self.logits[ids])
+        return _logp(self.head(torch.tanh(self.task[ids])))
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("kind", ["positions", "tabular", "task"])
+def test_free_table_rows_picked_by_ids(kind, setting):
+    """``pos[positions]`` with ``T == n`` positions: picking rows by ids does not meet the samples
+    (positions and samples alike have an id per row; the positions were credited to samples);
+    the next op does (``x + ·``), or the layer the rows enter; tables picked per sample stay
+    exact."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 3, dtype=D)
+    ids = torch.arange(3) if kind == "positions" else torch.tensor([4, 0, 4])
+    check_family(PickedRows(kind).to(D), lambda m: m(x, ids), 3, *setting)
+
+
 class TransposedBetween(nn.Module):
     """A linear layer used before and after a free matrix applied in a transposed layout: the
     meeting's VJP back to ``W`` crosses the layer's first use (an attention sink between a

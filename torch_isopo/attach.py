@@ -54,12 +54,11 @@ class PatchedForward:
         tracker = mb.tracker
         if tracker is None:
             return self.entry.rule.forward(mb, self.layer, self.entry, self.orig, args, kwargs)
-        inputs = (*args, *kwargs.values())
-        if not all(isinstance(t, Tensor) for t in inputs):   # also inside tuples (an RNN's hx)
-            inputs = _compat.tree_flatten(inputs)[0]
-        for t in inputs:
-            if isinstance(t, Tensor):
-                tracker.refuse_free(t, f"the input of module '{self.entry.name}'")
+        leaves, spec = _compat.tree_flatten((args, kwargs))   # also inside tuples (an RNN's hx)
+        where = f"the input of module '{self.entry.name}'"
+        met = [tracker.layer_input(mb, t, where) if isinstance(t, Tensor) else t for t in leaves]
+        if any(a is not b for a, b in zip(met, leaves)):
+            args, kwargs = _compat.tree_unflatten(met, spec)
         if tracker.on_top():
             with _compat.without_function_mode():
                 return self.entry.rule.forward(mb, self.layer, self.entry, self.orig, args, kwargs)

@@ -108,9 +108,14 @@ class Tracker(TorchFunctionMode):
         try:
             result = func(*args, **kwargs)
             out = args[0] if func is Tensor.__setitem__ else result    # what the op wrote
-            data = len(hits) < len(inputs) or any(t in self.mixed for t in hits)
+            mixed = any(t in self.mixed for t in hits)
+            data = len(hits) < len(inputs) or mixed
+            # rows picked by ids (pos[positions]) are not yet where the samples are: positions
+            # and samples alike have one id per row. The next op meets them (x + pos[positions])
+            picked = func in _INDEXING and not mixed and not any(
+                t.is_floating_point() for t in inputs if all(t is not h for h in hits))
             inputs = _tensors(args, kwargs)
-            if reads and meets_samples(mb, func, out, inputs, data):
+            if reads and not picked and meets_samples(mb, func, out, inputs, data):
                 if _in_place(func) and any(o is t for o in _out_tensors(out) for t in inputs):
                     raise ValueError(
                         f"ISOPO: the in-place op {getattr(func, '__name__', func)} meets free "
@@ -184,15 +189,26 @@ class Tracker(TorchFunctionMode):
                     record = self.gates[key][0]
                     record.eps = max(record.eps, eps)
 
+    def layer_input(self, mb, x: Tensor, where: str) -> Tensor:
+        """A layer's input: one that carries data from free parameters meets the samples here
+        when its rows are samples (a free table's rows picked per sample, ``table[ids]``);
+        otherwise ``refuse_free``."""
+        if x in self.mixed and self.shared[x] and meets_samples(mb, None, x, [x], True):
+            return meet(mb, x, [x], [{k: self.gates[k] for k in self.shared[x]}], None,
+                        [self.alias_of.get(x)])
+        self.refuse_free(x, where)
+        return x
+
     def refuse_free(self, x: Tensor, where: str) -> None:
         """A layer input computed from free parameters that never met the samples has no sample
         axis of its own (a position table, learned queries): its rows are not samples."""
         if x in self.mixed:
             raise ValueError(
                 f"ISOPO: {where} (shape {tuple(x.shape)}) mixes free parameters with the samples, "
-                "but not with the samples along the sample axis (dim 0, or sample_dim): ISOPO "
-                "cannot tell which sample uses which of its rows. Move the samples to that axis "
-                "before the module (x @ W.T rather than (W @ x.T).T)")
+                "but its rows are not where ISOPO reads the samples (n along dim 0, or "
+                "sample_dim; with segments=, one id per row of its first two dims): ISOPO cannot "
+                "tell which sample uses which of its rows. Move the samples to that axis before "
+                "the module (x @ W.T rather than (W @ x.T).T), or give segments one id per token")
         if id(x) in self.free or x in self.shared and self.shared[x]:
             raise ValueError(
                 f"ISOPO: {where} (shape {tuple(x.shape)}) is computed from parameters and "
