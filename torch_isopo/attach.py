@@ -54,11 +54,15 @@ class PatchedForward:
         tracker = mb.tracker
         if tracker is None:
             return self.entry.rule.forward(mb, self.layer, self.entry, self.orig, args, kwargs)
-        leaves, spec = _compat.tree_flatten((args, kwargs))   # also inside tuples (an RNN's hx)
         where = f"the input of module '{self.entry.name}'"
-        met = [tracker.layer_input(mb, t, where) if isinstance(t, Tensor) else t for t in leaves]
-        if any(a is not b for a, b in zip(met, leaves)):
-            args, kwargs = _compat.tree_unflatten(met, spec)
+        if not kwargs and all(isinstance(t, Tensor) for t in args):
+            args = tuple(tracker.layer_input(mb, t, where) for t in args)
+        else:                                           # also inside tuples (an RNN's hx)
+            leaves, spec = _compat.tree_flatten((args, kwargs))
+            met = [tracker.layer_input(mb, t, where) if isinstance(t, Tensor) else t
+                   for t in leaves]
+            if any(a is not b for a, b in zip(met, leaves)):
+                args, kwargs = _compat.tree_unflatten(met, spec)
         if tracker.on_top():
             with _compat.without_function_mode():
                 return self.entry.rule.forward(mb, self.layer, self.entry, self.orig, args, kwargs)
