@@ -196,12 +196,18 @@ def test_time_major_rows_with_sequence_major_segments(setting):
     check_family(TimeMajor().to(D), losses, 2, *setting, segments=seg, sample_dim=1)
 
 
+class TimeMajorFlat(TimeMajor):
+    """A head over the time-major GRU output flattened to 2-D rows."""
+
+    def forward(self, x, mask):
+        return _logp(self.head(self.rnn(x)[0].reshape(-1, 4)))
+
+
 def test_flattened_time_major_rows_with_segments_are_refused():
     """A head over ``h.reshape(T·N, d)`` of a time-major ``(T, N, d)`` GRU output: the rows are
     time-major but ``segments`` are sequence-major, and no order can be told from a 2-D input
     (its steps were credited to the wrong samples). Refused, naming the 3-D fix (exact above)."""
-    model = TimeMajor()
-    model.forward = lambda x, mask: _logp(model.head(model.rnn(x)[0].reshape(-1, 4)))
+    model = TimeMajorFlat()
     opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
     x, seg = torch.randn(4, 3, 4), torch.tensor([0, 1, 0]).repeat_interleave(4)
     with pytest.raises(ValueError, match=r"module 'head' input: 12 rows with segments in a "
@@ -209,6 +215,9 @@ def test_flattened_time_major_rows_with_segments_are_refused():
         with opt.microbatch(torch.randn(2), seg, sample_dim=1):
             model(x, None).sum().backward()
     assert all(p.grad is None for p in model.parameters())
+    # one sample owns every row, in any order: exact
+    check_family(TimeMajorFlat().to(D), lambda m: m(x.to(D), None).sum()[None], 1, "ntk", 0.3,
+                 segments=torch.zeros(12, dtype=torch.long), sample_dim=1)
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=IDS)

@@ -266,7 +266,7 @@ def sample_layout(mb, o: Tensor) -> bool:
     if mb.segments is not None:
         if o.dim() >= 4 and o.shape[1] == o.shape[2]:   # (B, H, L, ·) and (B, L, H, ·) alike:
             return False            # not here; the data is carried to where they differ
-        if o.dim() <= 2 and mb.sample_dim == 1:         # flat rows of a time-major microbatch:
+        if o.dim() <= 2 and mb.sample_dim == 1 and mb.n > 1:   # flat rows, time-major:
             return False            # their order is unknown (samples.sample_map)
         rows = o.shape[0] * o.shape[1] if o.dim() >= 3 else o.shape[0]
         return rows == mb.segments.numel()
