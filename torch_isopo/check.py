@@ -117,8 +117,7 @@ def check(model: nn.Module, sample_losses: Callable[[nn.Module], Tensor], advant
         raise ValueError(f"torch_isopo.check: unknown modes {unknown}; use reinforce, ntk, fisher")
     base = _copy(model, dtype)
     n = None if advantages is None else torch.as_tensor(advantages).numel()
-    with torch.no_grad():                # the terms first: a plain forward, no ISOPO
-        terms = _losses(sample_losses, copy.deepcopy(base), n)
+    terms = _losses(sample_losses, copy.deepcopy(base), n).detach()   # a plain forward first
     n = terms.numel()
     if not bool(torch.isfinite(terms).all()):
         raise ValueError(

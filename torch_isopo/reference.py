@@ -70,15 +70,20 @@ def _record_calls(layers, sample_losses, n, segments, sample_dim):
     for layer in layers:
         for e in layer.entries:
             def pre(mod, args, kwargs, e=e):
+                if mod is not e.module:          # a copy of the module made in the forward
+                    return None
                 args = _expand_shared(args, e.rule.name, n, segments, sample_dim)
                 calls.setdefault(id(e), []).append([args, kwargs, None])
                 return args, kwargs
 
             def post(mod, args, kwargs, out, e=e):
+                if mod is not e.module:
+                    return None
                 alias = _alias(out)
                 calls[id(e)][-1][2] = alias
                 return _copied(alias)
-            handles.append(e.module.register_forward_pre_hook(pre, with_kwargs=True))
+            # the call's own inputs, before the user's pre-hooks; its output after their hooks
+            handles.append(e.module.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
             handles.append(e.module.register_forward_hook(post, with_kwargs=True))
     try:
         return sample_losses(), calls
@@ -175,17 +180,20 @@ def _unbatched(module: nn.Module, out: Tensor, kind: str) -> bool:
 def _pieces(layer, entry, call, losses, before, after):
     """Fisher pieces of one module call: the gradient through each position of its output.
 
-    The call is recomputed from its detached inputs with the buffers as the forward found them
-    (a spectral norm's power iteration repeats exactly), then the buffers are put back."""
+    The call is recomputed from its detached inputs, with the module's hooks and the buffers as
+    the forward found them (a spectral norm's power iteration repeats exactly), then the buffers
+    are put back."""
     args, kwargs, out = call
     outs = [o for o in (out if isinstance(out, tuple) else [out])
             if isinstance(o, Tensor) and o.requires_grad]
+    if not outs:                         # a call under no_grad (a target from the same body)
+        return torch.zeros(0, sum(p.numel() for p in layer.params), dtype=torch.float64)
     deltas = torch.autograd.grad(losses.sum(), outs, retain_graph=True, allow_unused=True)
     det = lambda t: t.detach() if isinstance(t, Tensor) else t  # noqa: E731
     with torch.no_grad():
         for b, v in before:
             b.copy_(v)
-    fresh = entry.module.forward(*[det(a) for a in args], **{k: det(v) for k, v in kwargs.items()})
+    fresh = entry.module(*[det(a) for a in args], **{k: det(v) for k, v in kwargs.items()})
     with torch.no_grad():
         for b, v in after:
             b.copy_(v)
