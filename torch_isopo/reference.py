@@ -41,6 +41,9 @@ def reference_gradients(model: nn.Module, sample_losses: Callable[[], Tensor], a
     before, after = [before[i] for i in moved], [after[i] for i in moved]
     grads, stats = {}, {}
     for layer in layers:
+        made = [out for e in layer.entries for _, _, out in calls.get(id(e), [])]
+        if made and not any(t.requires_grad for out in made for t in _leaves(out)):
+            raise RuntimeError(f"no output of layer '{layer.name}' was made with autograd")
         params = layer.params
         G = torch.stack([_flat(torch.autograd.grad(losses[i], params, retain_graph=True,
                                                    allow_unused=True), params)
@@ -98,6 +101,15 @@ def _alias(out):
     if isinstance(out, tuple) and not hasattr(out, "_fields"):
         return tuple(_alias(o) for o in out)
     return out
+
+
+def _leaves(out) -> list[Tensor]:
+    """The tensors of a module's output, also inside tuples (``PackedSequence``, ``(h, c)``)."""
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _leaves(o)]
+    return []
 
 
 def _copied(out):
