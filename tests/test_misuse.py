@@ -468,3 +468,21 @@ def test_refused_backward_leaves_no_statistics(data):
     assert opt._m == twin_opt._m and len(opt._m) == len(opt.layers)
     assert all(d["microbatches"] == 1 for d in opt.diagnostics.values())
     _assert_clean(m, opt, hooks)
+
+
+@pytest.mark.parametrize("change", ["frozen weight", "new module"])
+def test_parameters_replaced_after_building_are_refused(data, change):
+    """A weight swapped for another Parameter (frozen: the old one still entered ``K``, a wrong
+    bias gradient) or a module replaced (its parameters got plain autograd's gradient) after
+    ISOPO was built: refused at the next block, before anything runs."""
+    model, X, A = data
+    m, opt, hooks = _make(model)
+    if change == "frozen weight":
+        m.a.weight = nn.Parameter(m.a.weight.detach().clone(), requires_grad=False)
+    else:
+        m.a = nn.Linear(4, 4).double()
+    with pytest.raises(ValueError, match=r"parameter 'a\.weight' was replaced \(or a module "
+                                         r"holding it\) after ISOPO was built.*opt\.detach\(\)"):
+        with opt.microbatch(A):
+            raise AssertionError("the block must not start")
+    assert all(p.grad is None for p in m.parameters())

@@ -104,6 +104,32 @@ class ISOPO(torch.optim.Optimizer):
         self._trainable = [(name, p, p.requires_grad) for name, p in model.named_parameters()]
         self._guard_strays(optimizer.param_groups)
 
+    def _check_unchanged(self) -> None:
+        """The layers and the parameters they train are found once, when ISOPO is built: a
+        parameter frozen, unfrozen or replaced since (or a module holding one) is refused
+        (unfrozen or new, it would get plain autograd's gradient; frozen or replaced, the old
+        one would still enter ``K``)."""
+        now = list(self.model.named_parameters())
+        if len(now) == len(self._trainable) and all(
+                p is q and p.requires_grad == t for (_, p), (_, q, t) in zip(now, self._trainable)):
+            return
+        was = {id(q): (name, t) for name, q, t in self._trainable}
+        for name, p in now:
+            if id(p) not in was:
+                change = "was replaced (or a module holding it) after ISOPO was built"
+                break
+            if p.requires_grad != was[id(p)][1]:
+                change = (f"was {'trainable' if was[id(p)][1] else 'frozen'} when ISOPO was "
+                          f"built and is {'trainable' if p.requires_grad else 'frozen'} now")
+                break
+        else:
+            name = next((n for n, q, _ in self._trainable if all(q is not p for _, p in now)), "?")
+            change = "was removed after ISOPO was built"
+        raise ValueError(
+            f"ISOPO: parameter '{name}' {change}: ISOPO finds the layers and the parameters they "
+            "train once, when it is built. Build it again after changing the model or which "
+            "parameters train: opt.detach(); opt = ISOPO(model, opt.optimizer, ...)")
+
     def _guard_strays(self, groups, start: int = 0) -> None:
         """Trainable parameters of the inner optimizer that no layer holds (a ``log_std`` kept
         beside the model, ISOPO built on a submodule): a gradient they receive inside a
@@ -218,14 +244,7 @@ class ISOPO(torch.optim.Optimizer):
             raise RuntimeError("ISOPO microbatch contexts cannot be nested")
         if not self._undo:
             raise RuntimeError("this ISOPO optimizer was detached from its model")
-        for name, p, trainable in self._trainable:
-            if p.requires_grad != trainable:
-                raise ValueError(
-                    f"ISOPO: parameter '{name}' was {'trainable' if trainable else 'frozen'} when "
-                    f"ISOPO was built and is {'frozen' if trainable else 'trainable'} now: ISOPO "
-                    "finds the layers and the parameters they train once, when it is built. "
-                    "Build it again after changing which parameters train: opt.detach(); "
-                    "opt = ISOPO(model, opt.optimizer, ...)")
+        self._check_unchanged()
         A = check_advantages(advantages)
         seg = check_segments(segments, A.numel())
         if sample_dim not in (0, 1):

@@ -41,8 +41,8 @@ def reference_gradients(model: nn.Module, sample_losses: Callable[[], Tensor], a
     before, after = [before[i] for i in moved], [after[i] for i in moved]
     grads, stats = {}, {}
     for layer in layers:
-        made = [out for e in layer.entries for _, _, out in calls.get(id(e), [])]
-        if made and not any(t.requires_grad for out in made for t in _leaves(out)):
+        made = [t for e in layer.entries for _, _, out in calls.get(id(e), []) for t in _leaves(out)]
+        if made and not any(t.requires_grad for t in made):
             raise RuntimeError(f"no output of layer '{layer.name}' was made with autograd")
         params = layer.params
         G = torch.stack([_flat(torch.autograd.grad(losses[i], params, retain_graph=True,
