@@ -89,6 +89,13 @@ def without_function_mode():
     return _pop_mode_temporarily()
 
 
+def run_eagerly(fn):
+    """``fn`` never traced by ``torch.compile`` (``torch.compiler.disable``): a layer's patched
+    forward reads state that changes every microbatch, which would recompile the model each time."""
+    disable = getattr(torch.compiler, "disable", None)
+    return fn if disable is None else disable(fn)
+
+
 def eager_compiled():
     """Run ``torch.compile``d code eagerly for a while (``torch.compiler.set_stance``, torch ≥
     2.6): Dynamo cannot trace a region entered with a ``TorchFunctionMode`` already active (the

@@ -47,6 +47,7 @@ class PatchedForward:
         self.orig = own if own is not None else type(module).forward.__get__(module)
         self.__wrapped__ = self.orig
 
+    @_compat.run_eagerly
     def __call__(self, *args, **kwargs):
         mb = self.attachment.forward_microbatch() if torch.is_grad_enabled() else None
         if mb is None:

@@ -100,35 +100,41 @@ class ISOPO(torch.optim.Optimizer):
         self._last_figures: dict[str, list] = {}       # the last step's, for diagnostics
         self._diagnostics: dict[str, dict[str, float]] | None = None
         self._undo = attach(model, self.layers, self._attachment, self._ledger)
-        # which parameters train is fixed with the layers: checked at every microbatch
-        self._trainable = [(name, p, p.requires_grad) for name, p in model.named_parameters()]
+        # the modules, and which of their parameters train, are fixed with the layers: checked
+        # at every microbatch
+        self._modules_all = [m for _, m in model.named_modules(remove_duplicate=False)]
+        self._module_names = [n for n, _ in model.named_modules(remove_duplicate=False)]
+        self._trainable = [(f"{mn}.{attr}" if mn else attr, m, attr, p.requires_grad)
+                           for mn, m in model.named_modules() for attr, p in
+                           m.named_parameters(recurse=False)]
         self._guard_strays(optimizer.param_groups)
 
     def _check_unchanged(self) -> None:
-        """The layers and the parameters they train are found once, when ISOPO is built: a
-        parameter frozen, unfrozen or replaced since (or a module holding one) is refused
-        (unfrozen or new, it would get plain autograd's gradient; frozen or replaced, the old
-        one would still enter ``K``)."""
-        now = list(self.model.named_parameters())
-        if len(now) == len(self._trainable) and all(
-                p is q and p.requires_grad == t for (_, p), (_, q, t) in zip(now, self._trainable)):
-            return
-        was = {id(q): (name, t) for name, q, t in self._trainable}
-        for name, p in now:
-            if id(p) not in was:
-                change = "was replaced (or a module holding it) after ISOPO was built"
-                break
-            if p.requires_grad != was[id(p)][1]:
-                change = (f"was {'trainable' if was[id(p)][1] else 'frozen'} when ISOPO was "
-                          f"built and is {'trainable' if p.requires_grad else 'frozen'} now")
-                break
-        else:
-            name = next((n for n, q, _ in self._trainable if all(q is not p for _, p in now)), "?")
-            change = "was removed after ISOPO was built"
+        """The layers and the parameters they train are found once, when ISOPO is built: a module
+        replaced since, or a parameter frozen or unfrozen (also by putting another Parameter in
+        its place), is refused (a new or unfrozen one would get plain autograd's gradient, a
+        frozen one would still enter ``K``). A parameter replaced by a trainable one on the same
+        module (a device move, weights tied again) is what the layer's gate reads."""
+        now = list(self.model.named_modules(remove_duplicate=False))
+        if len(now) != len(self._module_names) or any(
+                m is not old for (_, m), old in zip(now, self._modules_all)):
+            name = next((n for (n, m), old in zip(now, self._modules_all) if m is not old),
+                        now[-1][0] if now else "")
+            self._refuse_change(f"module '{name}' was replaced (or added, or removed)")
+        for name, module, attr, trainable in self._trainable:
+            p = getattr(module, attr, None)
+            if not isinstance(p, Tensor) or p.requires_grad != trainable:
+                now_trains = isinstance(p, Tensor) and p.requires_grad
+                self._refuse_change(
+                    f"parameter '{name}' was {'trainable' if trainable else 'frozen'} when ISOPO "
+                    f"was built and is {'trainable' if now_trains else 'frozen'} now")
+
+    @staticmethod
+    def _refuse_change(change: str) -> None:
         raise ValueError(
-            f"ISOPO: parameter '{name}' {change}: ISOPO finds the layers and the parameters they "
-            "train once, when it is built. Build it again after changing the model or which "
-            "parameters train: opt.detach(); opt = ISOPO(model, opt.optimizer, ...)")
+            f"ISOPO: {change}: ISOPO finds the layers and the parameters they train once, when it "
+            "is built. Build it again after changing the model or which parameters train: "
+            "opt.detach(); opt = ISOPO(model, opt.optimizer, ...)")
 
     def _guard_strays(self, groups, start: int = 0) -> None:
         """Trainable parameters of the inner optimizer that no layer holds (a ``log_std`` kept
