@@ -470,7 +470,7 @@ def test_refused_backward_leaves_no_statistics(data):
     _assert_clean(m, opt, hooks)
 
 
-@pytest.mark.parametrize("change", ["frozen weight", "new module"])
+@pytest.mark.parametrize("change", ["frozen weight", "new module", "added module"])
 def test_parameters_replaced_after_building_are_refused(data, change):
     """A weight swapped for another Parameter (frozen: the old one still entered ``K``, a wrong
     bias gradient) or a module replaced (its parameters got plain autograd's gradient) after
@@ -479,10 +479,14 @@ def test_parameters_replaced_after_building_are_refused(data, change):
     m, opt, hooks = _make(model)
     if change == "frozen weight":
         m.a.weight = nn.Parameter(m.a.weight.detach().clone(), requires_grad=False)
-    else:
+    elif change == "new module":
         m.a = nn.Linear(4, 4).double()
-    expected = (r"parameter 'a\.weight' was trainable when ISOPO was built and is frozen now"
-                if change == "frozen weight" else r"module 'a' was replaced")
+    else:
+        m.extra = nn.Linear(4, 4).double()
+    expected = {"frozen weight": r"parameter 'a\.weight' was trainable when ISOPO was built and "
+                                 r"is frozen now",
+                "new module": r"module 'a' was replaced",
+                "added module": r"module 'extra' was added"}[change]
     with pytest.raises(ValueError, match=expected + r".*opt\.detach\(\); opt = ISOPO"):
         with opt.microbatch(A):
             raise AssertionError("the block must not start")

@@ -118,9 +118,13 @@ class ISOPO(torch.optim.Optimizer):
         now = list(self.model.named_modules(remove_duplicate=False))
         if len(now) != len(self._module_names) or any(
                 m is not old for (_, m), old in zip(now, self._modules_all)):
-            name = next((n for (n, m), old in zip(now, self._modules_all) if m is not old),
-                        now[-1][0] if now else "")
-            self._refuse_change(f"module '{name}' was replaced (or added, or removed)")
+            was = dict(zip(self._module_names, self._modules_all))
+            names = dict(now)
+            change = ([f"module '{n}' was {'replaced' if n in was else 'added'}" for n, m in now
+                       if was.get(n) is not m]
+                      + [f"module '{n}' was removed" for n in was if n not in names]
+                      + ["the model's modules were rearranged"])[0]
+            self._refuse_change(change)
         for name, module, attr, trainable in self._trainable:
             p = getattr(module, attr, None)
             if not isinstance(p, Tensor) or p.requires_grad != trainable:
@@ -134,7 +138,8 @@ class ISOPO(torch.optim.Optimizer):
         raise ValueError(
             f"ISOPO: {change}: ISOPO finds the layers and the parameters they train once, when it "
             "is built. Build it again after changing the model or which parameters train: "
-            "opt.detach(); opt = ISOPO(model, opt.optimizer, ...)")
+            "opt.detach(); opt = ISOPO(model, opt.optimizer, ...); a parameter frozen for a while "
+            "(peft's disable_adapter()) must be trainable again when the block starts")
 
     def _guard_strays(self, groups, start: int = 0) -> None:
         """Trainable parameters of the inner optimizer that no layer holds (a ``log_std`` kept
