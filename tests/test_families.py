@@ -196,6 +196,31 @@ def test_time_major_rows_with_sequence_major_segments(setting):
     check_family(TimeMajor().to(D), losses, 2, *setting, segments=seg, sample_dim=1)
 
 
+class FrameStack(nn.Module):
+    """Stacked frames ``(B, T, C, H, W)`` through a convolution as ``B·T`` rows, a free
+    per-channel mean subtracted first, the frames fused per entry for the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(2, 3, 3), nn.Linear(12, 2)
+        self.mu = nn.Parameter(torch.randn(2))
+
+    def forward(self, x):
+        B, T = x.shape[:2]
+        r = x.reshape(B * T, *x.shape[2:]) - self.mu[None, :, None, None]
+        return _logp(self.head(torch.tanh(self.conv(r)).mean((2, 3)).reshape(B, T * 3)))
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+def test_one_sample_with_segments_owns_every_row(setting):
+    """A microbatch of one sample owns every row whatever the layout, also with ``segments``
+    (they were checked against a layout no single tensor fits, and refused)."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 2, 6, 6, dtype=D)
+    check_family(FrameStack().to(D), lambda m: m(x), 1, *setting,
+                 segments=torch.zeros(4, dtype=torch.long))
+
+
 class TimeMajorFlat(TimeMajor):
     """A head over the time-major GRU output flattened to 2-D rows."""
 

@@ -84,9 +84,9 @@ def sample_map(token_shape: torch.Size, n: int, segments: Tensor | None, sample_
     one sample owns every row (an unbatched episode ``(T, d)``).
     """
     dims = tuple(token_shape)
-    if n == 1 and segments is None:       # one sample: every row is its own, whatever the layout
-        lead = dims[0] if len(dims) == 1 else dims[sample_dim] if dims else None
-        if lead != 1:
+    if n == 1 and dims:                   # one sample: every row is its own, whatever the layout
+        lead = dims[0] if len(dims) == 1 else dims[sample_dim]
+        if lead != 1 or segments is not None:
             return one_sample(math.prod(dims), math.prod(dims[2:]) if len(dims) > 2 else 1, device)
     if len(dims) == 0:
         raise ValueError(
@@ -150,9 +150,9 @@ def batch_map(N: int, L: int, n: int, segments: Tensor | None, where: str,
     """Rows → samples for a layer whose batch axis is known (convolutions, attention, recurrent
     layers): ``N`` batch entries of ``L`` rows each, stored ``(N, L)`` (entry-major) or ``(L, N)``.
     Entry b is sample b, or ``segments[b]`` (one id per entry, or one per row)."""
+    if n == 1 and (N != 1 or segments is not None):     # one sample: every row is its own
+        return one_sample(N * L, 1, device)
     if segments is None:
-        if n == 1 and N != 1:
-            return one_sample(N * L, 1, device)
         if N != n:
             raise ValueError(f"{where}: the input has a batch of {N} but {n} advantages were given; "
                              "pass segments= to say which sample each batch entry belongs to")

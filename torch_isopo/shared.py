@@ -259,7 +259,7 @@ def _sample_axis(mb, t: Tensor) -> int:
 def sample_layout(mb, o: Tensor) -> bool:
     """Whether ``o``'s rows can be samples: ``n`` along the sample axis, or one row per segment
     entry."""
-    if mb.segments is None and mb.n == 1:     # one sample: every result is its own
+    if mb.n == 1:                             # one sample: every result is its own
         return True
     if o.dim() == 0:
         return False
