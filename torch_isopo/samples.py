@@ -84,8 +84,8 @@ def sample_map(token_shape: torch.Size, n: int, segments: Tensor | None, sample_
     one sample owns every row (an unbatched episode ``(T, d)``).
     """
     dims = tuple(token_shape)
-    if n == 1 and dims:                   # one sample: every row is its own, whatever the layout
-        lead = dims[0] if len(dims) == 1 else dims[sample_dim]
+    if n == 1:                            # one sample: every row is its own, whatever the layout
+        lead = dims[0] if len(dims) == 1 else dims[sample_dim] if dims else None
         if lead != 1 or segments is not None:
             return one_sample(math.prod(dims), math.prod(dims[2:]) if len(dims) > 2 else 1, device)
     if len(dims) == 0:
