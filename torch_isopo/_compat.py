@@ -89,6 +89,12 @@ def without_function_mode():
     return _pop_mode_temporarily()
 
 
+def own_parameters(module) -> dict:
+    """The module's own parameters by attribute name, as ``nn.Module`` keeps them (a dict
+    lookup, where ``getattr`` goes through ``Module.__getattr__``)."""
+    return module._parameters
+
+
 def run_eagerly(fn):
     """``fn`` never traced by ``torch.compile`` (``torch.compiler.disable``): a layer's patched
     forward reads state that changes every microbatch, which would recompile the model each time."""

@@ -104,7 +104,8 @@ class ISOPO(torch.optim.Optimizer):
         # at every microbatch
         self._modules_all = [m for _, m in model.named_modules(remove_duplicate=False)]
         self._module_names = [n for n, _ in model.named_modules(remove_duplicate=False)]
-        self._trainable = [(f"{mn}.{attr}" if mn else attr, m, attr, p.requires_grad)
+        self._trainable = [(f"{mn}.{attr}" if mn else attr, _compat.own_parameters(m), attr,
+                            p.requires_grad)
                            for mn, m in model.named_modules() for attr, p in
                            m.named_parameters(recurse=False)]
         self._guard_strays(optimizer.param_groups)
@@ -116,8 +117,8 @@ class ISOPO(torch.optim.Optimizer):
         frozen one would still enter ``K``). A parameter replaced by a trainable one on the same
         module (a device move, weights tied again) is what the layer's gate reads."""
         now = list(self.model.named_modules(remove_duplicate=False))
-        if len(now) != len(self._module_names) or any(
-                m is not old for (_, m), old in zip(now, self._modules_all)):
+        if len(now) != len(self._modules_all) or not all(
+                m is old for (_, m), old in zip(now, self._modules_all)):
             was = dict(zip(self._module_names, self._modules_all))
             names = dict(now)
             change = ([f"module '{n}' was {'replaced' if n in was else 'added'}" for n, m in now
@@ -125,10 +126,10 @@ class ISOPO(torch.optim.Optimizer):
                       + [f"module '{n}' was removed" for n in was if n not in names]
                       + ["the model's modules were rearranged"])[0]
             self._refuse_change(change)
-        for name, module, attr, trainable in self._trainable:
-            p = getattr(module, attr, None)
-            if not isinstance(p, Tensor) or p.requires_grad != trainable:
-                now_trains = isinstance(p, Tensor) and p.requires_grad
+        for name, params, attr, trainable in self._trainable:
+            p = params.get(attr)
+            if p is None or p.requires_grad != trainable:
+                now_trains = p is not None and p.requires_grad
                 self._refuse_change(
                     f"parameter '{name}' was {'trainable' if trainable else 'frozen'} when ISOPO "
                     f"was built and is {'trainable' if now_trains else 'frozen'} now")
