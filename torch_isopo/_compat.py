@@ -89,6 +89,12 @@ def without_function_mode():
     return _pop_mode_temporarily()
 
 
+def own_buffers(module):
+    """The module's own buffers, ``None`` for a registered empty one (one pass, without the
+    generator ``Module.buffers`` builds)."""
+    return module._buffers.values()
+
+
 def own_parameters(module) -> dict:
     """The module's own parameters by attribute name, as ``nn.Module`` keeps them (a dict
     lookup, where ``getattr`` goes through ``Module.__getattr__``)."""

@@ -20,7 +20,12 @@ from .samples import SampleMap
 from .settings import Settings
 
 
-_EXACT_ELEMS = 1 << 18   # explicit per-sample gradients up to this size: K and Σ c_i G_i in float64
+def _exact(G: Tensor) -> bool:
+    """Whether explicit per-sample gradients are small enough (2^18 entries) to take ``K`` and
+    ``Σ c_i G_i`` in float64: with little damping ``c`` is nearly orthogonal to the span of the
+    ``G_i`` and the sum cancels most of its terms (float32 kept ~1e-2 of a ``log_std``'s)."""
+    return G.numel() <= 1 << 18
+
 
 LOW_RANK_N = 160   # from here on a layer of D < n/2 parameters is solved in D dimensions: below,
                    # one more n × n matrix in the batched solve costs less than Woodbury's own ops
@@ -72,7 +77,7 @@ def prepare(uses: list, params: list[Tensor], n: int, cfg: Settings,
     if cfg.mode == "reinforce":
         return p
     dt = factors.work_dtype(p.ref)
-    if not factor and explicit.G.numel() <= _EXACT_ELEMS:   # K of a small G in float64 too
+    if not factor and _exact(explicit.G):
         dt = torch.float64
     budget = max(1, cfg.budget_bytes * 8 // torch.finfo(dt).bits)
     if cfg.mode == "ntk" and not factor and 2 * explicit.G.shape[1] < n and n >= LOW_RANK_N:
@@ -220,10 +225,8 @@ def _contract(factor, explicit, kept, params, c, n) -> list[Tensor | None]:
         grads[b] = factors.contract_bias(group, c)
     if explicit is not None:
         G = explicit.G
-        # a small G in float64: with little damping c is nearly orthogonal to the span of the
-        # G_i, and Σ c_i G_i cancels most of its terms (float32 kept ~1e-2 of a log_std's)
-        flat = (c.to(G.device, torch.float64) @ G.double()).to(G.dtype) \
-            if G.numel() <= _EXACT_ELEMS else c.to(G) @ G
+        flat = (c.to(G.device, torch.float64) @ G.double()).to(G.dtype) if _exact(G) \
+            else c.to(G) @ G
         for s, g in zip(explicit.slots, flat.split(explicit.sizes)):
             grads[s] = g.view_as(params[s])
     return grads

@@ -141,10 +141,9 @@ class Microbatch:
     def commit_figures(self) -> None:
         """The statistics made so far enter the step's (at the end of the block, or at a
         ``step()`` inside it)."""
-        for name, figures in self._figures or []:
+        for name, figures in self._figures:
             self.figures.setdefault(name, []).append(figures)
-        if self._figures is not None:
-            self._figures = []
+        self._figures = []
 
     def close(self, failed: bool = False) -> None:
         """The block has ended: only the graph keeps the gates alive. A forward run for this

@@ -102,8 +102,7 @@ class ISOPO(torch.optim.Optimizer):
         self._undo = attach(model, self.layers, self._attachment, self._ledger)
         # the modules, and which of their parameters train, are fixed with the layers: checked
         # at every microbatch
-        self._modules_all = [m for _, m in model.named_modules(remove_duplicate=False)]
-        self._module_names = [n for n, _ in model.named_modules(remove_duplicate=False)]
+        self._named_modules = list(model.named_modules(remove_duplicate=False))
         self._trainable = [(f"{mn}.{attr}" if mn else attr, _compat.own_parameters(m), attr,
                             p.requires_grad)
                            for mn, m in model.named_modules() for attr, p in
@@ -117,9 +116,9 @@ class ISOPO(torch.optim.Optimizer):
         frozen one would still enter ``K``). A parameter replaced by a trainable one on the same
         module (a device move, weights tied again) is what the layer's gate reads."""
         now = list(self.model.named_modules(remove_duplicate=False))
-        if len(now) != len(self._modules_all) or not all(
-                m is old for (_, m), old in zip(now, self._modules_all)):
-            was = dict(zip(self._module_names, self._modules_all))
+        if len(now) != len(self._named_modules) or not all(
+                m is old for (_, m), (_, old) in zip(now, self._named_modules)):
+            was = dict(self._named_modules)
             names = dict(now)
             change = ([f"module '{n}' was {'replaced' if n in was else 'added'}" for n, m in now
                        if was.get(n) is not m]

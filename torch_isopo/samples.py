@@ -101,7 +101,7 @@ def sample_map(token_shape: torch.Size, n: int, segments: Tensor | None, sample_
             raise ValueError(
                 f"{where}: segments has {segments.numel()} entries but the input has {tokens} "
                 f"tokens (input token shape {dims}); give one sample id per token")
-        if len(dims) == 1 and sample_dim == 1 and n > 1:   # (one sample: any order is its)
+        if len(dims) == 1 and sample_dim == 1:
             raise ValueError(
                 f"{where}: {dims[0]} rows with segments in a time-major microbatch "
                 "(sample_dim=1): ISOPO cannot tell whether they were flattened from (T, B) "

@@ -182,12 +182,13 @@ class Tracker(TorchFunctionMode):
     def _rounding(self, out, reads) -> None:
         """The coarsest rounding on the paths of the free layers ``reads`` (a float32 op on a
         float64 parameter), for the gate's check of what arrives."""
-        for t in _out_tensors(out):
-            if reads and t.is_floating_point():
-                eps = torch.finfo(t.dtype).eps
-                for key in reads:
-                    record = self.gates[key][0]
-                    record.eps = max(record.eps, eps)
+        if not reads:
+            return
+        eps = max((torch.finfo(t.dtype).eps for t in _out_tensors(out) if t.is_floating_point()),
+                  default=0.0)
+        for key in reads:
+            record = self.gates[key][0]
+            record.eps = max(record.eps, eps)
 
     def layer_input(self, mb, x: Tensor, where: str) -> Tensor:
         """A layer's input: one that carries data from free parameters meets the samples here
@@ -222,7 +223,7 @@ class Tracker(TorchFunctionMode):
 
 def constants(modules: list[nn.Module]) -> list:
     """Tensors a free parameter may meet that are not data: buffers and tensors held by modules."""
-    return [t for m in modules for t in (*m._buffers.values(), *vars(m).values())
+    return [t for m in modules for t in (*_compat.own_buffers(m), *vars(m).values())
             if isinstance(t, Tensor)]          # (a buffer may be None)
 
 
@@ -266,7 +267,7 @@ def sample_layout(mb, o: Tensor) -> bool:
     if mb.segments is not None:
         if o.dim() >= 4 and o.shape[1] == o.shape[2]:   # (B, H, L, ·) and (B, L, H, ·) alike:
             return False            # not here; the data is carried to where they differ
-        if o.dim() <= 2 and mb.sample_dim == 1 and mb.n > 1:   # flat rows, time-major:
+        if o.dim() <= 2 and mb.sample_dim == 1:         # flat rows of a time-major batch:
             return False            # their order is unknown (samples.sample_map)
         rows = o.shape[0] * o.shape[1] if o.dim() >= 3 else o.shape[0]
         return rows == mb.segments.numel()
