@@ -95,6 +95,11 @@ def own_buffers(module):
     return module._buffers.values()
 
 
+def own_children(module) -> dict:
+    """The module's direct submodules by attribute name (``Module._modules``)."""
+    return module._modules
+
+
 def own_parameters(module) -> dict:
     """The module's own parameters by attribute name, as ``nn.Module`` keeps them (a dict
     lookup, where ``getattr`` goes through ``Module.__getattr__``)."""

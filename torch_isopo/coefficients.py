@@ -63,15 +63,14 @@ def ntk_coefficients(K: Tensor, A: Tensor, damping: float, m_used=None) -> Coeff
     """
     damped = K.to(torch.float64, copy=True)
     A = A if A.dtype == damped.dtype and A.device == damped.device else A.to(damped)
-    n = A.numel()
     diag = torch.diagonal(damped, dim1=-2, dim2=-1)
-    m = diag.sum(-1).div_(n)
+    m = diag.mean(-1)
     rho = _statistic(m, damping, m_used)
-    safe = rho + (rho == 0)                  # ρ = 0 only for a zero K: any ρ gives c = A
-    diag += safe[..., None]
+    safe = (rho + (rho == 0))[..., None]     # ρ = 0 only for a zero K: any ρ gives c = A
+    diag += safe
     # K is symmetric and its transpose is column-major: LAPACK's working copy is a straight one
     solved, _ = torch.linalg.solve_ex(damped.mT, A.expand(K.shape[:-1]))
-    return Coefficients(safe[..., None] * solved, m, rho, K)
+    return Coefficients(safe * solved, m, rho, K)
 
 
 def ntk_low_rank(G: Tensor, A: Tensor, damping: float, m_used=None) -> Coefficients:

@@ -27,7 +27,7 @@ def _exact(G: Tensor) -> bool:
     return G.numel() <= 1 << 18
 
 
-LOW_RANK_N = 160   # from here on a layer of D < n/2 parameters is solved in D dimensions: below,
+LOW_RANK_N = 128   # from here on a layer of D < n/2 parameters is solved in D dimensions: below,
                    # one more n × n matrix in the batched solve costs less than Woodbury's own ops
 
 
@@ -136,6 +136,9 @@ def _single_kernel(p: Prepared, n: int, cfg: Settings) -> Tensor:
 
 
 def _kernel(p: Prepared, n: int, dt, budget: int, cfg: Settings) -> Tensor:
+    if not p.factor:                        # explicit gradients alone
+        G = p.explicit.G.to(dt)
+        return G @ G.T
     K = torch.zeros(n, n, dtype=dt, device=p.ref.device)
     for s, group in _by_slot(p.factor, "weight").items():
         KW, p.kept[s] = _weight_kernel(group, n, _matrix(p.params[s]), dt, budget, cfg.route)
@@ -165,9 +168,9 @@ def coefficients(stats: list[Tensor], A: Tensor, cfg: Settings, m_used: list[flo
         if rest:
             batch = coefficients([stats[j] for j in rest], A, cfg, [m_used[j] for j in rest])
             parts.update({j: batch.layer(k) for k, j in enumerate(rest)})
-        return _gathered([parts[j] for j in range(len(stats))], A.device)
+        return _Gathered([parts[j] for j in range(len(stats))], A.device)
     if len({(s.shape, s.device) for s in stats}) > 1:     # layers on several devices
-        return _gathered([coefficients([s], A, cfg, [m]).layer(0)
+        return _Gathered([coefficients([s], A, cfg, [m]).layer(0)
                           for s, m in zip(stats, m_used)], A.device)
     stat = stats[0][None] if len(stats) == 1 else torch.stack(stats)
     used = None if all(m is None for m in m_used) else [math.nan if m is None else m
@@ -176,10 +179,16 @@ def coefficients(stats: list[Tensor], A: Tensor, cfg: Settings, m_used: list[flo
     return make(stat, A.to(stat.device), cfg.damping, used)   # A stays float64
 
 
-def _gathered(parts: list, device) -> Coefficients:
-    """Layers' coefficients computed apart, as one batch on ``device`` (spectra kept apart)."""
-    c, m, rho = (torch.stack([getattr(p, f).to(device) for p in parts]) for f in ("c", "m", "rho"))
-    return Coefficients(c, m, rho, [p.spectrum for p in parts])
+class _Gathered:
+    """Layers' coefficients computed apart: ``c`` as one batch on ``device``, each layer's
+    figures as they came."""
+
+    def __init__(self, parts: list, device):
+        self.parts = parts
+        self.c = torch.stack([p.c.to(device) for p in parts])
+
+    def layer(self, i: int):
+        return self.parts[i]
 
 
 def contract(p: Prepared, c: Tensor) -> list[Tensor | None]:
@@ -299,7 +308,8 @@ def _explicit_gradients(uses: list[ExplicitUse], params) -> _Explicit | None:
         u.slots = u.slots or everything
     union = tuple(sorted(set().union(*(u.slots for u in uses))))
     ex = _Explicit(union, uses[0].G, uses, [params[s].numel() for s in union])
-    ex.G = sum(ex.widen(u.G, u.slots) for u in uses)
+    if len(uses) > 1 or uses[0].slots != union:
+        ex.G = sum(ex.widen(u.G, u.slots) for u in uses)
     return ex
 
 

@@ -114,9 +114,9 @@ class Microbatch:
     ``loss_scale()`` reads the loss scaler, once per microbatch.
     """
 
-    def __init__(self, owner, A: Tensor, segments: Tensor | None, sample_dim: int,
+    def __init__(self, owner, A: Tensor, amax: float, segments: Tensor | None, sample_dim: int,
                  settings: Settings, stats: dict | None, figures: dict, ledger, loss_scale):
-        self.owner, self.A, self.n = owner, A, A.numel()
+        self.owner, self.A, self.amax, self.n = owner, A, amax, A.numel()
         self.segments, self.sample_dim = segments, sample_dim
         self.settings, self.stats, self.figures, self.ledger = settings, stats, figures, ledger
         self._loss_scale = loss_scale
@@ -129,7 +129,7 @@ class Microbatch:
         self._regions: dict[int, tuple] = {}     # layer -> (reentrant region node, its gate)
         self._explicit = None        # the first input with a sample axis (its description)
         self._pending: list = []     # inputs without one, their history not yet needed
-        self._advantages: dict[str, tuple] = {}
+        self._advantages: dict = {}      # device -> (A', back, S)
         self._figures: list | None = []   # made while the block is open, kept if it ends well
 
     def add_figures(self, name: str, figures: tuple) -> None:
@@ -222,11 +222,11 @@ class Microbatch:
     def advantages(self, device) -> tuple[Tensor, float, float]:
         """``(A', back, S)`` on ``device``, read once per microbatch: ``A = A' · back`` (see
         ``unit_advantages``) and ``S`` the loss scale, so the backward never waits on the device."""
-        key = str(device)
-        if key not in self._advantages:
-            A, back = unit_advantages(self.A)
-            self._advantages[key] = (A.to(device), back, self._loss_scale())
-        return self._advantages[key]
+        found = self._advantages.get(device)
+        if found is None:
+            A, back = unit_advantages(self.A, self.amax)
+            found = self._advantages[device] = (A.to(device), back, self._loss_scale())
+        return found
 
     def expand_shared(self, t: Tensor, features: bool, axis: int | None = None) -> Tensor:
         """``t`` expanded to ``n`` along the sample axis where it has size 1 there (``axis``: a
@@ -289,7 +289,7 @@ class Microbatch:
         input tensor, whose history tells a per-sample input from a shared table."""
         if source is not None:
             self.check_layout(tuple(shape), source, where)
-        key = (tuple(shape), str(device))
+        key = (tuple(shape), device)
         if key not in self._maps:
             self._maps[key] = sample_map(shape, self.n, self.segments, self.sample_dim, where,
                                          device)
@@ -311,7 +311,7 @@ def _check_arrived(layer, uses, arrived, autocast: bool, eps: float = 0.0) -> No
             G = whole[0].G if len(whole) == 1 else sum(u.G for u in whole)
             # rounding scales with the terms summed, not with their sum: per-sample gradients
             # that cancel (a Gaussian's log_std at its fit) leave a small sum with their rounding
-            sums = torch.stack([G.sum(0, dtype=torch.float64) - flat.to(G.device, torch.float64),
+            sums = torch.stack([G.sum(0, dtype=torch.float64).sub_(flat.to(G.device)),
                                 G.abs().sum(0, dtype=torch.float64)])
         else:                            # nothing to account for what arrived
             sums = flat.double().expand(2, -1)
@@ -337,17 +337,18 @@ def _finished(g: Tensor, p: Tensor, back: float) -> Tensor:
     return g if g.is_contiguous() else g.contiguous()
 
 
-def unit_advantages(A: Tensor) -> tuple[Tensor, float]:
+def unit_advantages(A: Tensor, amax: float) -> tuple[Tensor, float]:
     """``(A / 2^e, 2^e)`` with ``|A / 2^e| < 1`` for very large or small advantages (exact;
-    ordinary ones are kept): ``c`` is linear in ``A``, and fp16 activations can hold neither."""
-    amax = float(A.abs().max())
+    ordinary ones are kept; ``amax`` is ``max |A|``): ``c`` is linear in ``A``, and fp16
+    activations can hold neither."""
     if amax == 0 or 2.0 ** -8 <= amax <= 2.0 ** 8:
         return A, 1.0
     e = math.frexp(amax)[1]
     return A * 2.0 ** -e, 2.0 ** e
 
 
-def check_advantages(advantages) -> Tensor:
+def check_advantages(advantages) -> tuple[Tensor, float]:
+    """The advantages as float64 on the host, with ``max |A|`` (read once)."""
     try:
         A = torch.as_tensor(advantages)
     except (TypeError, ValueError, RuntimeError):
@@ -361,10 +362,11 @@ def check_advantages(advantages) -> Tensor:
     if A.is_complex() or A.dtype == torch.bool:
         raise TypeError(f"advantages must be real numbers, got {A.dtype}")
     A = A.detach().to("cpu", torch.float64)
-    if not math.isfinite(float(A.abs().max())):
+    amax = float(A.abs().max())
+    if not math.isfinite(amax):
         raise ValueError("advantages must be finite; got NaN or inf at positions "
                          f"{torch.nonzero(~torch.isfinite(A)).flatten().tolist()}")
-    return A
+    return A, amax
 
 
 def check_segments(segments, n: int) -> Tensor | None:

@@ -103,6 +103,8 @@ class ISOPO(torch.optim.Optimizer):
         # the modules, and which of their parameters train, are fixed with the layers: checked
         # at every microbatch
         self._named_modules = list(model.named_modules(remove_duplicate=False))
+        self._children = [(m, tuple(_compat.own_children(m).items()))
+                          for m in {id(m): m for _, m in self._named_modules}.values()]
         self._trainable = [(f"{mn}.{attr}" if mn else attr, _compat.own_parameters(m), attr,
                             p.requires_grad)
                            for mn, m in model.named_modules() for attr, p in
@@ -115,9 +117,10 @@ class ISOPO(torch.optim.Optimizer):
         its place), is refused (a new or unfrozen one would get plain autograd's gradient, a
         frozen one would still enter ``K``). A parameter replaced by a trainable one on the same
         module (a device move, weights tied again) is what the layer's gate reads."""
-        now = list(self.model.named_modules(remove_duplicate=False))
-        if len(now) != len(self._named_modules) or not all(
-                m is old for (_, m), (_, old) in zip(now, self._named_modules)):
+        same = all(tuple(_compat.own_children(m).items()) == kids for m, kids in self._children)
+        now = [] if same else list(self.model.named_modules(remove_duplicate=False))
+        if not same and (len(now) != len(self._named_modules) or not all(
+                m is old for (_, m), (_, old) in zip(now, self._named_modules))):
             was = dict(self._named_modules)
             names = dict(now)
             change = ([f"module '{n}' was {'replaced' if n in was else 'added'}" for n, m in now
@@ -256,12 +259,12 @@ class ISOPO(torch.optim.Optimizer):
         if not self._undo:
             raise RuntimeError("this ISOPO optimizer was detached from its model")
         self._check_unchanged()
-        A = check_advantages(advantages)
+        A, amax = check_advantages(advantages)
         seg = check_segments(segments, A.numel())
         if sample_dim not in (0, 1):
             raise ValueError(f"sample_dim must be 0 or 1, got {sample_dim}")
         self._ledger.clear()
-        mb = Microbatch(self._attachment, A, seg, sample_dim, self._settings(),
+        mb = Microbatch(self._attachment, A, amax, seg, sample_dim, self._settings(),
                         self._m if self.ema is not None else None, self._step_figures,
                         self._ledger, self._loss_scale)
         if self._together:

@@ -93,7 +93,9 @@ class Tracker(TorchFunctionMode):
             if own_node(_compat.autograd_node()):
                 return func(*args, **kwargs)
             return self._mark(func(*args, **kwargs), frozenset())
-        hits = [t for t in inputs if id(t) in self.free or t in self.shared]
+        free, shared = self.free, self.shared.items      # (inlined: this runs for every op)
+        hits = [t for t in inputs if id(t) in free
+                or (found := shared.get(id(t))) is not None and found[0]() is t]
         if not hits or not torch.is_grad_enabled() or own_node(_compat.autograd_node()):
             return func(*args, **kwargs)
         if getattr(func, "__name__", None) == "__get__" and func.__self__.__name__ not in _VIEWS:
@@ -425,6 +427,8 @@ def _broadcast_grad(m: "_Meeting", k: int, src: Tensor, outs, grads) -> Tensor |
 def _carried(src: Tensor, index: int | None, gated, G_src: Tensor, n: int) -> Tensor:
     """``(n, D)``: per-sample gradients of a free layer's parameters from those of ``src``, which
     is parameter ``index`` itself or computed from the layer's parameters."""
+    if index is not None and len(gated) == 1:      # the layer's one parameter itself
+        return G_src.reshape(n, -1)
     if index is not None:                   # the parameter itself: nothing to carry
         return torch.cat([G_src.reshape(n, -1) if j == index else G_src.new_zeros(n, q.numel())
                           for j, q in enumerate(gated)], 1)
