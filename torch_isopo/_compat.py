@@ -6,6 +6,7 @@ the name of what went missing, not somewhere deep inside a backward.
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 from torch import nn
@@ -93,6 +94,18 @@ def own_buffers(module):
     """The module's own buffers, ``None`` for a registered empty one (one pass, without the
     generator ``Module.buffers`` builds)."""
     return module._buffers.values()
+
+
+def registered(module, attr: str):
+    """``getattr(module, attr)`` for a parameter: a dict lookup where it is registered (FSDP2
+    registers its unsharded parameters there for a forward), ``Module.__getattr__`` otherwise."""
+    found = module._parameters.get(attr)
+    return found if found is not None else getattr(module, attr)
+
+
+def distributed_tensors() -> bool:
+    """Whether ``torch.distributed.tensor`` (DTensor, FSDP2's sharded parameters) is loaded."""
+    return "torch.distributed.tensor" in sys.modules
 
 
 def own_children(module) -> dict:

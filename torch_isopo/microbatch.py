@@ -115,7 +115,8 @@ class Microbatch:
     """
 
     def __init__(self, owner, A: Tensor, amax: float, segments: Tensor | None, sample_dim: int,
-                 settings: Settings, stats: dict | None, figures: dict, ledger, loss_scale):
+                 settings: Settings, stats: dict | None, figures: dict, ledger, loss_scale,
+                 maps: dict | None = None):
         self.owner, self.A, self.amax, self.n = owner, A, amax, A.numel()
         self.segments, self.sample_dim = segments, sample_dim
         self.settings, self.stats, self.figures, self.ledger = settings, stats, figures, ledger
@@ -124,7 +125,11 @@ class Microbatch:
         self.gate_all = None         # the layers to gate together (a small model), if any
         self._together: set[int] = set()   # the layers gated together
         self._gates: dict[int, tuple] | None = {}
-        self._maps: dict[tuple, SampleMap] = {}
+        # sample maps by token shape; without segments they depend on n and the shape alone and
+        # are kept from one microbatch to the next (``maps``, cleared when it grows large)
+        self._maps: dict[tuple, SampleMap] = {} if maps is None or segments is not None else maps
+        if len(self._maps) > 64:
+            self._maps.clear()
         self._used: set[int] = set()             # layers whose forward ran with grad here
         self._regions: dict[int, tuple] = {}     # layer -> (reentrant region node, its gate)
         self._explicit = None        # the first input with a sample axis (its description)
@@ -206,8 +211,9 @@ class Microbatch:
         """One gate for all layers of a small model: one node, one batched solve, at the end of
         the backward. False (nothing done) while some parameter is sharded (FSDP2 unshards each
         module in its forward): then each layer is gated when its module runs."""
-        params = [[getattr(owner, attr) for owner, attr in layer.owners] for layer in layers]
-        if any(_is_dtensor(p) for ps in params for p in ps):
+        params = [[_compat.registered(owner, attr) for owner, attr in layer.owners]
+                  for layer in layers]
+        if _compat.distributed_tensors() and any(_is_dtensor(p) for ps in params for p in ps):
             return False
         records = []
         for layer, ps in zip(layers, params):
@@ -248,7 +254,7 @@ class Microbatch:
 
     def batch_map(self, N: int, L: int, where: str, device, entry_major: bool = True) -> SampleMap:
         """Rows of ``N`` batch entries of ``L`` positions each (``samples.batch_map``)."""
-        key = ("batch", N, L, str(device), entry_major)
+        key = ("batch", self.n, N, L, device, entry_major)
         if key not in self._maps:
             self._maps[key] = batch_map(N, L, self.n, self.segments, where, device, entry_major)
         return self._maps[key]
@@ -289,7 +295,7 @@ class Microbatch:
         input tensor, whose history tells a per-sample input from a shared table."""
         if source is not None:
             self.check_layout(tuple(shape), source, where)
-        key = (tuple(shape), device)
+        key = (self.n, self.sample_dim, tuple(shape), device)
         if key not in self._maps:
             self._maps[key] = sample_map(shape, self.n, self.segments, self.sample_dim, where,
                                          device)

@@ -96,6 +96,7 @@ class ISOPO(torch.optim.Optimizer):
         self._attachment = Attachment()
         self._ledger = Ledger(self._attachment)
         self._m: dict[str, float] = {}                 # EMA of m per layer
+        self._maps: dict = {}                          # sample maps without segments, reused
         self._step_figures: dict[str, list] = {}       # this step's microbatch figures
         self._last_figures: dict[str, list] = {}       # the last step's, for diagnostics
         self._diagnostics: dict[str, dict[str, float]] | None = None
@@ -266,7 +267,7 @@ class ISOPO(torch.optim.Optimizer):
         self._ledger.clear()
         mb = Microbatch(self._attachment, A, amax, seg, sample_dim, self._settings(),
                         self._m if self.ema is not None else None, self._step_figures,
-                        self._ledger, self._loss_scale)
+                        self._ledger, self._loss_scale, self._maps)
         if self._together:
             mb.gate_all = self.layers
         free = [layer for layer in self.layers if layer.rule == "parameter"]
