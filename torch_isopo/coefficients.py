@@ -46,7 +46,9 @@ def _statistic(m: Tensor, damping: float, m_used) -> Tensor:
     """``damping · m``, with ``m_used`` (a float, or one per layer with NaN for "own") instead."""
     if m_used is None:
         return damping * m
-    if not isinstance(m_used, float) and all(u == u for u in m_used):      # no NaN: all given
+    if isinstance(m_used, float) and m_used == m_used:
+        return torch.full_like(m, damping * m_used)
+    if all(u == u for u in m_used):      # no NaN: all given
         used = torch.tensor([damping * u for u in m_used], dtype=m.dtype)
         return used.to(m.device, non_blocking=True)
     used = torch.as_tensor(m_used, dtype=m.dtype, device=m.device)
