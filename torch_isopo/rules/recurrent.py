@@ -150,10 +150,10 @@ class _Params:
         self.entry, self.gated, self.m, self.dtype = entry, gated, entry.module, dtype
 
     def get(self, name):
-        if getattr(self.m, name, None) is None:
-            return None, None
         s = self.entry.slot(name)
-        t = getattr(self.m, name) if s is None else self.gated[s]
+        t = getattr(self.m, name, None) if s is None else self.gated[s]
+        if t is None:
+            return None, None
         return (t if self.dtype is None else t.to(self.dtype)), s
 
 
