@@ -164,8 +164,14 @@ def main():
     p.add_argument("--n", type=int, nargs="+", default=[8, 32, 128])
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--woodbury-from", type=int, default=None,
+                   help="samples from which a layer of fewer parameters than half the samples is "
+                        "solved by Woodbury (default: the library's, finish.LOW_RANK_N)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.woodbury_from is not None:
+        import torch_isopo.finish
+        torch_isopo.finish.LOW_RANK_N = args.woodbury_from
     settle_allocator()
     print(f"ISOPO ntk forward+backward / plain REINFORCE, median of {args.rounds} interleaved "
           f"rounds, {args.threads} thread(s)")
