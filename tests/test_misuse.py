@@ -491,3 +491,77 @@ def test_parameters_replaced_after_building_are_refused(data, change):
         with opt.microbatch(A):
             raise AssertionError("the block must not start")
     assert all(p.grad is None for p in m.parameters())
+
+
+class FreeScale(nn.Module):
+    """Two Linears, the second tied or not, and a free per-feature scale on the policy itself."""
+
+    def __init__(self, tied: bool):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        if tied:
+            self.b.weight = self.a.weight
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 4))
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x))) * self.scale
+
+
+@pytest.mark.parametrize("gates", ["model", "layer"])
+@pytest.mark.parametrize("how", ["assign", "load_state_dict"])
+def test_a_free_parameter_replaced_after_building_is_the_one_trained(data, gates, how):
+    """A free parameter swapped for another trainable Parameter of its shape (a new tensor, or
+    ``load_state_dict(assign=True)``) is followed through the forward as the one the module now
+    holds: exact, and its gradient lands on the new Parameter (it got plain autograd's
+    advantage-free gradient with per-layer gates, and a misleading refusal with one gate)."""
+    _, X, A = data
+    torch.manual_seed(1)
+    model = FreeScale(tied=False).double()
+    m, opt, _ = _make(model, gates=gates)
+    new = torch.linspace(-1.0, 2.0, 4, dtype=torch.float64)
+    if how == "assign":
+        m.scale = nn.Parameter(new.clone())
+    else:
+        m.load_state_dict({**m.state_dict(), "scale": new.clone()}, assign=True)
+    model.scale = nn.Parameter(new.clone())
+    with opt.microbatch(A):
+        _losses(m, X).sum().backward()
+    for (name, p), want in zip(m.named_parameters(), _reference(model, lambda net: _losses(net, X), A)):
+        assert float((p.grad - want).norm() / want.norm()) < 1e-10, name
+    assert opt._attachment.active is None and opt._ledger.made == {}
+
+
+@pytest.mark.parametrize("change", ["added", "tied", "untied", "removed", "list pop",
+                                    "list insert"])
+def test_parameters_added_tied_or_untied_after_building_are_refused(data, change):
+    """A trainable Parameter added to a module (it would get plain autograd's gradient), two
+    weights tied (each layer would gate the one tensor) or untied (the forward would still use
+    the tied one, a silent wrong gradient) after ISOPO was built: refused at the next block,
+    before anything runs, with the change named."""
+    _, X, A = data
+    torch.manual_seed(1)
+    model = FreeScale(tied=change == "untied").double()
+    model.extra = nn.ModuleList([nn.Identity(), nn.Identity()])
+    m, opt, _ = _make(model)
+    if change == "added":
+        m.shift = nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    elif change == "tied":
+        m.b.weight = m.a.weight
+    elif change == "untied":
+        m.b.weight = nn.Parameter(m.a.weight.detach().clone())
+    elif change == "removed":
+        m.b.bias = None
+    elif change == "list pop":
+        m.extra.pop(0)
+    else:
+        m.extra.insert(0, nn.Identity())
+    expected = {"added": r"parameter 'shift' was added",
+                "tied": r"parameter 'b\.weight' was tied to 'a\.weight'",
+                "untied": r"parameter 'b\.weight' was untied from 'a\.weight'",
+                "removed": r"parameter 'b\.bias' was removed",
+                "list pop": r"module 'extra\.0' was removed",
+                "list insert": r"module 'extra\.0' was added"}[change]
+    with pytest.raises(ValueError, match=expected + r".*opt\.detach\(\); opt = ISOPO"):
+        with opt.microbatch(A):
+            raise AssertionError("the block must not start")
+    assert all(p.grad is None for p in m.parameters())

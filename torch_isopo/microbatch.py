@@ -77,7 +77,7 @@ def finish_records(records: list[LayerRecord], arrived: list[tuple]) -> list[tup
     live = []
     for k, (r, got) in enumerate(zip(records, arrived)):
         uses = r.take()
-        _check_arrived(r.layer, uses, got, r.autocast, r.eps)
+        _check_arrived(r.layer, r.params, uses, got, r.autocast, r.eps)
         if uses:
             live.append((k, r, uses))
     if not live:
@@ -302,7 +302,7 @@ class Microbatch:
         return self._maps[key]
 
 
-def _check_arrived(layer, uses, arrived, autocast: bool, eps: float = 0.0) -> None:
+def _check_arrived(layer, params, uses, arrived, autocast: bool, eps: float = 0.0) -> None:
     """A gradient that reached the gate without a use to account for it came from a path ISOPO
     did not see: refuse it rather than write a gradient it cannot attribute to samples."""
     if all(g is None for g in arrived):
@@ -312,7 +312,7 @@ def _check_arrived(layer, uses, arrived, autocast: bool, eps: float = 0.0) -> No
     if not bad:
         flat = arrived[0].reshape(-1) if len(arrived) == 1 else torch.cat(
             [(torch.zeros_like(p) if g is None else g).reshape(-1)
-             for g, p in zip(arrived, layer.params)])
+             for g, p in zip(arrived, params)])
         if whole:
             G = whole[0].G if len(whole) == 1 else sum(u.G for u in whole)
             # rounding scales with the terms summed, not with their sum: per-sample gradients

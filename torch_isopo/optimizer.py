@@ -110,32 +110,44 @@ class ISOPO(torch.optim.Optimizer):
                             p.requires_grad)
                            for mn, m in model.named_modules() for attr, p in
                            m.named_parameters(recurse=False)]
+        self._registered = [(mn, _compat.own_parameters(m), tuple(_compat.own_parameters(m)))
+                            for mn, m in model.named_modules()]
+        self._ids = self._parameter_ids()
+        self._ties = _ties(self._ids)
         self._guard_strays(optimizer.param_groups)
+
+    def _parameter_ids(self) -> list[int]:
+        return [id(params.get(attr)) for _, params, attr, _ in self._trainable]
 
     def _check_unchanged(self) -> None:
         """The layers and the parameters they train are found once, when ISOPO is built: a module
-        replaced since, or a parameter frozen or unfrozen (also by putting another Parameter in
-        its place), is refused (a new or unfrozen one would get plain autograd's gradient, a
-        frozen one would still enter ``K``). A parameter replaced by a trainable one on the same
-        module (a device move, weights tied again) is what the layer's gate reads."""
+        replaced, added or removed since, a parameter frozen, unfrozen, added or removed, or two
+        parameters tied or untied, is refused (a new or unfrozen one would get plain autograd's
+        gradient, a frozen one would still enter ``K``, an untied one would not be used). A
+        parameter replaced by a trainable one on the same module, ties kept (a device move,
+        weights tied again), is what the layer's gate reads and the tracker follows."""
         same = all(tuple(_compat.own_children(m).items()) == kids for m, kids in self._children)
         now = [] if same else list(self.model.named_modules(remove_duplicate=False))
         if not same and (len(now) != len(self._named_modules) or not all(
                 m is old for (_, m), (_, old) in zip(now, self._named_modules))):
-            was = dict(self._named_modules)
-            names = dict(now)
-            change = ([f"module '{n}' was {'replaced' if n in was else 'added'}" for n, m in now
-                       if was.get(n) is not m]
-                      + [f"module '{n}' was removed" for n in was if n not in names]
-                      + ["the model's modules were rearranged"])[0]
-            self._refuse_change(change)
+            self._refuse_change(_module_change(self._named_modules, now))
         for name, params, attr, trainable in self._trainable:
             p = params.get(attr)
-            if p is None or p.requires_grad != trainable:
-                now_trains = p is not None and p.requires_grad
+            if p is None:
+                self._refuse_change(f"parameter '{name}' was removed")
+            if p.requires_grad != trainable:
                 self._refuse_change(
                     f"parameter '{name}' was {'trainable' if trainable else 'frozen'} when ISOPO "
-                    f"was built and is {'trainable' if now_trains else 'frozen'} now")
+                    f"was built and is {'trainable' if p.requires_grad else 'frozen'} now")
+        for mn, params, names in self._registered:
+            if tuple(params) != names:
+                added = next((a for a, q in params.items()
+                              if a not in names and q is not None and q.requires_grad), None)
+                if added is not None:
+                    self._refuse_change(f"parameter '{f'{mn}.{added}' if mn else added}' was added")
+        ids = self._parameter_ids()
+        if ids != self._ids and _ties(ids) != self._ties:
+            self._refuse_change(_tie_change(self._trainable, self._ties, _ties(ids)))
 
     @staticmethod
     def _refuse_change(change: str) -> None:
@@ -149,7 +161,8 @@ class ISOPO(torch.optim.Optimizer):
         """Trainable parameters of the inner optimizer that no layer holds (a ``log_std`` kept
         beside the model, ISOPO built on a submodule): a gradient they receive inside a
         microbatch would be plain autograd's, without advantages, so it is refused."""
-        owned = {id(p) for layer in self.layers for p in layer.params}
+        owned = {id(_compat.registered(owner, attr)) for layer in self.layers
+                 for owner, attr in layer.owners}
         for i, group in enumerate(groups, start):
             for p in group["params"]:
                 if id(p) not in owned and p.requires_grad:
@@ -375,6 +388,36 @@ class ISOPO(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return (f"ISOPO(mode={self.mode!r}, damping={self.damping}, ema={self.ema}, "
                 f"layers={len(self.layers)}, optimizer={self.optimizer!r})")
+
+
+def _ties(ids: list[int]) -> list[int]:
+    """Which parameter slots hold one tensor: each slot's first slot with the same tensor."""
+    first: dict[int, int] = {}
+    return [first.setdefault(i, k) for k, i in enumerate(ids)]
+
+
+def _tie_change(slots: list, was: list[int], now: list[int]) -> str:
+    """The first parameter tied or untied since ISOPO was built, in words."""
+    names = [name for name, *_ in slots]
+    k = next(k for k, (a, b) in enumerate(zip(was, now)) if a != b)
+    if now[k] != k:
+        return f"parameter '{names[k]}' was tied to '{names[now[k]]}'"
+    return f"parameter '{names[k]}' was untied from '{names[was[k]]}'"
+
+
+def _module_change(was: list, now: list) -> str:
+    """The first module replaced, added or removed since ISOPO was built, in words."""
+    old = dict(was)
+    old_ids, new_ids = {id(m) for _, m in was}, {id(m) for _, m in now}
+    for n, m in now:
+        if id(m) not in old_ids:
+            replaced = n in old and id(old[n]) not in new_ids
+            return f"module '{n}' was {'replaced' if replaced else 'added'}"
+    for n, m in was:
+        if id(m) not in new_ids:
+            return f"module '{n}' was removed"
+    moved = next((n for n, m in now if old.get(n) is not m), None)
+    return "the model's modules were rearranged" + (f" (module '{moved}')" if moved else "")
 
 
 @contextlib.contextmanager

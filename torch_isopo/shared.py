@@ -64,7 +64,9 @@ class Tracker(TorchFunctionMode):
     def __init__(self, attachment, layers, constants):
         super().__init__()
         self.attachment = attachment
-        self.free = {id(p): (layer, i) for layer in layers for i, p in enumerate(layer.params)}
+        # the parameters the modules hold now (one replaced since the build is the one used)
+        self.free = {id(_compat.registered(owner, attr)): (layer, i) for layer in layers
+                     for i, (owner, attr) in enumerate(layer.owners)}
         self.shared = _ByIdentity()             # tensor -> ids of the free layers it reads
         self.mixed = _ByIdentity()              # shared tensors that also carry data
         self.gates: dict[int, tuple] = {}       # free layer id -> (record, gated parameters)
