@@ -565,3 +565,23 @@ def test_parameters_added_tied_or_untied_after_building_are_refused(data, change
         with opt.microbatch(A):
             raise AssertionError("the block must not start")
     assert all(p.grad is None for p in m.parameters())
+
+
+def test_frozen_weights_untied_after_building_are_accepted(data):
+    """Ties between frozen parameters do not matter to any layer (a LoRA model's tied base
+    embedding untied by ``load_state_dict(assign=True)``): accepted, and exact."""
+    _, X, A = data
+    torch.manual_seed(1)
+    model = FreeScale(tied=True).double()
+    model.a.weight.requires_grad_(False)
+    m, opt, _ = _make(model)
+    m.b.weight = nn.Parameter(m.a.weight.detach().clone(), requires_grad=False)
+    model.b.weight = nn.Parameter(model.a.weight.detach().clone(), requires_grad=False)
+    with opt.microbatch(A):
+        _losses(m, X).sum().backward()
+    ref = copy.deepcopy(model)
+    wants, _ = reference_gradients(ref, lambda: _losses(ref, X), A, "ntk", 0.5)
+    for (name, p), q in zip(m.named_parameters(), ref.parameters()):
+        assert (p.grad is None) == (not q.requires_grad), name
+        if q.requires_grad:
+            assert float((p.grad - wants[q]).norm() / wants[q].norm()) < 1e-10, name

@@ -117,7 +117,10 @@ class ISOPO(torch.optim.Optimizer):
         self._guard_strays(optimizer.param_groups)
 
     def _parameter_ids(self) -> list[int]:
-        return [id(params.get(attr)) for _, params, attr, _ in self._trainable]
+        """The trainable parameters' tensors by identity, slot by slot (frozen ones may be tied
+        and untied freely: no layer holds them)."""
+        return [id(params.get(attr)) if trains else k
+                for k, (_, params, attr, trains) in enumerate(self._trainable)]
 
     def _check_unchanged(self) -> None:
         """The layers and the parameters they train are found once, when ISOPO is built: a module
