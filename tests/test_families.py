@@ -1958,3 +1958,50 @@ def test_one_optimizer_over_microbatches_of_changing_layouts(setting):
             err = float((p.grad - want[q]).norm()) / max(float(want[q].norm()), 1e-12)
             assert err <= 1e-7, f"microbatch {k}: {name} relative error {err:.2e}"
         opt.zero_grad()
+
+
+class StepGaussian(nn.Module):
+    """A per-step Gaussian over ``(B, T)`` rows of observations, the action axis squeezed: a
+    free ``log_std`` meets the samples in a 2-D result with no feature axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.mu, self.log_std = nn.Linear(3, 1), nn.Parameter(torch.tensor([0.3]))
+
+    def forward(self, x, a):
+        return Normal(self.mu(x).squeeze(-1), self.log_std.exp()).log_prob(a)   # (B, T)
+
+
+@pytest.mark.parametrize("layout", ["episode per row", "rows of an episode"])
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+def test_free_parameter_in_a_token_grid_with_segments(layout, setting):
+    """With ``segments`` naming one sample per token of ``(B, T)`` rows, a 2-D per-step result
+    is read one sample id per entry where each row is one sample's (an episode per row, or
+    an episode split over several rows): exact."""
+    torch.manual_seed(0)
+    B, T = 6, 5
+    x, a = torch.randn(B, T, 3, dtype=D), torch.randn(B, T, dtype=D)
+    rows = torch.arange(B) if layout == "episode per row" else torch.tensor([0, 0, 1, 2, 2, 2])
+    n = int(rows.max()) + 1
+
+    def losses(m):
+        return torch.zeros(n, dtype=D).index_add(0, rows, -m(x, a).sum(1))
+    check_family(StepGaussian().to(D), losses, n, *setting, segments=rows.repeat_interleave(T))
+
+
+def test_free_parameter_in_a_token_grid_of_several_samples_per_row():
+    """Rows that hold several samples (one per step): a ``(B, T)`` result could be a ``(B, H)``
+    feature tensor with ``H == T``, so it is not read per entry; refused with the fix (one row
+    per token), which is exact."""
+    torch.manual_seed(0)
+    B, T = 3, 4
+    x, a = torch.randn(B, T, 3, dtype=D), torch.randn(B, T, dtype=D)
+    seg = torch.arange(B * T)
+    model = StepGaussian().to(D)
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1), ema=None)
+    A = torch.randn(B * T, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"'log_std'.*with segments=.*flatten \(B, T\)"):
+        with opt.microbatch(A, seg):
+            (-model(x, a)).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    check_family(model, lambda m: -m(x, a).reshape(-1), B * T, "ntk", 0.3, segments=seg)

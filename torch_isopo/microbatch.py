@@ -77,7 +77,8 @@ def finish_records(records: list[LayerRecord], arrived: list[tuple]) -> list[tup
     live = []
     for k, (r, got) in enumerate(zip(records, arrived)):
         uses = r.take()
-        _check_arrived(r.layer, r.params, uses, got, r.autocast, r.eps)
+        _check_arrived(r.layer, r.params, uses, got, r.autocast, r.eps,
+                       r.mb.segments is not None)
         if uses:
             live.append((k, r, uses))
     if not live:
@@ -135,6 +136,7 @@ class Microbatch:
         self._explicit = None        # the first input with a sample axis (its description)
         self._pending: list = []     # inputs without one, their history not yet needed
         self._advantages: dict = {}      # device -> (A', back, S)
+        self._rows_of_one: dict[int, bool] = {}
         self._figures: list | None = []   # made while the block is open, kept if it ends well
 
     def add_figures(self, name: str, figures: tuple) -> None:
@@ -234,6 +236,15 @@ class Microbatch:
             found = self._advantages[device] = (A.to(device), back, self._loss_scale())
         return found
 
+    def one_sample_per_row(self, rows: int) -> bool:
+        """Whether ``segments`` read as ``rows`` rows of equal length name one sample in each
+        (read once per microbatch and row count: a host sync)."""
+        found = self._rows_of_one.get(rows)
+        if found is None:
+            seg = self.segments.view(rows, -1)
+            found = self._rows_of_one[rows] = bool((seg == seg[:, :1]).all())
+        return found
+
     def expand_shared(self, t: Tensor, features: bool, axis: int | None = None) -> Tensor:
         """``t`` expanded to ``n`` along the sample axis where it has size 1 there (``axis``: a
         layer's own batch axis, as a convolution's, whatever ``sample_dim`` says)."""
@@ -302,7 +313,8 @@ class Microbatch:
         return self._maps[key]
 
 
-def _check_arrived(layer, params, uses, arrived, autocast: bool, eps: float = 0.0) -> None:
+def _check_arrived(layer, params, uses, arrived, autocast: bool, eps: float = 0.0,
+                   segmented: bool = False) -> None:
     """A gradient that reached the gate without a use to account for it came from a path ISOPO
     did not see: refuse it rather than write a gradient it cannot attribute to samples."""
     if all(g is None for g in arrived):
@@ -331,7 +343,11 @@ def _check_arrived(layer, params, uses, arrived, autocast: bool, eps: float = 0.
             f"ISOPO: parameters {', '.join(repr(n) for n in layer.param_names)} reach the loss "
             "through ops where they never meet the samples (a result without a sample axis, such "
             "as a loss term that is not a sum of per-sample terms); ISOPO cannot attribute their "
-            "gradient. Keep such terms out of the microbatch's backward")
+            "gradient. Keep such terms out of the microbatch's backward" + (
+                "; with segments=, a 2-D result (B, T) is read one sample id per entry only "
+                "where each of its rows is one sample's: give per-token terms one row per token "
+                "(flatten (B, T) to (B·T,), or keep a trailing axis: (B, T, 1))"
+                if segmented else ""))
 
 
 def _finished(g: Tensor, p: Tensor, back: float) -> Tensor:
