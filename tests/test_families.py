@@ -2005,3 +2005,67 @@ def test_free_parameter_in_a_token_grid_of_several_samples_per_row():
             (-model(x, a)).sum().backward()
     assert all(p.grad is None for p in model.parameters())
     check_family(model, lambda m: -m(x, a).reshape(-1), B * T, "ntk", 0.3, segments=seg)
+
+
+class CleanRLRecurrent(nn.Module):
+    """CleanRL's recurrent PPO agent as written: an encoder on flattened time-major rows
+    ``(T·B, d)``, the recurrent module stepped in a loop over time on ``(1, B, H)`` (or a cell on
+    ``(B, H)``, with a Linear inside the loop) with states reset at episode ends, a head on the
+    flattened hidden states."""
+
+    def __init__(self, cell: bool):
+        super().__init__()
+        self.network = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+        self.cell = cell
+        self.rnn = nn.LSTMCell(4, 4) if cell else nn.LSTM(4, 4)
+        self.mix = nn.Linear(4, 4)
+        self.actor = nn.Linear(4, 3)
+
+    def forward(self, x, state, done, act):
+        B = state[0].shape[-2]
+        hidden = self.network(x).reshape(-1, B, 4)
+        out = []
+        for h, dn in zip(hidden, done.reshape(-1, B)):
+            keep = (1.0 - dn)[:, None]
+            if self.cell:
+                h, c = self.rnn(self.mix(h), (keep * state[0], keep * state[1]))
+                state = (h, c)
+            else:
+                h, state = self.rnn(h[None], (keep * state[0], keep * state[1]))
+            out.append(h.reshape(B, 4))
+        logits = self.actor(torch.flatten(torch.stack(out), 0, 1))
+        return -torch.log_softmax(logits, -1).gather(1, act[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("cell", [False, True], ids=["lstm", "cell"])
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+def test_recurrent_module_stepped_over_time_major_rows(cell, setting):
+    """Each environment's trajectory a sample, ``segments`` naming the flattened time-major rows
+    (``arange(B).repeat(T)``): a module stepped once per time step on the ``B`` entries maps them
+    to the same samples at every step, exact."""
+    torch.manual_seed(0)
+    T, B = 5, 4
+    x, act = torch.randn(T * B, 3, dtype=D), torch.randint(0, 3, (T * B,))
+    done = (torch.rand(T * B) < 0.25).to(D)
+    shape = (B, 4) if cell else (1, B, 4)
+    state = (torch.randn(*shape, dtype=D), torch.randn(*shape, dtype=D))
+    seg = torch.arange(B).repeat(T)
+
+    def losses(m):
+        return torch.zeros(B, dtype=D).index_add(0, seg, m(x, state, done, act))
+    check_family(CleanRLRecurrent(cell).to(D), losses, B, *setting, segments=seg)
+
+
+def test_segments_naming_other_samples_at_other_steps_are_refused():
+    """Per-step samples through a recurrent module stepped in a loop: the entries' samples change
+    from step to step, so ISOPO cannot tell which step runs; refused, naming the module."""
+    torch.manual_seed(0)
+    T, B = 3, 2
+    model = CleanRLRecurrent(cell=False).to(D)
+    x, act = torch.randn(T * B, 3, dtype=D), torch.randint(0, 3, (T * B,))
+    state = (torch.zeros(1, B, 4, dtype=D), torch.zeros(1, B, 4, dtype=D))
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1), ema=None)
+    with pytest.raises(ValueError, match=r"module 'rnn' input: segments has 6 entries.*stepped"):
+        with opt.microbatch(torch.randn(T * B, dtype=torch.float64), torch.arange(T * B)):
+            model(x, state, torch.zeros(T * B, dtype=D), act).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
