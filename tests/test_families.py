@@ -1972,39 +1972,31 @@ class StepGaussian(nn.Module):
         return Normal(self.mu(x).squeeze(-1), self.log_std.exp()).log_prob(a)   # (B, T)
 
 
-@pytest.mark.parametrize("layout", ["episode per row", "rows of an episode"])
-@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
-def test_free_parameter_in_a_token_grid_with_segments(layout, setting):
+@pytest.mark.parametrize("layout", ["episode per row", "rows of an episode", "step per sample"])
+def test_free_parameter_in_a_token_grid_with_segments(layout):
     """With ``segments`` naming one sample per token of ``(B, T)`` rows, a 2-D per-step result
-    is read one sample id per entry where each row is one sample's (an episode per row, or
-    an episode split over several rows): exact."""
+    has a row per entry of its first axis, not per token (read per entry it could equally be a
+    transposed grid or a ``(B, H)`` feature tensor with ``H == T``): refused, with the layouts
+    that are exact, one row per token ``(B·T,)`` or a trailing axis ``(B, T, 1)``."""
     torch.manual_seed(0)
     B, T = 6, 5
     x, a = torch.randn(B, T, 3, dtype=D), torch.randn(B, T, dtype=D)
-    rows = torch.arange(B) if layout == "episode per row" else torch.tensor([0, 0, 1, 2, 2, 2])
-    n = int(rows.max()) + 1
-
-    def losses(m):
-        return torch.zeros(n, dtype=D).index_add(0, rows, -m(x, a).sum(1))
-    check_family(StepGaussian().to(D), losses, n, *setting, segments=rows.repeat_interleave(T))
-
-
-def test_free_parameter_in_a_token_grid_of_several_samples_per_row():
-    """Rows that hold several samples (one per step): a ``(B, T)`` result could be a ``(B, H)``
-    feature tensor with ``H == T``, so it is not read per entry; refused with the fix (one row
-    per token), which is exact."""
-    torch.manual_seed(0)
-    B, T = 3, 4
-    x, a = torch.randn(B, T, 3, dtype=D), torch.randn(B, T, dtype=D)
-    seg = torch.arange(B * T)
+    rows = {"episode per row": torch.arange(B), "step per sample": None,
+            "rows of an episode": torch.tensor([0, 0, 1, 2, 2, 2])}[layout]
+    seg = torch.arange(B * T) if rows is None else rows.repeat_interleave(T)
+    n = int(seg.max()) + 1
     model = StepGaussian().to(D)
     opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1), ema=None)
-    A = torch.randn(B * T, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match=r"'log_std'.*with segments=.*flatten \(B, T\)"):
-        with opt.microbatch(A, seg):
+    with pytest.raises(RuntimeError, match=r"'log_std'.*with segments=.*flatten \(B, T\) to "
+                                           r"\(B·T,\), or keep a trailing axis"):
+        with opt.microbatch(torch.randn(n, dtype=torch.float64), seg):
             (-model(x, a)).sum().backward()
     assert all(p.grad is None for p in model.parameters())
-    check_family(model, lambda m: -m(x, a).reshape(-1), B * T, "ntk", 0.3, segments=seg)
+    for terms in (lambda m: -m(x, a).reshape(-1), lambda m: -m(x[..., None, :], a[..., None])):
+        def losses(m):
+            return torch.zeros(n, dtype=D).index_add(0, seg, terms(m).reshape(-1))
+        for setting in SETTINGS:
+            check_family(model, losses, n, *setting, segments=seg)
 
 
 class CleanRLRecurrent(nn.Module):

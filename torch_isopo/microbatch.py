@@ -136,7 +136,6 @@ class Microbatch:
         self._explicit = None        # the first input with a sample axis (its description)
         self._pending: list = []     # inputs without one, their history not yet needed
         self._advantages: dict = {}      # device -> (A', back, S)
-        self._rows_of_one: dict[int, bool] = {}
         self._figures: list | None = []   # made while the block is open, kept if it ends well
 
     def add_figures(self, name: str, figures: tuple) -> None:
@@ -234,15 +233,6 @@ class Microbatch:
         if found is None:
             A, back = unit_advantages(self.A, self.amax)
             found = self._advantages[device] = (A.to(device), back, self._loss_scale())
-        return found
-
-    def one_sample_per_row(self, rows: int) -> bool:
-        """Whether ``segments`` read as ``rows`` rows of equal length name one sample in each
-        (read once per microbatch and row count: a host sync)."""
-        found = self._rows_of_one.get(rows)
-        if found is None:
-            seg = self.segments.view(rows, -1)
-            found = self._rows_of_one[rows] = bool((seg == seg[:, :1]).all())
         return found
 
     def expand_shared(self, t: Tensor, features: bool, axis: int | None = None) -> Tensor:
@@ -344,8 +334,8 @@ def _check_arrived(layer, params, uses, arrived, autocast: bool, eps: float = 0.
             "through ops where they never meet the samples (a result without a sample axis, such "
             "as a loss term that is not a sum of per-sample terms); ISOPO cannot attribute their "
             "gradient. Keep such terms out of the microbatch's backward" + (
-                "; with segments=, a 2-D result (B, T) is read one sample id per entry only "
-                "where each of its rows is one sample's: give per-token terms one row per token "
+                "; with segments=, a 2-D result (B, T) has a row per entry of its first axis, "
+                "not per token: give per-token terms one row per token in the order of segments "
                 "(flatten (B, T) to (B·T,), or keep a trailing axis: (B, T, 1))"
                 if segmented else ""))
 

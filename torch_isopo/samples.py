@@ -103,7 +103,10 @@ def sample_map(token_shape: torch.Size, n: int, segments: Tensor | None, sample_
         if segments.numel() != tokens:
             raise ValueError(
                 f"{where}: segments has {segments.numel()} entries but the input has {tokens} "
-                f"tokens (input token shape {dims}); give one sample id per token")
+                f"tokens (input token shape {dims}); give one sample id per token" + (
+                    " (for a module stepped once per time step on the batch, segments over the "
+                    "T·B time-major rows name the same samples at every step)"
+                    if len(dims) == 1 and segments.numel() % tokens == 0 else ""))
         if len(dims) == 1 and sample_dim == 1:
             raise ValueError(
                 f"{where}: {dims[0]} rows with segments in a time-major microbatch "

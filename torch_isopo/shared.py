@@ -274,26 +274,13 @@ def sample_layout(mb, o: Tensor) -> bool:
         if o.dim() <= 2 and mb.sample_dim == 1:         # flat rows of a time-major batch:
             return False            # their order is unknown (samples.sample_map)
         rows = o.shape[0] * o.shape[1] if o.dim() >= 3 else o.shape[0]
-        return rows == mb.segments.numel() or _token_grid(mb, o)
+        return rows == mb.segments.numel()
     return o.shape[_sample_axis(mb, o)] == mb.n
 
 
-def _token_grid(mb, o: Tensor) -> bool:
-    """A 2-D result with one entry per token that ``segments`` names (a per-step log-likelihood
-    ``(B, T)``): its entries are the tokens, it has no feature axis. Read so only where each of
-    its rows is one sample's (episodes or chunks of one as rows): a ``(B, H)`` feature tensor
-    with ``H == T`` then maps to the same samples, whereas rows holding several samples could
-    not tell the two apart."""
-    return (mb.segments is not None and mb.sample_dim == 0 and o.dim() == 2
-            and o.shape[0] != mb.segments.numel() and o.numel() == mb.segments.numel()
-            and mb.one_sample_per_row(o.shape[0]))
-
-
-def _tokens(mb, o: Tensor) -> tuple[tuple, int]:
-    """A result's token shape and the width of its feature axis (the last, if any)."""
-    if o.dim() < 2 or _token_grid(mb, o):
-        return tuple(o.shape), 1
-    return tuple(o.shape[:-1]), o.shape[-1]
+def _tokens(o: Tensor) -> tuple:
+    """A result's token shape: all but its last (feature) axis, if it has one."""
+    return tuple(o.shape[:-1]) if o.dim() >= 2 else tuple(o.shape)
 
 
 def meets_samples(mb, func, out, inputs, data: bool) -> bool:
@@ -433,12 +420,13 @@ def _broadcast_grad(m: "_Meeting", k: int, src: Tensor, outs, grads) -> Tensor |
         return None
     i = m.targets[k]
     o, d = outs[i], grads[i]
-    token, last = _tokens(m.mb, o)
+    token = _tokens(o)
     lead = o.dim() - src.dim()
     if any(j - lead >= 0 and src.shape[j - lead] != 1 for j in range(len(token))):
         return None
     smap = m.mb.sample_map(token, "a free parameter's result", o.device)
     G = smap.reduce(d.reshape(smap.rows, -1), 0)               # (n, last dim)
+    last = o.shape[-1] if o.dim() >= 2 else 1
     G = G.view(m.mb.n, last) if src.dim() and src.shape[-1] == last else G.sum(1, keepdim=True)
     return G.view(m.mb.n, *src.shape) if src.numel() == G.shape[1] else None
 
@@ -456,7 +444,7 @@ def _carried(src: Tensor, index: int | None, gated, G_src: Tensor, n: int) -> Te
 
 def _per_sample(mb, o: Tensor, d: Tensor) -> Tensor:
     """``(n, *d.shape)``: the output gradient restricted to each sample's rows."""
-    smap = mb.sample_map(_tokens(mb, o)[0], "a free parameter's result", o.device)
+    smap = mb.sample_map(_tokens(o), "a free parameter's result", o.device)
     rows = d.reshape(smap.rows, -1)
     onehot = torch.zeros(mb.n, smap.rows, 1, dtype=d.dtype, device=d.device)
     onehot[smap.ids, torch.arange(smap.rows, device=d.device)] = 1
