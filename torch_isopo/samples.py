@@ -103,10 +103,8 @@ def sample_map(token_shape: torch.Size, n: int, segments: Tensor | None, sample_
         if segments.numel() != tokens:
             raise ValueError(
                 f"{where}: segments has {segments.numel()} entries but the input has {tokens} "
-                f"tokens (input token shape {dims}); give one sample id per token" + (
-                    " (for a module stepped once per time step on the batch, segments over the "
-                    "T·B time-major rows name the same samples at every step)"
-                    if len(dims) == 1 and segments.numel() % tokens == 0 else ""))
+                f"tokens (input token shape {dims}); give one sample id per token"
+                + (_STEPPED if len(dims) == 1 and segments.numel() % tokens == 0 else ""))
         if len(dims) == 1 and sample_dim == 1:
             raise ValueError(
                 f"{where}: {dims[0]} rows with segments in a time-major microbatch "
@@ -176,9 +174,12 @@ def batch_map(N: int, L: int, n: int, segments: Tensor | None, where: str,
     if steps is not None:                 # one step of a loop over time-major rows
         return SampleMap(steps.to(device), n, 1, None, 0)
     raise ValueError(f"{where}: segments has {segments.numel()} entries but the input has a batch "
-                     f"of {N} with {L} positions each; give one sample id per batch entry (for a "
-                     "module stepped once per time step on the batch, segments over the T·B "
-                     "time-major rows name the same samples at every step)")
+                     f"of {N} with {L} positions each; give one sample id per batch entry"
+                     + _STEPPED)
+
+
+_STEPPED = (" (for a module stepped once per time step on the batch, segments over the T·B "
+            "time-major rows name the same samples at every step)")
 
 
 def _repeated_steps(segments: Tensor, N: int) -> Tensor | None:
