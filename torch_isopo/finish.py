@@ -153,11 +153,12 @@ def _kernel(p: Prepared, n: int, dt, budget: int, cfg: Settings) -> Tensor:
 
 
 def coefficients(stats: list[Tensor], A: Tensor, cfg: Settings, m_used: list[float | None],
-                 low_rank: list[Tensor | None] | None = None) -> Coefficients:
+                 low_rank: list[Tensor | None] | None = None) -> "Coefficients | _Gathered":
     """``c`` of several layers at once (a leading layer axis): their statistics stacked, one
     batched solve (ntk) or one batched normalisation (fisher) for all of them. A layer with
     fewer parameters than half the samples (``low_rank[j]``, its ``G``) is solved in its own
-    dimensions instead (``ntk_low_rank``)."""
+    dimensions instead (``ntk_low_rank``). Either way ``.c`` holds every layer's ``c`` and
+    ``.layer(j)`` layer j's figures."""
     if cfg.mode == "reinforce":
         zero = A.new_zeros(len(stats))
         return Coefficients(A.expand(len(stats), -1), zero, zero, None)
