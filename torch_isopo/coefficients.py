@@ -55,6 +55,15 @@ def _statistic(m: Tensor, damping: float, m_used) -> Tensor:
     return damping * torch.where(torch.isnan(used), m, used)
 
 
+def _safe(rho: Tensor, damping: float, m_used) -> Tensor:
+    """``ρ``, with 1 where it is 0: ``ρ = 0`` only for a zero ``K``, where any ``ρ`` gives
+    ``c = A``. A ``ρ`` from positive moving averages needs no such step."""
+    used = [m_used] if isinstance(m_used, float) else m_used
+    if used is not None and all(damping * u > 0 for u in used):      # (NaN > 0 is False)
+        return rho
+    return rho + (rho == 0)
+
+
 def ntk_coefficients(K: Tensor, A: Tensor, damping: float, m_used=None) -> Coefficients:
     """``c = ρ (K + ρI)⁻¹ A`` with ``ρ = damping · m`` and ``m = tr(K)/n`` (or ``m_used``);
     ``K`` is ``(n, n)`` or a batch ``(L, n, n)`` of layers solved together.
@@ -68,7 +77,7 @@ def ntk_coefficients(K: Tensor, A: Tensor, damping: float, m_used=None) -> Coeff
     diag = torch.diagonal(damped, dim1=-2, dim2=-1)
     m = diag.mean(-1)
     rho = _statistic(m, damping, m_used)
-    safe = (rho + (rho == 0))[..., None]     # ρ = 0 only for a zero K: any ρ gives c = A
+    safe = _safe(rho, damping, m_used)[..., None]
     diag += safe
     # K is symmetric and its transpose is column-major: LAPACK's working copy is a straight one
     solved, _ = torch.linalg.solve_ex(damped.mT, A.expand(K.shape[:-1]))
@@ -85,8 +94,7 @@ def ntk_low_rank(G: Tensor, A: Tensor, damping: float, m_used=None) -> Coefficie
     diag = F.diagonal()
     m = diag.sum() / A.numel()                 # tr(GGᵀ) = tr(GᵀG)
     rho = _statistic(m, damping, m_used)
-    safe = rho + (rho == 0)
-    diag += safe
+    diag += _safe(rho, damping, m_used)
     solved, _ = torch.linalg.solve_ex(F, G.T @ A)
     return Coefficients(torch.addmv(A, G, solved, alpha=-1), m, rho, G)
 
