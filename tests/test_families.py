@@ -2000,10 +2000,10 @@ def test_free_parameter_in_a_token_grid_with_segments(layout):
 
 
 class CleanRLRecurrent(nn.Module):
-    """CleanRL's recurrent PPO agent as written: an encoder on flattened time-major rows
-    ``(T·B, d)``, the recurrent module stepped in a loop over time on ``(1, B, H)`` (or a cell on
-    ``(B, H)``, with a Linear inside the loop) with states reset at episode ends, a head on the
-    flattened hidden states."""
+    """CleanRL's recurrent PPO agent: an encoder on time-major rows, the recurrent module stepped
+    in a loop over time on ``(1, B, H)`` (or a cell on ``(B, H)``, with a Linear inside the loop)
+    with states reset at episode ends, a head on the hidden states. ``x`` is ``(T·B, d)`` as
+    CleanRL flattens it, or ``(T, B, d)``."""
 
     def __init__(self, cell: bool):
         super().__init__()
@@ -2025,39 +2025,42 @@ class CleanRLRecurrent(nn.Module):
             else:
                 h, state = self.rnn(h[None], (keep * state[0], keep * state[1]))
             out.append(h.reshape(B, 4))
-        logits = self.actor(torch.flatten(torch.stack(out), 0, 1))
-        return -torch.log_softmax(logits, -1).gather(1, act[:, None])[:, 0]
+        hs = torch.stack(out)                                  # (T, B, H)
+        logits = self.actor(hs if x.dim() == 3 else torch.flatten(hs, 0, 1))
+        return -torch.log_softmax(logits, -1).gather(-1, act.view(logits.shape[:-1])[..., None])
 
 
 @pytest.mark.parametrize("cell", [False, True], ids=["lstm", "cell"])
 @pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
 def test_recurrent_module_stepped_over_time_major_rows(cell, setting):
-    """Each environment's trajectory a sample, ``segments`` naming the flattened time-major rows
-    (``arange(B).repeat(T)``): a module stepped once per time step on the ``B`` entries maps them
-    to the same samples at every step, exact."""
+    """One trajectory per environment, the rows time-major ``(T, B, d)`` with ``sample_dim=1``: a
+    module stepped once per time step on the ``B`` entries is exact."""
     torch.manual_seed(0)
     T, B = 5, 4
-    x, act = torch.randn(T * B, 3, dtype=D), torch.randint(0, 3, (T * B,))
-    done = (torch.rand(T * B) < 0.25).to(D)
+    x, act = torch.randn(T, B, 3, dtype=D), torch.randint(0, 3, (T, B))
+    done = (torch.rand(T, B) < 0.25).to(D)
     shape = (B, 4) if cell else (1, B, 4)
     state = (torch.randn(*shape, dtype=D), torch.randn(*shape, dtype=D))
-    seg = torch.arange(B).repeat(T)
 
     def losses(m):
-        return torch.zeros(B, dtype=D).index_add(0, seg, m(x, state, done, act))
-    check_family(CleanRLRecurrent(cell).to(D), losses, B, *setting, segments=seg)
+        return m(x, state, done, act).reshape(T, B).sum(0)
+    check_family(CleanRLRecurrent(cell).to(D), losses, B, *setting, sample_dim=1)
 
 
-def test_segments_naming_other_samples_at_other_steps_are_refused():
-    """Per-step samples through a recurrent module stepped in a loop: the entries' samples change
-    from step to step, so ISOPO cannot tell which step runs; refused, naming the module."""
+@pytest.mark.parametrize("order", ["time-major", "sequence-major"])
+def test_recurrent_module_stepped_over_flattened_rows_with_segments_is_refused(order):
+    """CleanRL's flattened rows ``(T·B, d)`` with ``segments``: a module stepped once per time
+    step on ``B`` entries cannot tell which step runs (ids in either order may repeat with period
+    ``B`` and mean other samples), so it is refused, naming the module and the exact layout."""
     torch.manual_seed(0)
     T, B = 3, 2
     model = CleanRLRecurrent(cell=False).to(D)
     x, act = torch.randn(T * B, 3, dtype=D), torch.randint(0, 3, (T * B,))
     state = (torch.zeros(1, B, 4, dtype=D), torch.zeros(1, B, 4, dtype=D))
+    seg = torch.arange(B).repeat(T) if order == "time-major" else torch.arange(B).repeat_interleave(T)
     opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1), ema=None)
-    with pytest.raises(ValueError, match=r"module 'rnn' input: segments has 6 entries.*stepped"):
-        with opt.microbatch(torch.randn(T * B, dtype=torch.float64), torch.arange(T * B)):
+    with pytest.raises(ValueError, match=r"module 'rnn' input: segments has 6 entries.*stepped.*"
+                                         r"sample_dim=1 without segments"):
+        with opt.microbatch(torch.randn(B, dtype=torch.float64), seg):
             model(x, state, torch.zeros(T * B, dtype=D), act).sum().backward()
     assert all(p.grad is None for p in model.parameters())

@@ -537,7 +537,7 @@ def test_a_free_parameter_replaced_after_building_is_the_one_trained(data, gates
 
 
 @pytest.mark.parametrize("change", ["added", "tied", "untied", "removed", "list pop",
-                                    "list insert"])
+                                    "list insert", "swapped"])
 def test_parameters_added_tied_or_untied_after_building_are_refused(data, change):
     """A trainable Parameter added to a module (it would get plain autograd's gradient), two
     weights tied (each layer would gate the one tensor) or untied (the forward would still use
@@ -556,6 +556,8 @@ def test_parameters_added_tied_or_untied_after_building_are_refused(data, change
         m.b.weight = nn.Parameter(m.a.weight.detach().clone())
     elif change == "removed":
         m.b.bias = None
+    elif change == "swapped":
+        m.a.weight, m.b.weight = m.b.weight, m.a.weight
     elif change == "list pop":
         m.extra.pop(0)
     else:
@@ -565,7 +567,8 @@ def test_parameters_added_tied_or_untied_after_building_are_refused(data, change
                 "untied": r"parameter 'b\.weight' was untied from 'a\.weight'",
                 "removed": r"parameter 'b\.bias' was removed",
                 "list pop": r"module 'extra\.0' was removed",
-                "list insert": r"module 'extra\.0' was added"}[change]
+                "list insert": r"module 'extra\.0' was added",
+                "swapped": r"parameter 'a\.weight' now holds the tensor of 'b\.weight'"}[change]
     _refused_at_start(m, opt, A, expected)
 
 
@@ -587,3 +590,19 @@ def test_frozen_weights_untied_after_building_are_accepted(data):
         assert (p.grad is None) == (not q.requires_grad), name
         if q.requires_grad:
             assert float((p.grad - wants[q]).norm() / wants[q].norm()) < 1e-10, name
+
+
+def test_a_parameter_replaced_beside_tied_ones_is_followed(data):
+    """A tied pair left as it is while another parameter is replaced: the ties are the build's,
+    the replaced parameter is followed, exact."""
+    _, X, A = data
+    torch.manual_seed(1)
+    model = FreeScale(tied=True).double()
+    m, opt, _ = _make(model)
+    new = torch.linspace(-1.0, 2.0, 4, dtype=torch.float64)
+    m.scale = nn.Parameter(new.clone())
+    model.scale = nn.Parameter(new.clone())
+    with opt.microbatch(A):
+        _losses(m, X).sum().backward()
+    for (name, p), want in zip(m.named_parameters(), _reference(model, lambda net: _losses(net, X), A)):
+        assert float((p.grad - want).norm() / want.norm()) < 1e-10, name

@@ -46,8 +46,8 @@ def _statistic(m: Tensor, damping: float, m_used) -> Tensor:
     """``damping · m``, with ``m_used`` (a float, or one per layer with NaN for "own") instead."""
     if m_used is None:
         return damping * m
-    if isinstance(m_used, float) and m_used == m_used:
-        return torch.full_like(m, damping * m_used)
+    if isinstance(m_used, float):
+        return torch.full_like(m, damping * m_used) if m_used == m_used else damping * m
     if all(u == u for u in m_used):      # no NaN: all given
         used = torch.tensor([damping * u for u in m_used], dtype=m.dtype)
         return used.to(m.device, non_blocking=True)

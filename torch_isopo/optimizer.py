@@ -118,7 +118,7 @@ class ISOPO(torch.optim.Optimizer):
 
     def _parameter_ids(self) -> list[int]:
         """The trainable parameters' tensors by identity, slot by slot (frozen ones may be tied
-        and untied freely: no layer holds them)."""
+        and untied freely: no layer holds them; their slot's index stands in, never an id)."""
         return [id(params.get(attr)) if trains else k
                 for k, (_, params, attr, trains) in enumerate(self._trainable)]
 
@@ -138,7 +138,7 @@ class ISOPO(torch.optim.Optimizer):
             p = params.get(attr)
             if p is None:
                 self._refuse_change(f"parameter '{name}' was removed")
-            if p.requires_grad != trainable:
+            elif p.requires_grad != trainable:
                 self._refuse_change(
                     f"parameter '{name}' was {'trainable' if trainable else 'frozen'} when ISOPO "
                     f"was built and is {'trainable' if p.requires_grad else 'frozen'} now")
@@ -149,8 +149,15 @@ class ISOPO(torch.optim.Optimizer):
                 if added is not None:
                     self._refuse_change(f"parameter '{f'{mn}.{added}' if mn else added}' was added")
         ids = self._parameter_ids()
-        if ids != self._ids and _ties(ids) != self._ties:
-            self._refuse_change(_tie_change(self._trainable, self._ties, _ties(ids)))
+        if ids != self._ids:
+            if _ties(ids) != self._ties:
+                self._refuse_change(_tie_change(self._trainable, self._ties, _ties(ids)))
+            was = {i: k for k, i in reversed(list(enumerate(self._ids)))}   # first slot
+            moved = next((k for k, (i, j) in enumerate(zip(ids, self._ids))
+                          if i != j and i in was), None)
+            if moved is not None:          # a trainable tensor now in another slot (a swap)
+                self._refuse_change(f"parameter '{self._trainable[moved][0]}' now holds the "
+                                    f"tensor of '{self._trainable[was[ids[moved]]][0]}'")
 
     @staticmethod
     def _refuse_change(change: str) -> None:
@@ -338,7 +345,8 @@ class ISOPO(torch.optim.Optimizer):
             self._diagnostics = {}
             for name, figs in self._last_figures.items():
                 figs = [(float(coef.m) / S ** 2, float(coef.rho) / S ** 2,
-                         float(coef.c.norm() / A.norm()) * (S if self.mode == "fisher" else 1.0),
+                         float(coef.c.norm().to(A.device) / A.norm())   # (layers may be
+                         * (S if self.mode == "fisher" else 1.0),          # on other devices)
                          condition_number(coef.spectrum, self.mode)) for coef, A, S in figs]
                 k = len(figs)
                 self._diagnostics[name] = {

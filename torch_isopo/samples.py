@@ -97,9 +97,6 @@ def sample_map(token_shape: torch.Size, n: int, segments: Tensor | None, sample_
     inner = math.prod(dims[2:]) if len(dims) > 2 else 1
     tokens = math.prod(dims[:2])
     if segments is not None:
-        steps = _repeated_steps(segments, tokens) if len(dims) == 1 else None
-        if steps is not None:             # one step of a loop over time-major rows
-            return SampleMap(steps.to(device), n, 1, None, 0)
         if segments.numel() != tokens:
             raise ValueError(
                 f"{where}: segments has {segments.numel()} entries but the input has {tokens} "
@@ -170,27 +167,15 @@ def batch_map(N: int, L: int, n: int, segments: Tensor | None, where: str,
     if segments.numel() == N * L:
         seg = segments.to(device)
         return SampleMap(seg if entry_major else seg.view(N, L).T.reshape(-1), n, 1, None, 0)
-    steps = _repeated_steps(segments, N) if L == 1 else None
-    if steps is not None:                 # one step of a loop over time-major rows
-        return SampleMap(steps.to(device), n, 1, None, 0)
     raise ValueError(f"{where}: segments has {segments.numel()} entries but the input has a batch "
                      f"of {N} with {L} positions each; give one sample id per batch entry"
-                     + _STEPPED)
+                     + (_STEPPED if L == 1 and segments.numel() % N == 0 else ""))
 
 
-_STEPPED = (" (for a module stepped once per time step on the batch, segments over the T·B "
-            "time-major rows name the same samples at every step)")
-
-
-def _repeated_steps(segments: Tensor, N: int) -> Tensor | None:
-    """The ids of ``N`` batch entries when ``segments`` holds ``T·N`` time-major row ids that name
-    the same sample for an entry at every step (a recurrent module stepped in the user's loop
-    over ``(T, N)`` rows, CleanRL's recurrent PPO): which step is running does not matter."""
-    k = segments.numel() // N
-    if k < 2 or k * N != segments.numel():
-        return None
-    seg = segments.view(k, N)
-    return seg[0] if bool((seg == seg[:1]).all()) else None
+_STEPPED = (" (a module stepped once per time step on the batch, as in CleanRL's recurrent PPO, "
+            "cannot tell which step runs from ids given per row: keep every tensor in its "
+            "(T, B, ...) layout and pass sample_dim=1 without segments, one sample per batch "
+            "entry)")
 
 
 def expand_shared(t, n: int, segments: Tensor | None, sample_dim: int, token_dims: int):
