@@ -77,8 +77,7 @@ def finish_records(records: list[LayerRecord], arrived: list[tuple]) -> list[tup
     live = []
     for k, (r, got) in enumerate(zip(records, arrived)):
         uses = r.take()
-        _check_arrived(r.layer, r.params, uses, got, r.autocast, r.eps,
-                       r.mb.segments is not None)
+        _check_arrived(r, uses, got)
         if uses:
             live.append((k, r, uses))
     if not live:
@@ -303,8 +302,7 @@ class Microbatch:
         return self._maps[key]
 
 
-def _check_arrived(layer, params, uses, arrived, autocast: bool, eps: float = 0.0,
-                   segmented: bool = False) -> None:
+def _check_arrived(record: LayerRecord, uses, arrived) -> None:
     """A gradient that reached the gate without a use to account for it came from a path ISOPO
     did not see: refuse it rather than write a gradient it cannot attribute to samples."""
     if all(g is None for g in arrived):
@@ -314,7 +312,7 @@ def _check_arrived(layer, params, uses, arrived, autocast: bool, eps: float = 0.
     if not bad:
         flat = arrived[0].reshape(-1) if len(arrived) == 1 else torch.cat(
             [(torch.zeros_like(p) if g is None else g).reshape(-1)
-             for g, p in zip(arrived, params)])
+             for g, p in zip(arrived, record.params)])
         if whole:
             G = whole[0].G if len(whole) == 1 else sum(u.G for u in whole)
             # rounding scales with the terms summed, not with their sum: per-sample gradients
@@ -325,19 +323,19 @@ def _check_arrived(layer, params, uses, arrived, autocast: bool, eps: float = 0.
             sums = flat.double().expand(2, -1)
         err, scale = torch.linalg.vector_norm(sums, dim=1).tolist()
         # the rounding of the coarsest dtype on the way (a float32 op on a float64 parameter)
-        tol = 2e-2 if autocast else 64 * max(eps, torch.finfo(
+        tol = 2e-2 if record.autocast else 64 * max(record.eps, torch.finfo(
             next(g for g in arrived if g is not None).dtype).eps)
         bad = err > tol * scale + 1e-30
     if bad:
         raise RuntimeError(
-            f"ISOPO: parameters {', '.join(repr(n) for n in layer.param_names)} reach the loss "
-            "through ops where they never meet the samples (a result without a sample axis, such "
-            "as a loss term that is not a sum of per-sample terms); ISOPO cannot attribute their "
-            "gradient. Keep such terms out of the microbatch's backward" + (
+            f"ISOPO: parameters {', '.join(repr(n) for n in record.layer.param_names)} reach "
+            "the loss through ops where they never meet the samples (a result without a sample "
+            "axis, such as a loss term that is not a sum of per-sample terms); ISOPO cannot "
+            "attribute their gradient. Keep such terms out of the microbatch's backward" + (
                 "; with segments=, a 2-D result (B, T) has a row per entry of its first axis, "
                 "not per token: give per-token terms one row per token in the order of segments "
                 "(flatten (B, T) to (B·T,), or keep a trailing axis: (B, T, 1))"
-                if segmented else ""))
+                if record.mb.segments is not None else ""))
 
 
 def _finished(g: Tensor, p: Tensor, back: float) -> Tensor:

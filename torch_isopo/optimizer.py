@@ -113,7 +113,6 @@ class ISOPO(torch.optim.Optimizer):
         self._registered = [(mn, _compat.own_parameters(m), tuple(_compat.own_parameters(m)))
                             for mn, m in model.named_modules()]
         self._ids = self._parameter_ids()
-        self._ties = _ties(self._ids)
         self._guard_strays(optimizer.param_groups)
 
     def _parameter_ids(self) -> list[int]:
@@ -150,14 +149,9 @@ class ISOPO(torch.optim.Optimizer):
                     self._refuse_change(f"parameter '{f'{mn}.{added}' if mn else added}' was added")
         ids = self._parameter_ids()
         if ids != self._ids:
-            if _ties(ids) != self._ties:
-                self._refuse_change(_tie_change(self._trainable, self._ties, _ties(ids)))
-            was = {i: k for k, i in reversed(list(enumerate(self._ids)))}   # first slot
-            moved = next((k for k, (i, j) in enumerate(zip(ids, self._ids))
-                          if i != j and i in was), None)
-            if moved is not None:          # a trainable tensor now in another slot (a swap)
-                self._refuse_change(f"parameter '{self._trainable[moved][0]}' now holds the "
-                                    f"tensor of '{self._trainable[was[ids[moved]]][0]}'")
+            change = _identity_change([name for name, *_ in self._trainable], self._ids, ids)
+            if change is not None:
+                self._refuse_change(change)
 
     @staticmethod
     def _refuse_change(change: str) -> None:
@@ -407,13 +401,21 @@ def _ties(ids: list[int]) -> list[int]:
     return [first.setdefault(i, k) for k, i in enumerate(ids)]
 
 
-def _tie_change(slots: list, was: list[int], now: list[int]) -> str:
-    """The first parameter tied or untied since ISOPO was built, in words."""
-    names = [name for name, *_ in slots]
-    k = next(k for k, (a, b) in enumerate(zip(was, now)) if a != b)
-    if now[k] != k:
-        return f"parameter '{names[k]}' was tied to '{names[now[k]]}'"
-    return f"parameter '{names[k]}' was untied from '{names[was[k]]}'"
+def _identity_change(names: list[str], was: list[int], now: list[int]) -> str | None:
+    """The first change, in words, in which parameter slots hold which tensors since ISOPO was
+    built (``was``, ``now``: the tensors' ids slot by slot), or None when each replaced tensor is
+    a new one and the ties are as they were."""
+    ties_was, ties_now = _ties(was), _ties(now)
+    k = next((k for k, (a, b) in enumerate(zip(ties_was, ties_now)) if a != b), None)
+    if k is not None:
+        if ties_now[k] != k:
+            return f"parameter '{names[k]}' was tied to '{names[ties_now[k]]}'"
+        return f"parameter '{names[k]}' was untied from '{names[ties_was[k]]}'"
+    first = {i: k for k, i in reversed(list(enumerate(was)))}
+    k = next((k for k, (i, j) in enumerate(zip(now, was)) if i != j and i in first), None)
+    if k is not None:                  # a tensor of the build now in another slot (a swap)
+        return f"parameter '{names[k]}' now holds the tensor of '{names[first[now[k]]]}'"
+    return None
 
 
 def _module_change(was: list, now: list) -> str:

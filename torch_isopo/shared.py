@@ -434,11 +434,10 @@ def _broadcast_grad(m: "_Meeting", k: int, src: Tensor, outs, grads) -> Tensor |
 def _carried(src: Tensor, index: int | None, gated, G_src: Tensor, n: int) -> Tensor:
     """``(n, D)``: per-sample gradients of a free layer's parameters from those of ``src``, which
     is parameter ``index`` itself or computed from the layer's parameters."""
-    if index is not None and len(gated) == 1:      # the layer's one parameter itself
-        return G_src.reshape(n, -1)
     if index is not None:                   # the parameter itself: nothing to carry
-        return torch.cat([G_src.reshape(n, -1) if j == index else G_src.new_zeros(n, q.numel())
-                          for j, q in enumerate(gated)], 1)
+        parts = [G_src.reshape(n, -1) if j == index else G_src.new_zeros(n, q.numel())
+                 for j, q in enumerate(gated)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
     return _batched_grad([src], gated, [G_src], n)
 
 
