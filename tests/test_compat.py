@@ -98,3 +98,38 @@ def test_eager_compiled_runs_compiled_code_eagerly():
         g(torch.ones(2))
     assert len(calls) == 2 or not hasattr(torch.compiler, "set_stance"), (
         "torch.compiler.set_stance('force_eager') no longer runs compiled code eagerly")
+
+
+def test_lean_function_applies_and_backpropagates_as_function_apply():
+    class Scale(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, k):
+            ctx.k = k
+            return x * k
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * ctx.k, None
+
+    _compat.lean_function(Scale)
+    x = torch.randn(3, requires_grad=True)
+    y = Scale.apply(x, 2.5)
+    assert isinstance(y.grad_fn, _compat.node_type(Scale)), "custom Function nodes changed"
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.full((3,), 2.5)), (
+        "torch.autograd.Function's C apply (_FunctionBase.apply) or its backward node's apply "
+        "no longer run a Function as Function.apply does")
+
+
+def test_run_eagerly_runs_the_function_eagerly_and_under_compile():
+    calls = []
+
+    @_compat.run_eagerly
+    def f(x):
+        calls.append(torch.compiler.is_compiling())
+        return x + 1
+
+    assert f(torch.ones(1)).item() == 2
+    g = torch.compile(lambda x: f(x) * 2, backend="eager")
+    assert g(torch.ones(1)).item() == 4
+    assert calls == [False, False], "torch.compiler.disable no longer runs its function eagerly"

@@ -2064,3 +2064,151 @@ def test_recurrent_module_stepped_over_flattened_rows_with_segments_is_refused(o
         with opt.microbatch(torch.randn(B, dtype=torch.float64), seg):
             model(x, state, torch.zeros(T * B, dtype=D), act).sum().backward()
     assert all(p.grad is None for p in model.parameters())
+
+
+# -- frozen weights, int32 ids, parametrized children, channels-first layer norms ---------------
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("d,groups", [(1, 1), (2, 1), (2, 2)])
+def test_conv_bias_trained_alone(d, groups, setting):
+    """A frozen convolution weight with its bias trained (BitFit, a frozen encoder's biases)."""
+    conv = nn.Conv1d if d == 1 else nn.Conv2d
+    torch.manual_seed(0)
+    model = nn.Sequential(conv(2, 4, 3, groups=groups), nn.Tanh(), nn.Flatten(),
+                          nn.LazyLinear(3)).to(D)
+    x = torch.randn(3, 2, *(6,) * d, dtype=D)
+    model(x)
+    model[0].weight.requires_grad_(False)
+    check_family(model, lambda m: _logp(m(x)), 3, *setting)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("bag", [False, True])
+def test_int32_ids(bag, setting):
+    """Ids from numpy or gym observations are often int32, which nn.Embedding accepts."""
+    torch.manual_seed(0)
+    if bag:
+        class Bag(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.bag, self.head = nn.EmbeddingBag(9, 4, mode="mean"), nn.Linear(4, 3)
+
+            def forward(self, ids, offsets):
+                return self.head(self.bag(ids, offsets))
+        model = Bag().to(D)
+        ids = torch.tensor([1, 2, 4, 5, 4, 3, 2, 0], dtype=torch.int32)
+        offsets = torch.tensor([0, 2, 5], dtype=torch.int32)
+        check_family(model, lambda m: _logp(m(ids, offsets)), 3, *setting)
+    else:
+        model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 3)).to(D)
+        ids = torch.randint(0, 10, (3, 3), dtype=torch.int32)
+        check_family(model, lambda m: _logp(m(ids)), 3, *setting)
+
+
+class _AttentionHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.att, self.head = nn.MultiheadAttention(4, 2, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, h):
+        a, _ = self.att(h, h, h)
+        return _logp(self.head(a)).sum(1)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+def test_parametrized_child_of_attention(setting):
+    """A parametrization on an attention's out_proj: the attention rule reads the weight itself
+    and cannot follow it, so the module takes the generic rule, exact."""
+    from torch.nn.utils import parametrizations
+    torch.manual_seed(0)
+    model = _AttentionHead().to(D)
+    parametrizations.weight_norm(model.att.out_proj)
+    x = torch.randn(3, 5, 4, dtype=D)
+    with pytest.warns(UserWarning, match="'att' takes the generic rule"):
+        check_family(model, lambda m: m(x), 3, *setting, rules=["generic", "linear"])
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("kind", ["lstm-weight_norm", "gru-orthogonal"])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_parametrized_recurrent_weight(kind, batch_first, setting):
+    """A parametrized recurrent weight takes the generic rule, whose hidden-state outputs
+    (layers, batch, features) map by their batch axis whatever batch_first says."""
+    from torch.nn.utils import parametrizations
+    cls, how = kind.split("-")
+
+    def build():                         # (a parametrized recurrent module cannot be deep-copied)
+        torch.manual_seed(0)
+        rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[cls](3, 4, num_layers=2,
+                                                     batch_first=batch_first).to(D)
+        getattr(parametrizations, how)(rnn, "weight_hh_l0")
+        return nn.ModuleDict({"rnn": rnn, "head": nn.Linear(4, 2)}).to(D)
+    x = torch.randn(3, 5, 3, dtype=D)
+
+    def losses(m):
+        out, hidden = m["rnn"](x if batch_first else x.transpose(0, 1))
+        h = hidden[0] if cls == "lstm" else hidden
+        return _logp(m["head"](out)).sum(1 if batch_first else 0) + _logp(m["head"](h[-1]))
+    mode, damping = setting
+    A = torch.randn(3, dtype=D)
+    ref, model = build(), build()
+    with pytest.warns(UserWarning, match="'rnn' takes the generic rule"):
+        want, _ = reference_gradients(ref, lambda: losses(ref), A, mode, damping,
+                                      sample_dim=0 if batch_first else 1)
+        opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1), mode=mode,
+                    damping=damping, ema=None, fisher_probes=None)
+    with opt.microbatch(A, sample_dim=0 if batch_first else 1):
+        losses(model).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.allclose(p.grad, want[q], rtol=1e-7, atol=1e-12), name
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """timm's channels-first layer norm: nn.LayerNorm's parameters over the channel axis."""
+
+    def forward(self, x):
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                            self.eps).permute(0, 3, 1, 2)
+
+
+class LayerNorm(nn.Module):
+    """ConvNeXt's layer norm in its channels-first format."""
+
+    def __init__(self, C):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.rand(C) + 0.5), nn.Parameter(torch.randn(C))
+
+    def forward(self, x):
+        u = x.mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt((x - u).pow(2).mean(1, keepdim=True) + 1e-6)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+def _conv_norm(norm, W):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), norm(4), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(4 * W * W, 3)).to(D)
+    return model, torch.randn(3, 3, W, W, dtype=D)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("W", [4, 5])            # 4: the width equals the channels
+def test_channels_first_layer_norm(W, setting, monkeypatch):
+    """A layer norm over channels first is not a per-feature norm of the last axis: a subclass
+    of nn.LayerNorm with its own forward takes the generic rule; a class claimed by its name is
+    refused at its first forward, naming the fix, which is then exact."""
+    from torch_isopo import rules
+    from torch_isopo.rules.generic import GenericRule
+    model, x = _conv_norm(LayerNorm2d, W)
+    with pytest.warns(UserWarning, match="'1' takes the generic rule"):
+        check_family(model, lambda m: _logp(m(x)), 3, *setting, rules=["conv", "generic", "linear"])
+    model, x = _conv_norm(LayerNorm, W)
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1), mode=setting[0])
+    with pytest.raises(ValueError, match=r"'1' \(LayerNorm\) does not act per feature.*"
+                                         r"register\(LayerNorm\)"):
+        with opt.microbatch(torch.ones(3, dtype=D)):
+            _logp(model(x)).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    opt.detach()
+    monkeypatch.setattr(rules, "_REGISTRY", list(rules._REGISTRY))
+    rules.register(LayerNorm)(GenericRule)
+    check_family(model, lambda m: _logp(m(x)), 3, *setting, rules=["conv", "generic", "linear"])

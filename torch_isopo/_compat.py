@@ -6,6 +6,7 @@ the name of what went missing, not somewhere deep inside a backward.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 
 import torch
@@ -19,16 +20,14 @@ tree_flatten = _pytree.tree_flatten
 tree_unflatten = _pytree.tree_unflatten
 
 
-def graph_task_id() -> int:
-    """Which backward pass is running (-1 outside any): tells a gate's uses of one backward from
-    those an interrupted earlier backward left. ``torch.utils.checkpoint`` and FSDP2 use it."""
-    return torch._C._current_graph_task_id()
+# Which backward pass is running (-1 outside any): tells a gate's uses of one backward from those
+# an interrupted earlier backward left. ``torch.utils.checkpoint`` and FSDP2 use it. (Bound
+# directly, as the next one: both are called several times per layer and microbatch.)
+graph_task_id = torch._C._current_graph_task_id
 
-
-def autograd_node():
-    """The autograd node whose backward is running, or None: a forward run inside a backward (an
-    activation-checkpoint recompute) finds its graph from it. ``torch.autograd.graph`` uses it."""
-    return torch._C._current_autograd_node()
+# The autograd node whose backward is running, or None: a forward run inside a backward (an
+# activation-checkpoint recompute) finds its graph from it. ``torch.autograd.graph`` uses it.
+autograd_node = torch._C._current_autograd_node
 
 
 def reentrant_recompute(node) -> bool:
@@ -43,6 +42,22 @@ def node_type(fn: type[Function]) -> type:
     """The class of the graph nodes a custom ``Function`` creates, to recognise them while walking
     ``next_functions``. ``torch.autograd.function`` builds it as ``_backward_cls``."""
     return fn._backward_cls
+
+
+def lean_function(fn: type[Function]) -> None:
+    """Call a custom ``Function`` without ``Function.apply``'s Python preamble (functorch
+    bookkeeping, ~2 µs a call on a small layer) and run its node without the backward class's
+    lookup of the user's function: ``apply`` goes straight to the C ``_FunctionBase.apply``
+    that ``Function.apply`` ends in, unless a functorch transform is active (then
+    ``Function.apply`` itself runs). For Functions without ``setup_context`` or ``vjp``."""
+    full, direct = fn.apply, super(Function, fn).apply
+    active = torch._C._are_functorch_transforms_active
+    backward = fn.backward
+
+    def apply(*args):
+        return full(*args) if active() else direct(*args)
+    fn.apply = staticmethod(apply)
+    fn._backward_cls.apply = lambda ctx, *grads: backward(ctx, *grads)
 
 
 def optimizer_hooks(optimizer: torch.optim.Optimizer, kind: str) -> list:
@@ -120,10 +135,22 @@ def own_parameters(module) -> dict:
 
 
 def run_eagerly(fn):
-    """``fn`` never traced by ``torch.compile`` (``torch.compiler.disable``): a layer's patched
-    forward reads state that changes every microbatch, which would recompile the model each time."""
+    """``fn`` never traced by ``torch.compile``: a layer's patched forward reads state that
+    changes every microbatch, which would recompile the model each time. Dynamo's own
+    ``torch.compiler.disable`` wrapper costs several µs a call; eagerly, ``is_compiling()`` is
+    False and ``fn`` runs directly, and under Dynamo (where it is True) the disabled copy runs."""
     disable = getattr(torch.compiler, "disable", None)
-    return fn if disable is None else disable(fn)
+    if disable is None:
+        return fn
+    eager = disable(fn)
+    compiling = torch.compiler.is_compiling
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if compiling():
+            return eager(*args, **kwargs)
+        return fn(*args, **kwargs)
+    return run
 
 
 def eager_compiled():

@@ -42,6 +42,7 @@ def own_op(fn: type[Function]) -> type[Function]:
     """Class decorator for ISOPO's autograd ops: code running in their backward is ISOPO's own
     (the free-parameter tracker leaves it alone)."""
     _OWN_NODES.add(_compat.node_type(fn))
+    _compat.lean_function(fn)
     return fn
 
 

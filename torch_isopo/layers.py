@@ -90,11 +90,15 @@ def _choose(module: nn.Module, name: str) -> Rule:
                          "attached; call its detach() first")
     replaced = own is not None and getattr(own, "__func__", None) is not type(module).forward
     rule = None if replaced else rule_for(module)
-    tensors = parametrize.is_parametrized(module)
+    # a rule taking the whole subtree reads its children's weights itself: a parametrized one
+    # (weight_norm on an attention's out_proj) is a tensor it does not know how to compute
+    scope = module.modules() if rule is not None and rule.whole_subtree else (module,)
+    tensors = any(parametrize.is_parametrized(m) for m in scope)
     if rule is not None and (not tensors or rule.parametrized and rule.supports(module)):
         return rule
-    if any(p.requires_grad for c in _children(module) for p in c.parameters()) or isinstance(
-            module, (nn.ParameterList, nn.ParameterDict)):   # containers code indexes into
+    whole = rule is not None and rule.whole_subtree   # its forward uses its children's weights
+    if not whole and any(p.requires_grad for c in _children(module) for p in c.parameters()) or \
+            isinstance(module, (nn.ParameterList, nn.ParameterDict)):   # containers code indexes
         return FREE
     if replaced:
         reason = "its forward was replaced on the instance"

@@ -82,7 +82,10 @@ class ConvFn(Function):
         d = dy.movedim(1, -1).reshape(-1, dy.shape[1])
         if use.weight is None and use.bias is None and use.chain is None:
             return dx, None, None, None
-        V = patches(x, use) if use.weight is not None or use.chain is not None else None
+        # a frozen weight (a bias trained alone) needs no patches: an empty factor keeps the
+        # use's shape and dtype
+        V = patches(x, use) if use.weight is not None or use.chain is not None \
+            else d.new_empty(d.shape[0], 0)
         if use.chain is not None:
             use.record.add(chained_use(use.chain, d, V, use.smap, use.record.wants_pieces, d,
                                        use.bias))

@@ -45,7 +45,7 @@ class EmbeddingFn(Function):
     def backward(ctx, dy):
         (ids,) = ctx.saved_tensors
         use = ctx.use
-        ids = ids.reshape(-1)
+        ids = ids.reshape(-1).long()          # int32 ids index as well as int64 ones
         d = dy.reshape(-1, dy.shape[-1])
         if use.padding_idx is not None:
             d = d.masked_fill((ids == use.padding_idx)[:, None], 0)
@@ -157,7 +157,7 @@ class EmbeddingBagFn(Function):
     def backward(ctx, dy):
         ids, weight = ctx.saved_tensors
         use = ctx.use
-        flat = ids.reshape(-1)
+        flat = ids.reshape(-1).long()
         V = dy[use.bag] * use.scale[:, None].to(dy.dtype)
         if use.padding_idx is not None:
             V = V.masked_fill((flat == use.padding_idx)[:, None], 0)

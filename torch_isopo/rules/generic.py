@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd import Function
 
 from .. import _compat
@@ -66,10 +66,16 @@ class RecomputeUse:
                 "(out[:, None]); broadcast a shared vector against the batch (v.expand(n, -1)), "
                 "or leave such a parameter on the parent module, where ISOPO follows it to the "
                 "samples")
-        self.out_maps = [self.mb.sample_map(t.shape if t.dim() == 1 else t.shape[:-1], where,
-                                            t.device, first)
-                         if t.is_floating_point() else None
-                         for t in leaves if isinstance(t, Tensor)]
+        tensors = [t for t in leaves if isinstance(t, Tensor)]
+        # a recurrent module's hidden states (h_n, c_n) are (layers, batch, features) whatever
+        # its batch_first says (an RNN with a parametrized weight takes this rule)
+        rnn = isinstance(self.entry.module, nn.RNNBase)
+        self.out_maps = [None if not t.is_floating_point()
+                         else self.mb.batch_map(t.shape[1], t.shape[0], where, t.device, False)
+                         if rnn and k > 0 and t.dim() == 3
+                         else self.mb.sample_map(t.shape if t.dim() == 1 else t.shape[:-1], where,
+                                                 t.device, first)
+                         for k, t in enumerate(tensors)]
         self.out_consts = [_TENSOR if isinstance(t, Tensor) else t for t in leaves]
         self.out_spec = spec
 

@@ -64,7 +64,13 @@ class NormAffineFn(Function):
 
 
 def _is_norm(module: nn.Module) -> bool:
-    named = isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(
+    """``nn.LayerNorm``/``nn.RMSNorm`` with their own forward (a subclass with another, timm's
+    channels-first ``LayerNorm2d``, may compute anything), or a class named ``*LayerNorm`` or
+    ``*RMSNorm`` (Hugging Face's): whether its parameters act per feature of the last axis is
+    checked at its first forward."""
+    cls = type(module)
+    named = any(isinstance(module, t) and cls.forward is t.forward
+                for t in (nn.LayerNorm, nn.RMSNorm)) or cls.__name__.endswith(
         ("RMSNorm", "LayerNorm"))
     return (named and not any(p.requires_grad for c in module.children() for p in c.parameters())
             and all(p.dim() == 1 for p in module.parameters(recurse=False)))
@@ -78,6 +84,10 @@ class NormRule(Rule):
         if "affine" not in entry.cache:
             entry.cache["affine"] = _is_affine(entry, orig, args, kwargs)
         if not entry.cache["affine"]:
+            if "per_feature" not in entry.cache:
+                entry.cache["per_feature"] = _acts_per_feature(entry, orig, args, kwargs)
+            if not entry.cache["per_feature"]:
+                _refuse_not_per_feature(entry)
             out = recompute(mb, layer, entry, orig, args, kwargs, _forward_mode_pieces, rng=False)
             _check_per_feature(entry, layer, mb, args, out)
             return out
@@ -166,8 +176,44 @@ def _check_per_feature(entry, layer, mb, args, out) -> None:
     x = mb.expand_shared(args[0], features=True) if args and isinstance(args[0], Tensor) else None
     if not (isinstance(out, Tensor) and x is not None and out.shape == x.shape
             and all(layer.params[i].numel() == x.shape[-1] for _, _, i in entry.slots)):
-        raise ValueError(f"ISOPO: normalisation layer '{entry.name}' does not act per feature of "
-                         "its input; the norm rule cannot apply")
+        _refuse_not_per_feature(entry)
+
+
+def _refuse_not_per_feature(entry) -> None:
+    cls = type(entry.module).__name__
+    raise ValueError(
+        f"ISOPO: normalisation layer '{entry.name}' ({cls}) does not act per feature of its "
+        "input's last axis (a channels-first layer norm, say): the norm rule cannot apply. "
+        "Normalise channels last (an nn.LayerNorm between x.permute(0, 2, 3, 1) and "
+        "permute(0, 3, 1, 2)), or have ISOPO take the module as a black box, exact: before "
+        f"building ISOPO, torch_isopo.rules.register({cls})(torch_isopo.rules.generic.GenericRule)")
+
+
+def _acts_per_feature(entry, orig, args, kwargs) -> bool:
+    """Whether every parameter entry acts on its own feature of the output's last axis, as the
+    per-token pieces ``δ_t ⊙ ∂y_t/∂θ`` assume: checked once, on one row, by forward mode — a
+    random tangent ``r`` must give the tangent of ones scaled by ``r`` along the last axis."""
+    x = args[0] if args else None
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        return False
+    row = (x[:1] if x.dim() > 1 else x).detach()
+    gen = torch.Generator(device=row.device).manual_seed(0)
+    for owner, attr, _ in entry.slots:
+        p = _compat.registered(owner, attr).detach()
+        r = torch.rand(p.shape, generator=gen, device=p.device).to(p.dtype) + 0.5
+        tangents = []
+        for t in (torch.ones_like(p), r):
+            with fwAD.dual_level(), torch.no_grad(), \
+                    _compat.swapped_parameters([(owner, attr)], [fwAD.make_dual(p, t)]):
+                y = orig(row, *args[1:], **kwargs)
+                tangents.append(fwAD.unpack_dual(y).tangent if isinstance(y, Tensor) else None)
+        ones, rand = tangents
+        if ones is None or rand is None or y.shape[-1] != p.numel():
+            return False
+        tol = 1e-4 if y.dtype in (torch.float32, torch.float64) else 2e-2
+        if not torch.allclose(rand.float(), (ones * r.reshape(-1)).float(), rtol=tol, atol=tol):
+            return False
+    return True
 
 
 def _is_affine(entry, orig, args, kwargs) -> bool:
@@ -191,7 +237,8 @@ def _is_affine(entry, orig, args, kwargs) -> bool:
             y = orig(x, *args[1:], **kwargs)
         with _set(m, unit):
             h = orig(x, *args[1:], **kwargs)
-    if not isinstance(y, Tensor) or not isinstance(h, Tensor) or y.shape != h.shape:
+    if not isinstance(y, Tensor) or not isinstance(h, Tensor) or y.shape != h.shape \
+            or h.shape[-1] != w.numel():
         return False
     want = h * rand["weight"] + (0 if b is None else rand["bias"])
     tol = 1e-4 if y.dtype in (torch.float32, torch.float64) else 2e-2
