@@ -111,6 +111,11 @@ def own_buffers(module):
     return module._buffers.values()
 
 
+def registered_all(places) -> list:
+    """``registered`` for every ``(module, attr)`` of ``places``, in one pass."""
+    return [m._parameters.get(a) if a in m._parameters else getattr(m, a) for m, a in places]
+
+
 def registered(module, attr: str):
     """``getattr(module, attr)`` for a parameter: a dict lookup where it is registered (FSDP2
     registers its unsharded parameters there for a forward), ``Module.__getattr__`` otherwise."""

@@ -7,6 +7,7 @@ one its gate made.
 """
 from __future__ import annotations
 
+import operator
 import weakref
 
 import torch
@@ -105,6 +106,8 @@ class Ledger:
     def watch(self, layer, params: list[Tensor]) -> None:
         """Check the gradients of parameters that a wrapper registers for the forward (FSDP2's
         unsharded ones) like those of the parameters found at attach time."""
+        if all(map(operator.is_, params, layer.params)):
+            return
         for p, own, name in zip(params, layer.params, layer.param_names):
             if p is not own and p.is_leaf and p.requires_grad and p not in self.watched:
                 self.watched[p] = p.register_hook(self.checker(p, name))

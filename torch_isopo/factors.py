@@ -54,14 +54,14 @@ _CAST_ELEMS = 1 << 24   # at most this many elements of a factor are upcast at o
 
 def side_dots(X: Tensor, Y: Tensor, dtype: torch.dtype) -> Tensor:
     """Inner products between rows of two factors of one side; a 1-D factor is one-hot."""
+    if X.dtype == dtype and Y.dtype == dtype:          # (an index factor is never float)
+        return torch.mm(X, Y.T)
     if X.dim() == 1 and Y.dim() == 1:
         return (X[:, None] == Y[None, :]).to(dtype)
     if X.dim() == 1:
         return Y.index_select(1, X).T.to(dtype)
     if Y.dim() == 1:
         return X.index_select(1, Y).to(dtype)
-    if X.dtype == dtype and Y.dtype == dtype:
-        return torch.mm(X, Y.T)
     fast = _compat.mm_to(X, Y.T, dtype)
     if fast is not None:
         return fast

@@ -12,6 +12,7 @@ import collections
 import contextlib
 import threading
 
+from torch import Tensor
 from torch.autograd import Function
 
 from . import _compat
@@ -62,7 +63,7 @@ class Gate(Function):
     def forward(ctx, record, *params):
         ctx.set_materialize_grads(False)
         ctx.record = record
-        return tuple(p.view_as(p) for p in params)
+        return tuple(map(Tensor.view_as, params, params))
 
     @staticmethod
     def backward(ctx, *grads):

@@ -57,7 +57,7 @@ class Layer:
     def live_params(self) -> list[Tensor]:
         """The tensors the owning modules hold right now: FSDP2 registers unsharded parameters
         for the duration of a forward, and those are the ones the graph must use."""
-        params = [_compat.registered(module, attr) for module, attr in self.owners]
+        params = _compat.registered_all(self.owners)
         for p, name in zip(params, self.param_names):
             if _is_dtensor(p):
                 raise RuntimeError(

@@ -97,8 +97,7 @@ def finish_records(records: list[LayerRecord], arrived: list[tuple]) -> list[tup
     for j, ((k, r, _), p) in enumerate(zip(live, preps)):
         same = p.ref.dtype == cs.dtype and p.ref.device == cs.device and p.explicit is None
         grads = contract(p, cs[j] if same else coef.c[j])     # explicit G: c in float64
-        outs[k] = tuple(None if g is None else _finished(g, q, back)
-                        for g, q in zip(grads, r.params))
+        outs[k] = _finished(grads, r.params, back)
         mb.ledger.record(r.params, outs[k])
         if cfg.mode != "reinforce":   # tensors, read at step() and when logged
             mb.add_figures(r.layer.name, (coef.layer(j), A, S))
@@ -211,18 +210,20 @@ class Microbatch:
         """One gate for all layers of a small model: one node, one batched solve, at the end of
         the backward. False (nothing done) while some parameter is sharded (FSDP2 unshards each
         module in its forward): then each layer is gated when its module runs."""
-        params = [[_compat.registered(owner, attr) for owner, attr in layer.owners]
-                  for layer in layers]
-        if _compat.distributed_tensors() and any(_is_dtensor(p) for ps in params for p in ps):
+        params = [_compat.registered_all(layer.owners) for layer in layers]
+        flat = [p for ps in params for p in ps]
+        if _compat.distributed_tensors() and any(
+                _is_dtensor(p) for p in {type(p): p for p in flat}.values()):
             return False
         records = []
         for layer, ps in zip(layers, params):
             self.ledger.watch(layer, ps)
             records.append(LayerRecord(layer, self, ps))
-        gated = iter(Gate.apply(ModelRecord(records), *(p for ps in params for p in ps)))
+        gated, start = Gate.apply(ModelRecord(records), *flat), 0
         for layer, record, ps in zip(layers, records, params):
-            self._gates[id(layer)] = (record, tuple(next(gated) for _ in ps))
+            self._gates[id(layer)] = (record, gated[start:start + len(ps)])
             self._together.add(id(layer))
+            start += len(ps)
         return True
 
     def advantages(self, device) -> tuple[Tensor, float, float]:
@@ -338,13 +339,19 @@ def _check_arrived(record: LayerRecord, uses, arrived) -> None:
                 if record.mb.segments is not None else ""))
 
 
-def _finished(g: Tensor, p: Tensor, back: float) -> Tensor:
-    """The gradient in the parameter's dtype, scaled back (``unit_advantages``), contiguous."""
-    if g.dtype != p.dtype:
-        g = g.to(p.dtype)
-    if back != 1.0:
-        g = g * back
-    return g if g.is_contiguous() else g.contiguous()
+def _finished(grads: list, params: list[Tensor], back: float) -> tuple:
+    """The gradients in their parameters' dtypes, scaled back (``unit_advantages``), contiguous."""
+    out = []
+    for g, p in zip(grads, params):
+        if g is not None:
+            if g.dtype != p.dtype:
+                g = g.to(p.dtype)
+            if back != 1.0:
+                g = g * back
+            if not g.is_contiguous():
+                g = g.contiguous()
+        out.append(g)
+    return tuple(out)
 
 
 def unit_advantages(A: Tensor, amax: float) -> tuple[Tensor, float]:

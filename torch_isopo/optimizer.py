@@ -104,8 +104,9 @@ class ISOPO(torch.optim.Optimizer):
         # the modules, and which of their parameters train, are fixed with the layers: checked
         # at every microbatch
         self._named_modules = list(model.named_modules(remove_duplicate=False))
-        self._children = [(m, tuple(_compat.own_children(m).items()))
+        self._children = [_compat.own_children(m)
                           for m in {id(m): m for _, m in self._named_modules}.values()]
+        self._kids = _snapshot(self._children)
         self._trainable = [(f"{mn}.{attr}" if mn else attr, _compat.own_parameters(m), attr,
                             p.requires_grad)
                            for mn, m in model.named_modules() for attr, p in
@@ -128,7 +129,7 @@ class ISOPO(torch.optim.Optimizer):
         gradient, a frozen one would still enter ``K``, an untied one would not be used). A
         parameter replaced by a trainable one on the same module, ties kept (a device move,
         weights tied again), is what the layer's gate reads and the tracker follows."""
-        same = all(tuple(_compat.own_children(m).items()) == kids for m, kids in self._children)
+        same = _snapshot(self._children) == self._kids
         now = [] if same else list(self.model.named_modules(remove_duplicate=False))
         if not same and (len(now) != len(self._named_modules) or not all(
                 m is old for (_, m), (_, old) in zip(now, self._named_modules))):
@@ -294,7 +295,7 @@ class ISOPO(torch.optim.Optimizer):
         self._attachment.graphs.add(mb)
         failed = True
         try:
-            with _tracking(mb.tracker):
+            with contextlib.nullcontext() if mb.tracker is None else _tracking(mb.tracker):
                 yield self
             failed = False
         finally:
@@ -433,13 +434,15 @@ def _module_change(was: list, now: list) -> str:
     return "the model's modules were rearranged" + (f" (module '{moved}')" if moved else "")
 
 
+def _snapshot(children: list[dict]) -> list[tuple]:
+    """Every module's children, by name, as they are now (one C-level pass)."""
+    return list(map(tuple, map(dict.items, children)))
+
+
 @contextlib.contextmanager
 def _tracking(tracker):
     """The free-parameter tracker's mode for the block, with compiled code run eagerly inside it
     (a compiled policy is traced again once the block is over)."""
-    if tracker is None:
-        yield
-        return
     with _compat.eager_compiled(), tracker:
         yield
 
