@@ -606,3 +606,169 @@ def test_a_parameter_replaced_beside_tied_ones_is_followed(data):
         _losses(m, X).sum().backward()
     for (name, p), want in zip(m.named_parameters(), _reference(model, lambda net: _losses(net, X), A)):
         assert float((p.grad - want).norm() / want.norm()) < 1e-10, name
+
+
+# -- state left by discarded work, attributes written inside a block, inputs read exactly ------
+def _probing(model, ema=0.9):
+    m = copy.deepcopy(model)
+    return m, ISOPO(m, torch.optim.SGD(m.parameters(), lr=0.1), mode="fisher", damping=0.5,
+                    ema=ema, fisher_probes=2)
+
+
+def _same_next_step(pairs, X, A):
+    """The next microbatch and step give the same gradients and statistics in every pair."""
+    for m, o in pairs:
+        with o.microbatch(A):
+            _losses(m, X).sum().backward()
+    (m1, o1), (m2, o2) = pairs
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p.grad, q.grad)
+    for _, o in pairs:
+        o.step()
+    assert o1._m == o2._m
+
+
+@pytest.mark.parametrize("discard", ["failed block", "no backward", "zero_grad after backward",
+                                     "zero_grad inside the block", "backward after, zero_grad"])
+def test_discarded_microbatches_leave_no_trace_in_the_probes_or_statistics(data, discard):
+    """A microbatch dropped without a step (a failed block, one without backward, gradients
+    zeroed) changes neither the probes later microbatches draw nor the moving averages."""
+    model, X, A = data
+    m, opt = _probing(model)
+    twin, twin_opt = _probing(model)
+    if discard == "failed block":
+        with pytest.raises(ValueError, match="advantages"):
+            with opt.microbatch(A[:4]):
+                _losses(m, X).sum().backward()
+        opt.zero_grad()
+    elif discard == "no backward":
+        with opt.microbatch(A):
+            _losses(m, X)
+    elif discard == "zero_grad after backward":
+        with opt.microbatch(A):
+            _losses(m, X).sum().backward()
+        opt.zero_grad()
+    elif discard == "zero_grad inside the block":
+        with opt.microbatch(A):
+            _losses(m, X).sum().backward()
+            opt.zero_grad()
+        assert all(p.grad is None for p in m.parameters())
+    else:
+        with opt.microbatch(A):
+            loss = _losses(m, X).sum()
+        loss.backward()
+        opt.zero_grad()
+    _same_next_step([(m, opt), (twin, twin_opt)], X, A)
+
+
+def test_refused_backward_after_the_block_leaves_no_statistics(data):
+    """One backward through the graphs of two closed blocks is refused; what its first layers
+    finished before the refusal does not enter the step's statistics."""
+    model, X, A = data
+    m, opt, hooks = _make(model, ema=0.9)
+    twin, twin_opt, _ = _make(model, ema=0.9)
+    losses = []
+    for _ in range(2):
+        with opt.microbatch(A):
+            losses.append(_losses(m, X).sum())
+    with pytest.raises(RuntimeError, match="graphs of 2 microbatches"):
+        (losses[0] + losses[1]).backward()
+    for p in m.parameters():
+        p.grad = None                      # the partial gradients, as after a failed autograd call
+    assert opt._step_figures == {}
+    _same_next_step([(m, opt), (twin, twin_opt)], X, A)
+    _assert_clean(m, opt, hooks)
+
+
+class Gaussian(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mu = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+        self.log_std = nn.Parameter(torch.tensor([-0.3, 0.2]))
+
+    def forward(self, x, y):
+        return torch.distributions.Normal(self.mu(x), self.log_std.exp()).log_prob(y).sum(-1)
+
+
+@pytest.mark.parametrize("write", ["zero_grad", "grad = None", "data", "step and zero_grad"])
+def test_attributes_of_a_free_parameter_written_inside_a_block(write):
+    """Writes to a free parameter's attributes inside a block reach the parameter itself (they
+    were lost on its stand-in, leaving a stale log_std gradient for the next step)."""
+    torch.manual_seed(0)
+    f64 = torch.float64
+    model = Gaussian().double()
+    X, Y, A = torch.randn(5, 4, dtype=f64), torch.randn(5, 2, dtype=f64), torch.randn(5, dtype=f64)
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1), mode="ntk", ema=None)
+    with opt.microbatch(A):
+        (-model(X, Y)).sum().backward()
+        if write == "zero_grad":
+            opt.zero_grad()
+        elif write == "grad = None":
+            model.log_std.grad = None
+        elif write == "data":
+            model.log_std.data = torch.full((2,), -1.0, dtype=f64)
+        else:
+            before = model.log_std.detach().clone()
+            opt.step()
+            opt.zero_grad()
+    if write == "data":
+        assert torch.equal(model.log_std.detach(), torch.full((2,), -1.0, dtype=f64))
+        return
+    assert model.log_std.grad is None
+    assert (model.mu[0].weight.grad is None) == (write != "grad = None")
+    model.mu.zero_grad()
+    if write == "step and zero_grad":
+        assert not torch.equal(model.log_std.detach(), before)
+    ref = copy.deepcopy(model)
+    want, _ = reference_gradients(ref, lambda: -ref(X, Y), A, "ntk", 1.0)
+    with opt.microbatch(A):
+        (-model(X, Y)).sum().backward()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.allclose(p.grad, want[q], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-310, 1e300])
+def test_advantages_are_read_exactly(data, scale):
+    """A list of Python floats is read in float64 (not torch's default float32), and subnormal
+    or huge advantages are scaled exactly."""
+    model, X, A = data
+    A = A * scale
+    m, opt, _ = _make(model, mode="reinforce")
+    twin, twin_opt, _ = _make(model, mode="reinforce")
+    for mm, o, a in ((m, opt, A.tolist()), (twin, twin_opt, A)):
+        with o.microbatch(a):
+            _losses(mm, X).sum().backward()
+    want = _reference(model, lambda r: _losses(r, X), A, "reinforce")
+    for p, q, w in zip(m.parameters(), twin.parameters(), want):
+        assert torch.equal(p.grad, q.grad)
+        assert torch.allclose(p.grad, w, rtol=1e-12, atol=1e-320)   # (subnormals' own rounding)
+
+
+def test_a_malformed_state_dict_leaves_everything_as_it_was(data):
+    model, X, A = data
+    m, opt, _ = _make(model, ema=0.9)
+    with opt.microbatch(A):
+        _losses(m, X).sum().backward()
+    opt.step()
+    sd = opt.state_dict()
+    before = copy.deepcopy(opt.state_dict())
+    for bad, match in ((dict(sd, isopo={"m": {"a": "x"}, "generator": sd["isopo"]["generator"]}),
+                        "malformed"),
+                       (dict(sd, isopo={"m": {}, "generator": torch.zeros(3)}), "malformed"),
+                       (dict(sd, isopo={"m": {"model.a": 1.0},
+                                        "generator": sd["isopo"]["generator"]}),
+                        r"layers \['model.a'\] that this model does not have")):
+        bad = copy.deepcopy(bad)
+        bad["state"] = {}                  # would empty the inner optimizer's state
+        with pytest.raises(ValueError, match=match):
+            opt.load_state_dict(bad)
+        assert str(opt.state_dict()) == str(before)
+
+
+@pytest.mark.parametrize("kw,match", [({"fisher_probes": True}, "fisher_probes"),
+                                      ({"generator": 42}, "generator must be a torch.Generator")])
+def test_settings_refused_when_building(data, kw, match):
+    model, _, _ = data
+    with pytest.raises((TypeError, ValueError), match=match):
+        ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1), mode="fisher", **kw)
+    assert "forward" not in model.a.__dict__

@@ -44,6 +44,12 @@ def node_type(fn: type[Function]) -> type:
     return fn._backward_cls
 
 
+def at_backward_end(fn) -> None:
+    """Run ``fn`` when the running backward has ended without error (never if it fails): the
+    autograd engine's final callbacks, which DDP's reducer and FSDP use the same way."""
+    torch.autograd.Variable._execution_engine.queue_callback(fn)
+
+
 def lean_function(fn: type[Function]) -> None:
     """Call a custom ``Function`` without ``Function.apply``'s Python preamble (functorch
     bookkeeping, ~2 µs a call on a small layer) and run its node without the backward class's

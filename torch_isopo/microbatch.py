@@ -5,8 +5,10 @@ statistics to damp with, where to leave its figures): nothing below calls back i
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -94,13 +96,16 @@ def finish_records(records: list[LayerRecord], arrived: list[tuple]) -> list[tup
     ref = preps[0].ref         # c in the layers' dtype once, where that is a work dtype
     cs = coef.c.to(ref.device, ref.dtype) if ref.dtype in (torch.float32, torch.float64) \
         else coef.c
+    figures = []
     for j, ((k, r, _), p) in enumerate(zip(live, preps)):
         same = p.ref.dtype == cs.dtype and p.ref.device == cs.device and p.explicit is None
         grads = contract(p, cs[j] if same else coef.c[j])     # explicit G: c in float64
         outs[k] = _finished(grads, r.params, back)
         mb.ledger.record(r.params, outs[k])
         if cfg.mode != "reinforce":   # tensors, read at step() and when logged
-            mb.add_figures(r.layer.name, (coef.layer(j), A, S))
+            figures.append((r.layer.name, (coef.layer(j), A, S)))
+    if figures:
+        mb.add_figures(figures)
     return outs
 
 
@@ -115,10 +120,12 @@ class Microbatch:
 
     def __init__(self, owner, A: Tensor, amax: float, segments: Tensor | None, sample_dim: int,
                  settings: Settings, stats: dict | None, figures: dict, ledger, loss_scale,
-                 maps: dict | None = None):
+                 maps: dict | None = None, generator: torch.Generator | None = None):
         self.owner, self.A, self.amax, self.n = owner, A, amax, A.numel()
         self.segments, self.sample_dim = segments, sample_dim
-        self.settings, self.stats, self.figures, self.ledger = settings, stats, figures, ledger
+        self._settings, self.stats, self.figures, self.ledger = settings, stats, figures, ledger
+        self._generator = generator
+        self.drawn_from = None       # the generator's state before this block drew its probes
         self._loss_scale = loss_scale
         self.tracker = None          # follows free parameters (``shared.Tracker``), if any
         self.gate_all = None         # the layers to gate together (a small model), if any
@@ -135,12 +142,36 @@ class Microbatch:
         self._pending: list = []     # inputs without one, their history not yet needed
         self._advantages: dict = {}      # device -> (A', back, S)
         self._figures: list | None = []   # made while the block is open, kept if it ends well
+        self.made_figures = False         # whether a backward finished a layer
 
-    def add_figures(self, name: str, figures: tuple) -> None:
+    @property
+    def settings(self) -> Settings:
+        """The settings; ``fisher``'s probe seed is drawn at the first backward that needs it,
+        so a block without one (or a failed one, rewound) leaves the generator as it was."""
+        cfg = self._settings
+        if cfg.probe_seed is None:
+            self.drawn_from = self._generator.get_state()
+            seed = int(torch.randint(0, 2**62, (), generator=self._generator))
+            cfg = self._settings = dataclasses.replace(cfg, probe_seed=seed)
+        return cfg
+
+    def add_figures(self, figures: list) -> None:
+        """The figures of layers finished in the running backward: they count once it has ended
+        without error (one refused after them leaves none)."""
+        self.made_figures = True
+        _compat.at_backward_end(lambda: self._keep_figures(figures))
+
+    def _keep_figures(self, figures: list) -> None:
         if self._figures is None:         # a backward after the block (its graph kept)
-            self.figures.setdefault(name, []).append(figures)
+            for name, figs in figures:
+                self.figures.setdefault(name, []).append(figs)
         else:
-            self._figures.append((name, figures))
+            self._figures.extend(figures)
+
+    def drop_figures(self) -> None:
+        """Forget the figures made so far (``zero_grad`` inside the block)."""
+        if self._figures is not None:
+            self._figures = []
 
     def commit_figures(self) -> None:
         """The statistics made so far enter the step's (at the end of the block, or at a
@@ -361,13 +392,16 @@ def unit_advantages(A: Tensor, amax: float) -> tuple[Tensor, float]:
     if amax == 0 or 2.0 ** -8 <= amax <= 2.0 ** 8:
         return A, 1.0
     e = math.frexp(amax)[1]
-    return A * 2.0 ** -e, 2.0 ** e
+    half = -e // 2       # in two exact steps: 2^-e alone overflows for subnormal advantages
+    return A * math.ldexp(1.0, half) * math.ldexp(1.0, -e - half), math.ldexp(1.0, e)
 
 
 def check_advantages(advantages) -> tuple[Tensor, float]:
     """The advantages as float64 on the host, with ``max |A|`` (read once)."""
     try:
         A = torch.as_tensor(advantages)
+        if A.is_floating_point() and not isinstance(advantages, (Tensor, np.ndarray)):
+            A = torch.as_tensor(advantages, dtype=torch.float64)  # Python floats are float64
     except (TypeError, ValueError, RuntimeError):
         raise TypeError("advantages must be a 1-D tensor, array or sequence of real numbers, got "
                         f"{type(advantages).__name__}") from None
@@ -389,7 +423,13 @@ def check_advantages(advantages) -> tuple[Tensor, float]:
 def check_segments(segments, n: int) -> Tensor | None:
     if segments is None:
         return None
-    seg = torch.as_tensor(segments)
+    try:
+        seg = torch.as_tensor(segments)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError("segments must be an integer tensor, array or sequence of sample ids, "
+                        f"got {type(segments).__name__}") from None
+    if seg.is_meta:
+        raise ValueError("segments must hold values: got a tensor on the meta device")
     if seg.is_floating_point() or seg.is_complex() or seg.dtype == torch.bool:
         raise TypeError(f"segments must be an integer tensor of sample ids, got {seg.dtype}")
     seg = seg.reshape(-1).long()

@@ -77,7 +77,7 @@ class ISOPO(torch.optim.Optimizer):
                  gates: str = "auto"):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        check_settings(mode, damping, ema, fisher_probes, route, grad_scaler, gates)
+        check_settings(mode, damping, ema, fisher_probes, route, grad_scaler, gates, generator)
         _check_materialised(model)
         damping = float(damping)
         self.optimizer = _Unset()
@@ -87,6 +87,8 @@ class ISOPO(torch.optim.Optimizer):
         self.mode, self.damping, self.ema = mode, damping, None if ema is None else float(ema)
         self.fisher_probes, self.route, self.memory_budget = fisher_probes, route, int(memory_budget)
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self._stepped_generator = None     # fisher probes: the generator as the last step left it
+        self._mark_stepped()
         self.grad_scaler = grad_scaler
         self.layers: list[Layer] = find_layers(model)
         self.gates = gates
@@ -252,6 +254,10 @@ class ISOPO(torch.optim.Optimizer):
         step the loss scaler skipped must not count)."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
         self._step_figures.clear()
+        if self._attachment.active is not None:
+            self._attachment.active.drop_figures()
+        if self._stepped_generator is not None:     # the probes drawn since are undrawn too
+            self.generator.set_state(self._stepped_generator)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -281,11 +287,11 @@ class ISOPO(torch.optim.Optimizer):
         A, amax = check_advantages(advantages)
         seg = check_segments(segments, A.numel())
         if sample_dim not in (0, 1):
-            raise ValueError(f"sample_dim must be 0 or 1, got {sample_dim}")
+            raise ValueError(f"sample_dim must be 0 or 1, got {sample_dim!r}")
         self._ledger.clear()
         mb = Microbatch(self._attachment, A, amax, seg, sample_dim, self._settings(),
                         self._m if self.ema is not None else None, self._step_figures,
-                        self._ledger, self._loss_scale, self._maps)
+                        self._ledger, self._loss_scale, self._maps, self.generator)
         if self._together:
             mb.gate_all = self.layers
         free = [layer for layer in self.layers if layer.rule == "parameter"]
@@ -302,13 +308,13 @@ class ISOPO(torch.optim.Optimizer):
             self._attachment.active = None
             self._ledger.clear()
             mb.close(failed)
+            if failed and mb.drawn_from is not None:   # its probes are undrawn
+                self.generator.set_state(mb.drawn_from)
 
     def _settings(self) -> Settings:
-        seed = 0
-        if self.mode == "fisher" and self.fisher_probes is not None:
-            seed = int(torch.randint(0, 2**62, (), generator=self.generator))
+        probes = self.mode == "fisher" and self.fisher_probes is not None
         return Settings(self.mode, self.damping, self.fisher_probes, self.route,
-                        self.memory_budget, seed)
+                        self.memory_budget, None if probes else 0)
 
     def _loss_scale(self) -> float:
         s = self.grad_scaler
@@ -330,6 +336,13 @@ class ISOPO(torch.optim.Optimizer):
         self._last_figures = dict(self._step_figures)
         self._step_figures.clear()
         self._diagnostics = None
+        self._mark_stepped()
+
+    def _mark_stepped(self) -> None:
+        """Remember the generator's state: ``zero_grad`` rewinds to it, so that microbatches
+        dropped without a step leave no trace in the probes drawn later."""
+        if self.mode == "fisher" and self.fisher_probes is not None:
+            self._stepped_generator = self.generator.get_state()
 
     @property
     def diagnostics(self) -> dict[str, dict[str, float]]:
@@ -370,13 +383,36 @@ class ISOPO(torch.optim.Optimizer):
             state_dict = hook(self, state_dict) or state_dict
         sd = dict(state_dict)
         extra = sd.pop("isopo", None)
+        if extra is not None:
+            m, state = self._checked_extra(extra)
         self.optimizer.load_state_dict(sd)
         if extra is not None:
             self._m.clear()
-            self._m.update({k: float(v) for k, v in extra["m"].items()})
-            self.generator.set_state(extra["generator"])
+            self._m.update(m)
+            self.generator.set_state(state)
+            self._mark_stepped()
         for hook in _compat.optimizer_hooks(self, "load_state_dict_post"):
             hook(self)
+
+    def _checked_extra(self, extra) -> tuple[dict, Tensor]:
+        """ISOPO's part of a state dict, checked before anything is loaded: the moving averages
+        of layers this optimizer has, and a generator state."""
+        try:
+            m = {str(k): float(v) for k, v in extra["m"].items()}
+            state = extra["generator"]
+            torch.Generator().set_state(state)
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+            raise ValueError("ISOPO: the state dict's 'isopo' entry is malformed (it needs 'm': "
+                             "{layer name: float} and 'generator': a torch.Generator state): "
+                             f"{e}") from None
+        unknown = sorted(set(m) - {layer.name for layer in self.layers})
+        if unknown:
+            raise ValueError(
+                f"ISOPO: the state dict has statistics of layers {unknown} that this model does "
+                f"not have (its layers: {[layer.name for layer in self.layers][:8]}...): it was "
+                "saved from another model, or the same one wrapped or named differently; build "
+                "ISOPO on the module it was saved with")
+        return m, state
 
     def __getstate__(self) -> dict:
         """A copy or pickle carries the model, the inner optimizer, the settings and the

@@ -16,14 +16,16 @@ class Settings:
     fisher_probes: int | None
     route: str
     budget_bytes: int
-    probe_seed: int       # fisher: each layer draws its probes from a generator seeded with
-                          # this plus its index, so results do not depend on the finishing order
+    probe_seed: int | None  # fisher: each layer draws its probes from a generator seeded with
+                            # this plus its index, so results do not depend on the finishing
+                            # order; drawn at the microbatch's first backward (None until then)
 
 
 MODES = ("ntk", "fisher", "reinforce")
 
 
-def check_settings(mode, damping, ema, fisher_probes, route, grad_scaler, gates) -> None:
+def check_settings(mode, damping, ema, fisher_probes, route, grad_scaler, gates,
+                   generator=None) -> None:
     """The optimizer's arguments, each checked with a message that says what is allowed."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
@@ -33,7 +35,8 @@ def check_settings(mode, damping, ema, fisher_probes, route, grad_scaler, gates)
                          f"mode {mode!r}, got {damping}")
     if ema is not None and not 0.0 <= float(ema) < 1.0:
         raise ValueError(f"ema must be None or in [0, 1), got {ema}")
-    if fisher_probes is not None and (not isinstance(fisher_probes, int) or fisher_probes < 1):
+    if fisher_probes is not None and (not isinstance(fisher_probes, int) or isinstance(
+            fisher_probes, bool) or fisher_probes < 1):
         raise ValueError(f"fisher_probes must be None or a positive int, got {fisher_probes!r}")
     if route not in ("auto", "gram", "materialise"):
         raise ValueError(f"unknown route {route!r}; choose 'auto', 'gram' or 'materialise'")
@@ -41,3 +44,6 @@ def check_settings(mode, damping, ema, fisher_probes, route, grad_scaler, gates)
         raise ValueError(f"unknown gates {gates!r}; choose 'auto', 'layer' or 'model'")
     if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
         raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError("generator must be a torch.Generator (torch.Generator().manual_seed(s)) "
+                        f"or None, got {type(generator).__name__}")

@@ -100,7 +100,12 @@ class Tracker(TorchFunctionMode):
                 or (found := shared.get(id(t))) is not None and found[0]() is t]
         if not hits or not torch.is_grad_enabled() or own_node(_compat.autograd_node()):
             return func(*args, **kwargs)
-        if getattr(func, "__name__", None) == "__get__" and func.__self__.__name__ not in _VIEWS:
+        name = getattr(func, "__name__", None)
+        if name == "__set__":
+            # an attribute written (p.grad = None in zero_grad, p.data = clamped): the
+            # parameter's own, never its stand-in's
+            return func(*args, **kwargs)
+        if name == "__get__" and func.__self__.__name__ not in _VIEWS:
             # an attribute of the tensor itself (is_leaf, grad, shape): the parameter's own,
             # never its stand-in's (a ParameterList slice re-registers the parameters)
             return self._mark(func(*args, **kwargs), frozenset())
