@@ -160,6 +160,17 @@ def test_factory_checks_its_arguments():
 
 # -- PEFT LoRA --------------------------------------------------------------------------------
 
+def test_dora_is_refused_when_building():
+    """peft's DoRA runs the LoRA factors on an identity matrix for its magnitude: refused with
+    the fix, before anything is attached."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(qwen3().double(), peft.LoraConfig(
+        r=2, target_modules=["q_proj", "v_proj"], use_dora=True))
+    with pytest.raises(ValueError, match=r"peft's DoRA.*use_dora=False"):
+        ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
 @pytest.mark.parametrize("mode", ["reinforce", "ntk", "fisher"])
 def test_lora_adapters_get_exact_isopo_gradient(mode):
     peft = pytest.importorskip("peft")

@@ -2212,3 +2212,60 @@ def test_channels_first_layer_norm(W, setting, monkeypatch):
     monkeypatch.setattr(rules, "_REGISTRY", list(rules._REGISTRY))
     rules.register(LayerNorm)(GenericRule)
     check_family(model, lambda m: _logp(m(x)), 3, *setting, rules=["conv", "generic", "linear"])
+
+
+# -- free parameters beside frozen ones, and casts to the samples' dtype ------------------------
+class FrozenTablePlusDelta(nn.Module):
+    """A frozen position table with a trainable correction, or a frozen embedding whose k rows
+    are replaced by trainable ones (peft's trainable tokens): the frozen tensors are not data,
+    even when their row count equals the number of samples."""
+
+    def __init__(self, rows, how):
+        super().__init__()
+        self.how = how
+        self.wte, self.pos = nn.Embedding(12, 4), nn.Embedding(rows, 4)
+        self.pos.weight.requires_grad_(False)
+        self.delta = nn.Parameter(0.1 * torch.randn(rows if how == "add" else 2, 4))
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, ids):
+        if self.how == "add":
+            table = self.pos.weight + self.delta
+        else:
+            table = self.pos.weight.index_copy(0, torch.tensor([0, 2]), self.delta.to(
+                self.pos.weight))
+        return self.head(torch.tanh(self.wte(ids) + table[None, :ids.shape[1]]))
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("how", ["add", "rows replaced"])
+@pytest.mark.parametrize("n", [3, 4])
+def test_free_parameter_beside_a_frozen_one(n, how, setting):
+    torch.manual_seed(0)
+    model = FrozenTablePlusDelta(4, how).to(D)
+    ids = torch.randint(0, 12, (n, 3))
+    check_family(model, lambda m: _logp(m(ids)).sum(1), n, *setting)
+
+
+class CastRotation(nn.Module):
+    """A free d × d matrix cast to the input's dtype with ``.to(x)`` or ``.type_as(x)`` (peft's
+    BOFT casts its rotation so) before it multiplies the samples: ``x`` lends only its dtype."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.R = nn.Parameter(torch.eye(4) + 0.1 * torch.randn(4, 4))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        R = self.R.to(x) if self.how == "to" else self.R.type_as(x)
+        return self.head(x @ R)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("how", ["to", "type_as"])
+def test_free_parameter_cast_like_the_samples(how, setting):
+    torch.manual_seed(0)
+    model = CastRotation(how).to(D)
+    x = torch.randn(4, 4, dtype=D)                 # as many samples as the matrix has rows
+    check_family(model, lambda m: _logp(m(x)), 4, *setting)

@@ -493,6 +493,12 @@ def _check_materialised(model: nn.Module) -> None:
                 f"ISOPO: module '{name or type(m).__name__}' ({type(m).__name__}) is not "
                 "initialised yet (a lazy module): run one forward with a dummy batch before "
                 "ISOPO(model, ...)")
+        if type(m).__module__ == "peft.tuners.lora.dora":
+            raise ValueError(
+                f"ISOPO: module '{name}' is peft's DoRA ({type(m).__name__}, use_dora=True), "
+                "which ISOPO does not support (its magnitude runs the LoRA factors on an "
+                "identity matrix, rows that belong to no sample): use LoRA without DoRA "
+                "(use_dora=False)")
 
 
 def _host(values: list[Tensor]) -> list[float]:

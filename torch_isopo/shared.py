@@ -90,6 +90,8 @@ class Tracker(TorchFunctionMode):
         kwargs = kwargs or {}
         if self.paused:
             return func(*args, **kwargs)
+        if func is Tensor.to or func is Tensor.type_as:
+            func, args, kwargs = _cast_args(func, args, kwargs)
         inputs = _tensors(args, kwargs)
         if not inputs:                           # a factory: its result is a constant
             if own_node(_compat.autograd_node()):
@@ -231,9 +233,23 @@ class Tracker(TorchFunctionMode):
 
 
 def constants(modules: list[nn.Module]) -> list:
-    """Tensors a free parameter may meet that are not data: buffers and tensors held by modules."""
-    return [t for m in modules for t in (*_compat.own_buffers(m), *vars(m).values())
-            if isinstance(t, Tensor)]          # (a buffer may be None)
+    """Tensors a free parameter may meet that are not data: buffers, frozen parameters (a
+    frozen table a trainable delta is added to) and tensors held by modules."""
+    return [t for m in modules
+            for t in (*_compat.own_buffers(m), *_compat.own_parameters(m).values(),
+                      *vars(m).values())
+            if isinstance(t, Tensor) and not (isinstance(t, nn.Parameter) and t.requires_grad)]
+
+
+def _cast_args(func, args, kwargs):
+    """``t.to(other)`` and ``t.type_as(other)`` read only ``other``'s dtype and device: as
+    ``t.to(device, dtype)`` they do not take ``other`` for data (peft's BOFT casts its rotation
+    with ``.to(x)``)."""
+    other = args[1] if len(args) > 1 else kwargs.get("other")
+    if not isinstance(other, Tensor):
+        return func, args, kwargs
+    kwargs = {k: v for k, v in kwargs.items() if k != "other"}
+    return Tensor.to, (args[0], other.device, other.dtype, *args[2:]), kwargs
 
 
 def _tensors(args, kwargs) -> list[Tensor]:
