@@ -251,7 +251,12 @@ def _status_kib(field: str) -> int:
 
 def count_ops(args, dtype):
     """Dispatched aten ops (kernel launches on a GPU) per ISOPO layer and microbatch, beyond
-    plain REINFORCE's: counted with a ``TorchDispatchMode`` over one update."""
+    plain REINFORCE's: counted with a ``TorchDispatchMode`` over one update; and the Python
+    function calls of one update (``cProfile``), the host-side work besides the ops. Both are
+    counts, the same on any machine and under any load."""
+    import cProfile
+    import pstats
+
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -262,7 +267,7 @@ def count_ops(args, dtype):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             self.n += 1
             return func(*args, **(kwargs or {}))
-    counts = {}
+    counts, calls = {}, {}
     for method in ("reinforce", "ntk", "fisher"):
         model, ids, mask, A = build(args.size, args.device, dtype, args.n[0])
         step = make_step(method, model, ids, mask, A, args.size)
@@ -270,13 +275,18 @@ def count_ops(args, dtype):
         with Count() as c:
             step()
         counts[method] = c.n
+        prof = cProfile.Profile()
+        prof.runcall(step)
+        calls[method] = sum(v[1] for v in pstats.Stats(prof).stats.values())
     from torch_isopo.layers import find_layers
     layers = len(find_layers(build(args.size, args.device, dtype, args.n[0])[0]))
     mbs = len(microbatches(args.size, ids, mask, A))
-    print(f"{args.size}: {layers} ISOPO layers, {mbs} microbatch(es) per update; aten ops per update")
+    print(f"{args.size}: {layers} ISOPO layers, {mbs} microbatch(es) per update; aten ops and "
+          "Python calls per update (REINFORCE: plain autograd)")
     for method, n in counts.items():
         extra = (n - counts["reinforce"]) / (layers * mbs)
-        print(f"  {method:<10}{n:>8}  ({extra:+.1f} per layer and microbatch)")
+        print(f"  {method:<10}{n:>8} ops ({extra:+.1f} per layer and microbatch)"
+              f"{calls[method]:>8} calls")
 
 
 def profile(args, dtype):
