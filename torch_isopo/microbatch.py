@@ -142,7 +142,6 @@ class Microbatch:
         self._pending: list = []     # inputs without one, their history not yet needed
         self._advantages: dict = {}      # device -> (A', back, S)
         self._figures: list | None = []   # made while the block is open, kept if it ends well
-        self.made_figures = False         # whether a backward finished a layer
 
     @property
     def settings(self) -> Settings:
@@ -158,7 +157,6 @@ class Microbatch:
     def add_figures(self, figures: list) -> None:
         """The figures of layers finished in the running backward: they count once it has ended
         without error (one refused after them leaves none)."""
-        self.made_figures = True
         _compat.at_backward_end(lambda: self._keep_figures(figures))
 
     def _keep_figures(self, figures: list) -> None:
