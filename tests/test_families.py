@@ -2269,3 +2269,136 @@ def test_free_parameter_cast_like_the_samples(how, setting):
     model = CastRotation(how).to(D)
     x = torch.randn(4, 4, dtype=D)                 # as many samples as the matrix has rows
     check_family(model, lambda m: _logp(m(x)), 4, *setting)
+
+
+class Prototypes(nn.Module):
+    """Learned prototypes scored by cosine similarity: a table of K rows, reduced over its
+    features, which may have as many rows as there are samples."""
+
+    def __init__(self, K):
+        super().__init__()
+        self.enc = nn.Linear(4, 3)
+        self.W = nn.Parameter(torch.randn(K, 3))
+
+    def forward(self, x):
+        return F.cosine_similarity(self.enc(x)[:, None], self.W[None], dim=-1) * 3
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("K", [3, 4])
+def test_free_table_reduced_over_its_features(K, setting):
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, dtype=D)
+    check_family(Prototypes(K).to(D), lambda m: _logp(m(x)), 3, *setting)
+
+
+class MovedInitialState(nn.Module):
+    """A learned initial state broadcast to the samples, then its rows moved."""
+
+    def __init__(self, move):
+        super().__init__()
+        self.move = move
+        self.h0 = nn.Parameter(torch.randn(3))
+        self.cell, self.head = nn.GRUCell(2, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        n = x.shape[0]
+        h = self.h0.expand(n, 3)
+        perm = torch.arange(n - 1, -1, -1)
+        h = {"index": lambda: h[perm], "scaled index": lambda: (h * 2)[perm],
+             "flip": lambda: h.flip(0), "roll": lambda: torch.roll(h, 1, 0),
+             "index_select": lambda: h.index_select(0, perm), "columns": lambda: h[:, torch.tensor([2, 0, 1])],
+             "none": lambda: h}[self.move]()
+        return self.head(self.cell(x, h))
+
+
+@pytest.mark.parametrize("move", ["index", "scaled index", "flip", "roll", "index_select"])
+def test_rows_of_a_broadcast_free_parameter_moved_are_refused(move):
+    """Row i of a broadcast is credited to sample i: moving the rows along the sample axis
+    (a shuffled minibatch of per-environment states) would hand them to other samples."""
+    torch.manual_seed(0)
+    model = MovedInitialState(move).to(D)
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x = torch.randn(4, 2, dtype=D)
+    with pytest.raises(ValueError, match=r"moves the rows of free parameters broadcast.*"
+                                         r"h0\.expand\(len\(idx\), -1\)"):
+        with opt.microbatch(torch.ones(4, dtype=D)):
+            _logp(model(x)).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("move", ["none", "columns"])
+def test_broadcast_free_parameter_kept_in_place(move, setting):
+    torch.manual_seed(0)
+    x = torch.randn(4, 2, dtype=D)
+    check_family(MovedInitialState(move).to(D), lambda m: _logp(m(x)), 4, *setting)
+
+
+class MaskToken(nn.Module):
+    """A learned mask token written into the masked positions of a sequence (MAE, BERT)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.tok = nn.Parameter(torch.randn(4))
+        self.enc, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x, mask):
+        h = self.enc(x)
+        if self.how == "where":
+            h = torch.where(mask[..., None], self.tok, h)
+        else:
+            h = h.masked_scatter(mask[..., None], self.tok.expand(int(mask.sum()), 4))
+        return _logp(self.head(torch.tanh(h))).sum(1)
+
+
+def test_mask_token_scattered_is_refused():
+    torch.manual_seed(0)
+    model = MaskToken("masked_scatter").to(D)
+    x, mask = torch.randn(3, 4, 4, dtype=D), torch.zeros(3, 4, dtype=torch.bool)
+    mask[0, 0] = mask[0, 1] = mask[2, 3] = True        # as many masked tokens as samples
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="masked_scatter moves the rows.*torch.where"):
+        with opt.microbatch(torch.ones(3, dtype=D)):
+            model(x, mask).sum().backward()
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+def test_mask_token_written_with_where(setting):
+    torch.manual_seed(0)
+    x, mask = torch.randn(3, 4, 4, dtype=D), torch.zeros(3, 4, dtype=torch.bool)
+    mask[0, 0] = mask[0, 1] = mask[2, 3] = True
+    check_family(MaskToken("where").to(D), lambda m: m(x, mask), 3, *setting)
+
+
+class TimeMajorPositions(nn.Module):
+    """A time-major policy (T, B, d) with learned positions, read with sample_dim=1."""
+
+    def __init__(self, how, T):
+        super().__init__()
+        self.how = how
+        self.enc, self.wpe, self.head = nn.Linear(3, 8), nn.Embedding(T, 8), nn.Linear(8, 3)
+
+    def forward(self, x, a):
+        T = x.shape[0]
+        pos = (self.wpe(torch.arange(T))[:, None] if self.how == "1-D"
+               else self.wpe(torch.arange(T)[:, None]))
+        h = torch.tanh(self.enc(x) + pos)
+        return -torch.log_softmax(self.head(h), -1).gather(-1, a[..., None]).squeeze(-1).sum(0)
+
+
+@pytest.mark.parametrize("T", [3, 4])
+def test_time_major_refusals_name_the_time_major_fix(T):
+    """Under sample_dim=1 the refusal names the fix for that layout (a sample axis of size 1 on
+    dim 1), which is exact; the batch-first fix (torch.arange(T)[None]) would be wrong."""
+    torch.manual_seed(0)
+    x, a = torch.randn(T, 3, 3, dtype=D), torch.randint(0, 3, (T, 3))
+    model = TimeMajorPositions("1-D", T).to(D)
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match=r"torch\.arange\(T\)\[:, None\]"):
+        with opt.microbatch(torch.ones(3, dtype=D), sample_dim=1):
+            model(x, a).sum().backward()
+    for setting in SETTINGS:
+        check_family(TimeMajorPositions("fixed", T).to(D), lambda m: m(x, a), 3, *setting,
+                     sample_dim=1)

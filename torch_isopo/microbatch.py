@@ -311,14 +311,17 @@ class Microbatch:
     def _refuse_shared(self, rows: str, shape: tuple, source) -> None:
         if descends_from_use(source):
             return
+        shared, rows_fix, pos = (("torch.arange(T)[:, None]", "x[None]", "pos[:, None]")
+                                 if self.sample_dim == 1 else
+                                 ("torch.arange(T)[None]", "x[:, None]", "pos[None]"))
         raise ValueError(
             f"ISOPO: {rows} has no sample axis (rows {shape}), while {self._explicit} has one: "
             "its rows would be taken as samples. If it is shared by all samples (a table of "
-            "positions built with torch.arange(T), say), give it a sample axis of size 1 "
-            "(torch.arange(T)[None]) and it is used by every sample: the module's output then "
-            "holds one copy per sample along that axis, to be broadcast against the batch "
-            "(x + wpe(pos[None])), not indexed or reduced along it; if its rows are samples, "
-            "say so with x[:, None] or segments=")
+            "positions built with torch.arange(T), say), give it a sample axis of size 1 on "
+            f"dim {self.sample_dim} ({shared}) and it is used by every sample: the module's "
+            "output then holds one copy per sample along that axis, to be broadcast against the "
+            f"batch (x + wpe({pos})), not indexed or reduced along it; if its rows are samples, "
+            f"say so with {rows_fix} (sample axis on dim {self.sample_dim}) or segments=")
 
     def sample_map(self, shape, where: str, device, source=None) -> SampleMap:
         """Rows → samples of an input (or output) of token shape ``shape``; ``source`` is the

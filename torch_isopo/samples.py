@@ -121,15 +121,21 @@ def sample_map(token_shape: torch.Size, n: int, segments: Tensor | None, sample_
                 "given. If its rows are parts of samples (episodes, flattened sequences), pass "
                 "segments= to say which sample each row belongs to; if it is shared by all "
                 "samples (a table of positions from torch.arange(T), say), give it a sample axis "
-                "of size 1 (torch.arange(T)[None]): the module's output then holds one copy per "
-                "sample along that axis, to be broadcast against the batch (x + wpe(pos[None])), "
-                "not indexed or reduced along it")
+                + ("of size 1 (torch.arange(T)[None]): the module's output then holds one copy per "
+                   "sample along that axis, to be broadcast against the batch (x + wpe(pos[None])), "
+                   if sample_dim == 0 else
+                   "of size 1 on dim 1 (torch.arange(T)[:, None], sample_dim=1): the module's "
+                   "output then holds one copy per sample along that axis, to be broadcast "
+                   "against the batch (x + wpe(pos[:, None])), ")
+                + "not indexed or reduced along it")
         return SampleMap(torch.arange(n, device=device), n, 1, "first", 1)
     if dims[sample_dim] != n:
         raise ValueError(
             f"{where}: the input of shape {dims} has {dims[sample_dim]} samples along dim "
             f"{sample_dim} but {n} advantages were given; pass segments= for packed inputs or "
-            "sample_dim= for sequence-first inputs")
+            + ("sample_dim= for sequence-first inputs" if sample_dim == 0 else
+               "give an input shared by all samples size 1 on dim 1 (torch.arange(T)[:, None], "
+               "not torch.arange(T)[None])"))
     T = dims[1 - sample_dim]
     base = torch.arange(n, device=device)
     if sample_dim == 0:

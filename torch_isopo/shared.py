@@ -71,6 +71,8 @@ class Tracker(TorchFunctionMode):
         self.mixed = _ByIdentity()              # shared tensors that also carry data
         self.gates: dict[int, tuple] = {}       # free layer id -> (record, gated parameters)
         self.alias_of = _ByIdentity()           # a parameter's stand-in -> its index in the layer
+        self.copies = _ByIdentity()             # broadcasts of shared tensors alone (row i:
+                                                # sample i), and what was computed from them alone
         for t in constants:
             self.shared[t] = frozenset()
         self.paused = 0
@@ -82,8 +84,8 @@ class Tracker(TorchFunctionMode):
     def __exit__(self, *exc):
         """The block is over: drop every reference to its tensors (no cycle through the graph
         outlives it)."""
-        self.shared, self.mixed, self.gates, self.alias_of = (_ByIdentity(), _ByIdentity(), {},
-                                                              _ByIdentity())
+        self.shared, self.mixed, self.gates, self.alias_of, self.copies = (
+            _ByIdentity(), _ByIdentity(), {}, _ByIdentity(), _ByIdentity())
         return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -93,6 +95,15 @@ class Tracker(TorchFunctionMode):
         if func is Tensor.to or func is Tensor.type_as:
             func, args, kwargs = _cast_args(func, args, kwargs)
         inputs = _tensors(args, kwargs)
+        if self.copies.items and inputs:
+            copied = [t for t in inputs if t in self.copies]
+            if copied:
+                self._keep_rows(func, args, kwargs, copied)
+                if all(t in self.copies or self.shared.get(t) == frozenset() for t in inputs):
+                    result = func(*args, **kwargs)      # copies and constants alone: a copy
+                    for t in _out_tensors(result):
+                        self.copies[t] = True
+                    return result
         if not inputs:                           # a factory: its result is a constant
             if own_node(_compat.autograd_node()):
                 return func(*args, **kwargs)
@@ -143,9 +154,13 @@ class Tracker(TorchFunctionMode):
                     0 if kind == "one" else next(i for i, t in enumerate(inputs) if t is src)
                     for src in sources]
                 self._rounding(out, reads)
-                return meet(mb, out, sources,
-                            [{k: self.gates[k] for k in self.shared[t]} for t in sources], targets,
-                            [self.alias_of.get(t) for t in sources])
+                met = meet(mb, out, sources,
+                           [{k: self.gates[k] for k in self.shared[t]} for t in sources], targets,
+                           [self.alias_of.get(t) for t in sources])
+                if not data:                    # a broadcast: its row i is sample i's
+                    for t in _out_tensors(met):
+                        self.copies[t] = True
+                return met
         finally:
             self.paused -= 1
         if data and not reads:
@@ -158,6 +173,22 @@ class Tracker(TorchFunctionMode):
             for t in _out_tensors(out):
                 self.mixed[t] = True
         return result
+
+    def _keep_rows(self, func, args, kwargs, copied) -> None:
+        """An op on broadcast copies of free parameters: each row was credited to the sample of
+        its place, so an op that moves rows along the sample axis (indexing, ``flip``, ``roll``,
+        ``masked_scatter``) would hand them to other samples: refused."""
+        mb = self.attachment.forward_microbatch()
+        if mb is not None and torch.is_grad_enabled() and not own_node(_compat.autograd_node()):
+            moved = _moves_rows(mb, func, args, kwargs, copied)
+            if moved:
+                raise ValueError(
+                    f"ISOPO: {moved} moves the rows of free parameters broadcast along the "
+                    f"sample axis (shape {tuple(copied[0].shape)}): ISOPO credits row i of such "
+                    "a broadcast to sample i, and the op hands the rows to other samples. "
+                    "Broadcast after choosing the rows (h0.expand(len(idx), -1) for the rows idx "
+                    "picks), and write tokens with torch.where(mask[..., None], tok, h) rather "
+                    "than masked_scatter")
 
     def _gated(self, mb, args, kwargs, hits):
         """Free parameters replaced by their gated tensors; the free layers the op reads."""
@@ -282,6 +313,37 @@ def _sample_axis(mb, t: Tensor) -> int:
     return mb.sample_dim if t.dim() >= 3 else 0
 
 
+def _moves_rows(mb, func, args, kwargs, copied) -> str | None:
+    """The name of ``func`` if it moves rows of the broadcast copies ``copied`` along their
+    sample axis (their order is which sample each row is credited to), else None."""
+    name = getattr(func, "__name__", str(func))
+    first = copied[0] if args and args[0] is copied[0] else None
+    if func in (torch.masked_scatter, Tensor.masked_scatter, Tensor.masked_scatter_,
+                torch.masked_select, Tensor.masked_select):
+        return name
+    if first is None or first.dim() == 0:
+        return None
+    axis = _sample_axis(mb, first)
+    if func is Tensor.__getitem__:
+        index = args[1] if isinstance(args[1], tuple) else (args[1],)
+        if any(i is Ellipsis or i is None for i in index[:axis + 1]) or len(index) <= axis:
+            return None
+        i = index[axis]
+        return None if isinstance(i, slice) and i == slice(None) else "indexing"
+    dims = kwargs.get("dim", kwargs.get("dims", args[1] if len(args) > 1 else None))
+    if func in (torch.flip, Tensor.flip, torch.roll, Tensor.roll):
+        if func in (torch.roll, Tensor.roll):
+            dims = kwargs.get("dims", args[2] if len(args) > 2 else None)
+            if dims is None:
+                return name
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        return name if any(d % first.dim() == axis for d in dims) else None
+    if func in (torch.index_select, Tensor.index_select, torch.gather, Tensor.gather,
+                torch.take_along_dim, Tensor.take_along_dim):
+        return name if isinstance(dims, int) and dims % first.dim() == axis else None
+    return None
+
+
 def sample_layout(mb, o: Tensor) -> bool:
     """Whether ``o``'s rows can be samples: ``n`` along the sample axis, or one row per segment
     entry."""
@@ -326,7 +388,10 @@ def _refuse_stacks(mb, func, out, sources) -> None:
     for o in _out_tensors(out):
         axis = _sample_axis(mb, o)
         for t in sources:
-            k = axis - (o.dim() - t.dim())
+            # aligned with the result by its trailing axes, unless it has more axes than the
+            # result: then the op reduced them (cosine_similarity, a norm) and it is aligned
+            # by its leading ones
+            k = axis if t.dim() > o.dim() else axis - (o.dim() - t.dim())
             if t.dim() >= 3 and k >= 0 and t.shape[k] == mb.n:
                 raise ValueError(
                     f"ISOPO: a tensor of shape {tuple(t.shape)} computed from free parameters "
