@@ -772,3 +772,33 @@ def test_settings_refused_when_building(data, kw, match):
     with pytest.raises((TypeError, ValueError), match=match):
         ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1), mode="fisher", **kw)
     assert "forward" not in model.a.__dict__
+
+
+class ScaledBlock(nn.Module):
+    """A residual block with a layer scale beside its Linear children (ConvNeXt, CaiT)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 4)
+        self.gamma = nn.Parameter(torch.full((4,), 0.3))
+
+    def forward(self, x):
+        return x + self.gamma * self.fc2(torch.tanh(self.fc1(x)))
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_free_parameter_in_a_checkpointed_region_is_refused(reentrant):
+    """A free parameter is followed through the forward's ops, which a checkpoint's recompute
+    does not repeat alike: refused (at the forward without reentrance, at the backward with
+    it), naming checkpointing."""
+    torch.manual_seed(0)
+    f64 = torch.float64
+    inp, block, head = nn.Linear(4, 4).double(), ScaledBlock().double(), nn.Linear(4, 1).double()
+    model = nn.ModuleDict({"inp": inp, "block": block, "head": head})
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x = torch.randn(3, 4, dtype=f64)
+    error = ValueError if not reentrant else RuntimeError
+    with pytest.raises(error, match="checkpoint"):
+        with opt.microbatch(torch.ones(3, dtype=f64)):
+            h = checkpoint(block, inp(x), use_reentrant=reentrant)
+            head(h).sum().backward()

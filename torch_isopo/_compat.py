@@ -38,6 +38,15 @@ def reentrant_recompute(node) -> bool:
     return isinstance(node, node_type(CheckpointFunction))
 
 
+def checkpointed() -> bool:
+    """Whether the running code is a region of non-reentrant activation checkpointing (its
+    forward or its recompute): ``torch.utils.checkpoint`` pushes its own saved-tensor hooks
+    there, found at the top of autograd's stack of default hooks."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    name = getattr(hooks[0], "__qualname__", "") if hooks else ""
+    return name.startswith(("_checkpoint_hook.", "_recomputation_hook."))
+
+
 def node_type(fn: type[Function]) -> type:
     """The class of the graph nodes a custom ``Function`` creates, to recognise them while walking
     ``next_functions``. ``torch.autograd.function`` builds it as ``_backward_cls``."""

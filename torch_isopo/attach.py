@@ -127,12 +127,14 @@ class Ledger:
             elif made is None or grad is not made[0]:
                 error = (f"ISOPO: parameter '{name}' received a gradient that did not come from "
                          "its module's forward: it was used directly (x @ emb.weight.T, "
-                         "F.linear(x, emb.weight), a fused kernel), or a graph built outside any "
-                         "microbatch was back-propagated inside one; ISOPO cannot attribute it "
-                         "to samples. Route a direct use through a module holding the same "
-                         "Parameter (a tied output layer: head = nn.Linear(d, vocab, bias=False); "
-                         "head.weight = emb.weight), which ISOPO merges with its owner into one "
-                         "layer")
+                         "F.linear(x, emb.weight), a fused kernel), a graph built outside any "
+                         "microbatch was back-propagated inside one, or a free parameter (one "
+                         "held beside children with rules) was used inside a region of reentrant "
+                         "activation checkpointing; ISOPO cannot attribute it to samples. Route "
+                         "a direct use through a module holding the same Parameter (a tied "
+                         "output layer: head = nn.Linear(d, vocab, bias=False); head.weight = "
+                         "emb.weight), which ISOPO merges with its owner into one layer; apply "
+                         "a free parameter outside checkpointed regions")
             else:
                 return None
             self.made.clear()                  # this backward stops here: leave nothing behind

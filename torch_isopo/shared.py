@@ -125,6 +125,8 @@ class Tracker(TorchFunctionMode):
         mb = self.attachment.forward_microbatch()
         if mb is None:
             return func(*args, **kwargs)
+        if _compat.checkpointed() or _compat.reentrant_recompute(_compat.autograd_node()):
+            self._refuse_checkpointed(hits)
         args, kwargs, reads = self._gated(mb, args, kwargs, hits)
         self.paused += 1
         try:
@@ -189,6 +191,16 @@ class Tracker(TorchFunctionMode):
                     "Broadcast after choosing the rows (h0.expand(len(idx), -1) for the rows idx "
                     "picks), and write tokens with torch.where(mask[..., None], tok, h) rather "
                     "than masked_scatter")
+
+    def _refuse_checkpointed(self, hits) -> None:
+        names = sorted({self.free[id(t)][0].param_names[self.free[id(t)][1]] for t in hits
+                        if id(t) in self.free} or {"computed from free parameters"})
+        raise ValueError(
+            f"ISOPO: free parameters ({', '.join(names)}) are used inside a region of activation "
+            "checkpointing (torch.utils.checkpoint): ISOPO follows a free parameter through the "
+            "forward's ops, which the recompute does not repeat alike. Apply it outside the "
+            "checkpointed function (checkpoint the children with rules, then x + gamma * y), "
+            "or do not checkpoint that region")
 
     def _gated(self, mb, args, kwargs, hits):
         """Free parameters replaced by their gated tensors; the free layers the op reads."""
