@@ -353,3 +353,27 @@ def test_brute_force_runs_the_model_as_written(kind):
     torch.manual_seed(0)
     x = torch.randn(5, 3)
     assert check(Hooked(kind), lambda m: m(x.to(m.head.weight.dtype)), torch.randn(5)).ok
+
+
+def test_a_layer_run_only_without_grad_has_zero_gradient():
+    """A critic evaluated under no_grad to weight the actor's loss: the brute force gives it zero
+    per-sample gradients (it refused the model), and check passes."""
+    import torch
+    from torch import nn
+    from torch_isopo import check
+
+    class ActorCritic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.pi, self.v = nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(4, 1)
+
+        def forward(self, x):
+            h = torch.tanh(self.enc(x))
+            with torch.no_grad():
+                w = torch.sigmoid(self.v(h)).squeeze(-1)
+            return w * torch.log_softmax(self.pi(h), -1)[:, 0]
+    torch.manual_seed(0)
+    model = ActorCritic().double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    report = check(model, lambda m: m(x), torch.randn(5, dtype=torch.float64))
+    assert report.ok, report

@@ -2402,3 +2402,80 @@ def test_time_major_refusals_name_the_time_major_fix(T):
     for setting in SETTINGS:
         check_family(TimeMajorPositions("fixed", T).to(D), lambda m: m(x, a), 3, *setting,
                      sample_dim=1)
+
+
+# -- a target from the policy's own modules with other weights (functional_call) ---------------
+class TargetNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc, self.head = nn.Linear(3, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(self.enc(x).tanh())
+
+
+def _target_losses(m, obs, nobs, weights, order):
+    """Cross-entropy of the policy at ``obs`` to a target computed by the same modules at
+    ``nobs`` with other, detached weights (the policy's own detached, or a moving average)."""
+    from torch.func import functional_call
+
+    def target():
+        params = ({k: v.detach() for k, v in m.named_parameters()} if weights == "detached"
+                  else {k: v.detach() + 0.1 for k, v in m.named_parameters()})
+        return functional_call(m, params, (nobs,)).softmax(-1)
+    if order == "target first":
+        t, z = target(), m(obs)
+    else:
+        z, t = m(obs), target()
+    return -(z.log_softmax(-1) * t).sum(-1)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("weights", ["detached", "moving average"])
+@pytest.mark.parametrize("order", ["target first", "target last"])
+@pytest.mark.parametrize("gates", ["auto", "layer"])
+def test_target_through_functional_call(weights, order, gates, setting):
+    """Calls of the policy's modules with all their parameters swapped for detached tensors
+    (torch.func.functional_call) are plain forwards: they neither take the gates' tensors nor
+    leave their own in the gates (the target's value and the gradient were wrong)."""
+    torch.manual_seed(0)
+    obs, nobs = torch.randn(4, 3, dtype=D), torch.randn(4, 3, dtype=D)
+    model = TargetNet().to(D)
+    plain = _target_losses(model, obs, nobs, weights, order).detach()
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1), gates=gates)
+    with opt.microbatch(torch.ones(4, dtype=D)):
+        assert torch.equal(_target_losses(model, obs, nobs, weights, order).detach(), plain)
+    opt.detach()
+    check_family(model, lambda m: _target_losses(m, obs, nobs, weights, order), 4, *setting,
+                 gates=gates)
+
+
+def test_layer_with_some_parameters_swapped_is_refused():
+    from torch.func import functional_call
+    torch.manual_seed(0)
+    model = TargetNet().to(D)
+    x = torch.randn(4, 3, dtype=D)
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="layer 'head' runs with other tensors"):
+        with opt.microbatch(torch.ones(4, dtype=D)):
+            t = functional_call(model, {"head.weight": model.head.weight.detach() + 0.1}, (x,))
+            (_logp(model(x)) + _logp(t.detach())).sum().backward()
+
+
+class KeywordNorms(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc, self.ln, self.rms = nn.Linear(3, 4), nn.LayerNorm(4), nn.RMSNorm(4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.ln(input=self.enc(x))
+        return self.head(self.rms(x=h) + self.ln(h))
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+def test_norm_called_with_its_input_by_keyword(setting):
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 3, dtype=D)
+    check_family(KeywordNorms().to(D), lambda m: _logp(m(x)).sum(1), 3, *setting,
+                 rules=["linear", "norm", "norm", "linear"])

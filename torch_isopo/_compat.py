@@ -131,6 +131,11 @@ def registered_all(places) -> list:
     return [m._parameters.get(a) if a in m._parameters else getattr(m, a) for m, a in places]
 
 
+def any_trainable(places) -> bool:
+    """Whether any tensor ``registered_all(places)`` finds requires grad."""
+    return any(t is not None and t.requires_grad for t in registered_all(places))
+
+
 def registered(module, attr: str):
     """``getattr(module, attr)`` for a parameter: a dict lookup where it is registered (FSDP2
     registers its unsharded parameters there for a forward), ``Module.__getattr__`` otherwise."""

@@ -51,7 +51,9 @@ class PatchedForward:
     @_compat.run_eagerly
     def __call__(self, *args, **kwargs):
         mb = self.attachment.forward_microbatch() if torch.is_grad_enabled() else None
-        if mb is None:
+        if mb is None or not _compat.any_trainable(self.layer.owners):
+            # (a call with every parameter of the layer swapped for a detached tensor, as
+            # functional_call computes a target with: nothing of it reaches the parameters)
             return self.orig(*args, **kwargs)
         tracker = mb.tracker
         if tracker is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 
 import numpy as np
 import torch
@@ -198,11 +199,15 @@ class Microbatch:
         if node is not None and _compat.reentrant_recompute(node):
             return self._region_gate(layer, node)
         recompute = node is not None
+        first = key not in self._used
         if not recompute:
             self._used.add(key)
         found = None if self._gates is None else self._gates.get(key)
         if found is not None and not (recompute and key in self._together):
-            return found
+            if recompute or all(map(operator.is_, found[0].params,
+                                    _compat.registered_all(layer.owners))):
+                return found
+            return self._swapped(layer, first)
         if found is None and self._gates is not None and self.gate_all and not recompute \
                 and self._gate_together(self.gate_all):
             return self._gates[key]
@@ -210,6 +215,23 @@ class Microbatch:
         if self._gates is not None and key not in self._together:
             self._gates[key] = found
         return found
+
+    def _swapped(self, layer, first: bool) -> tuple:
+        """The layer holds other tensors than its gate was made for (``functional_call`` with
+        some of them replaced, or replaced since an earlier call): a gate of its own if the
+        shared one was only made while they were swapped; else refused, as its uses could not
+        be joined into one ``K``."""
+        key = id(layer)
+        if first and key in self._together:
+            self._together.discard(key)
+            found = self._gates[key] = self._new_gate(layer)
+            return found
+        raise ValueError(
+            f"ISOPO: layer '{layer.name}' runs with other tensors than at its earlier call in "
+            "this microbatch (torch.func.functional_call, or parameters swapped on the module "
+            "with only some replaced by detached tensors): its uses cannot be joined. Replace all "
+            "of a layer's parameters by detached tensors for a target (those calls run as plain "
+            "forwards), or compute the target under torch.no_grad()")
 
     def _new_gate(self, layer) -> tuple:
         params = layer.live_params()

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from . import _compat
 from .layers import GenericRuleWarning, find_layers
 
 
@@ -42,7 +43,9 @@ def reference_gradients(model: nn.Module, sample_losses: Callable[[], Tensor], a
     grads, stats = {}, {}
     for layer in layers:
         made = [t for e in layer.entries for _, _, out in calls.get(id(e), []) for t in _leaves(out)]
-        if made and not any(t.requires_grad for t in made):
+        if made and not any(t.requires_grad for t in made) and _reentrant(losses):
+            # (a layer run only without grad, a critic weighting the actor's loss, has zero
+            # per-sample gradients; under reentrant checkpointing autograd.grad cannot run)
             raise RuntimeError(f"no output of layer '{layer.name}' was made with autograd")
         params = layer.params
         G = torch.stack([_flat(torch.autograd.grad(losses[i], params, retain_graph=True,
@@ -157,6 +160,20 @@ def _expand_shared(args, rule, n, segments, sample_dim):
         shape[axis] = n
         return (x.expand(shape), *args[1:])
     return args
+
+
+def _reentrant(t: Tensor) -> bool:
+    """Whether ``t``'s graph holds a region of reentrant activation checkpointing."""
+    todo, seen = [t.grad_fn] if t.grad_fn is not None else [], set()
+    while todo:
+        fn = todo.pop()
+        if _compat.reentrant_recompute(fn):
+            return True
+        for nxt, _ in fn.next_functions:
+            if nxt is not None and nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return False
 
 
 def _flat(gs, params):

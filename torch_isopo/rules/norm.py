@@ -9,6 +9,7 @@ token's piece ``δ_t ⊙ ∂y_t/∂θ`` from one forward-mode pass per parameter
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +82,8 @@ class NormRule(Rule):
     name = "norm"
 
     def forward(self, mb, layer, entry, orig, args, kwargs):
+        if not args and kwargs:                  # the input by keyword: ln(input=x), rms(x=x)
+            args, kwargs = _input_first(entry, orig, kwargs)
         if "affine" not in entry.cache:
             entry.cache["affine"] = _is_affine(entry, orig, args, kwargs)
         if not entry.cache["affine"]:
@@ -108,6 +111,19 @@ class NormRule(Rule):
         smap = mb.sample_map(h.shape[:-1], f"module '{entry.name}' input", h.device,
                              args[0] if args else None)
         return NormAffineFn.apply(h, w, b, NormUse(record, smap, ws, bs))
+
+
+def _input_first(entry, orig, kwargs) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` with the forward's first parameter, given by keyword, as ``args[0]``."""
+    first = entry.cache.get("input")
+    if first is None:
+        params = [p for p in inspect.signature(orig).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        first = entry.cache["input"] = params[0].name if params else ""
+    if first not in kwargs:
+        return (), kwargs
+    rest = dict(kwargs)
+    return (rest.pop(first),), rest
 
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
