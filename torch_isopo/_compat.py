@@ -132,8 +132,13 @@ def registered_all(places) -> list:
 
 
 def any_trainable(places) -> bool:
-    """Whether any tensor ``registered_all(places)`` finds requires grad."""
-    return any(t is not None and t.requires_grad for t in registered_all(places))
+    """Whether any tensor ``registered_all(places)`` finds requires grad (the first one, as a
+    rule: a loop that stops there)."""
+    for m, a in places:
+        t = m._parameters.get(a) if a in m._parameters else getattr(m, a)
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 def registered(module, attr: str):
