@@ -127,7 +127,7 @@ def sample_map(token_shape: torch.Size, n: int, segments: Tensor | None, sample_
                    "of size 1 on dim 1 (torch.arange(T)[:, None], sample_dim=1): the module's "
                    "output then holds one copy per sample along that axis, to be broadcast "
                    "against the batch (x + wpe(pos[:, None])), ")
-                + "not indexed or reduced along it")
+                + "not indexed or reduced along it" + _OTHER_ROWS)
         return SampleMap(torch.arange(n, device=device), n, 1, "first", 1)
     if dims[sample_dim] != n:
         raise ValueError(
@@ -135,7 +135,7 @@ def sample_map(token_shape: torch.Size, n: int, segments: Tensor | None, sample_
             f"{sample_dim} but {n} advantages were given; pass segments= for packed inputs or "
             + ("sample_dim= for sequence-first inputs" if sample_dim == 0 else
                "give an input shared by all samples size 1 on dim 1 (torch.arange(T)[:, None], "
-               "not torch.arange(T)[None])"))
+               "not torch.arange(T)[None])") + _OTHER_ROWS)
     T = dims[1 - sample_dim]
     base = torch.arange(n, device=device)
     if sample_dim == 0:
@@ -162,7 +162,8 @@ def batch_map(N: int, L: int, n: int, segments: Tensor | None, where: str,
     if segments is None:
         if N != n:
             raise ValueError(f"{where}: the input has a batch of {N} but {n} advantages were given; "
-                             "pass segments= to say which sample each batch entry belongs to")
+                             "pass segments= to say which sample each batch entry belongs to"
+                             + _OTHER_ROWS)
         base = torch.arange(n, device=device)
         if entry_major:
             return SampleMap(base.repeat_interleave(L), n, 1, "first", L)
@@ -177,6 +178,10 @@ def batch_map(N: int, L: int, n: int, segments: Tensor | None, where: str,
                      f"of {N} with {L} positions each; give one sample id per batch entry"
                      + (_STEPPED if L == 1 and segments.numel() % N == 0 else ""))
 
+
+_OTHER_ROWS = (". A call whose output is never back-propagated (a target) can run under "
+               "torch.no_grad(); several inputs of each sample stacked along the batch (obs and "
+               "next_obs) can each have their own call")
 
 _STEPPED = (" (a module stepped once per time step on the batch, as in CleanRL's recurrent PPO, "
             "cannot tell which step runs from ids given per row: keep every tensor in its "
