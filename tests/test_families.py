@@ -2307,12 +2307,25 @@ class MovedInitialState(nn.Module):
         perm = torch.arange(n - 1, -1, -1)
         h = {"index": lambda: h[perm], "scaled index": lambda: (h * 2)[perm],
              "flip": lambda: h.flip(0), "roll": lambda: torch.roll(h, 1, 0),
-             "index_select": lambda: h.index_select(0, perm), "columns": lambda: h[:, torch.tensor([2, 0, 1])],
+             "index_select": lambda: h.index_select(0, perm),
+             "flipud": lambda: torch.flipud(h), "rot90": lambda: torch.rot90(h, 2, (0, 1)),
+             "unbind, stack reversed": lambda: torch.stack(h.unbind(0)[::-1]),
+             "chunks swapped": lambda: torch.cat(h.chunk(2)[::-1]),
+             "sum": lambda: h.sum(0, keepdim=True).expand(n, 3),
+             "cumsum": lambda: h.cumsum(0), "transposed, reshaped": lambda: h.t().reshape(n, 3),
+             "index_copy": lambda: torch.zeros_like(h).index_copy(0, perm, h),
+             "sorted": lambda: (h * torch.arange(n)[:, None]).sort(0).values,
+             "columns": lambda: h[:, torch.tensor([2, 0, 1])],
+             "merged and split back": lambda: h[:, None].expand(n, 2, 3).flatten(0, 1).view(n, 2, 3)
+             .sum(1),
              "none": lambda: h}[self.move]()
         return self.head(self.cell(x, h))
 
 
-@pytest.mark.parametrize("move", ["index", "scaled index", "flip", "roll", "index_select"])
+@pytest.mark.parametrize("move", ["index", "scaled index", "flip", "roll", "index_select",
+                                  "flipud", "rot90", "unbind, stack reversed", "chunks swapped",
+                                  "sum", "cumsum", "transposed, reshaped", "index_copy",
+                                  "sorted"])
 def test_rows_of_a_broadcast_free_parameter_moved_are_refused(move):
     """Row i of a broadcast is credited to sample i: moving the rows along the sample axis
     (a shuffled minibatch of per-environment states) would hand them to other samples."""
@@ -2328,7 +2341,7 @@ def test_rows_of_a_broadcast_free_parameter_moved_are_refused(move):
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
-@pytest.mark.parametrize("move", ["none", "columns"])
+@pytest.mark.parametrize("move", ["none", "columns", "merged and split back"])
 def test_broadcast_free_parameter_kept_in_place(move, setting):
     torch.manual_seed(0)
     x = torch.randn(4, 2, dtype=D)
@@ -2479,3 +2492,30 @@ def test_norm_called_with_its_input_by_keyword(setting):
     x = torch.randn(3, 5, 3, dtype=D)
     check_family(KeywordNorms().to(D), lambda m: _logp(m(x)).sum(1), 3, *setting,
                  rules=["linear", "norm", "norm", "linear"])
+
+
+class ScaledResidual(nn.Module):
+    """A layer scale beside its Linear, then the residual added in place (``y += x``) or an
+    in-place activation: in-place ops on the result where the scale met the samples."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.fc, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+        self.gamma = nn.Parameter(torch.full((4,), 0.3))
+
+    def forward(self, x):
+        y = self.gamma * self.fc(x)
+        if self.how == "+=":
+            y += x
+        else:
+            y = F.relu(y, inplace=True)
+        return self.head(y)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("how", ["+=", "relu inplace"])
+def test_in_place_op_after_a_free_parameter_meets_the_samples(how, setting):
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, dtype=D)
+    check_family(ScaledResidual(how).to(D), lambda m: _logp(m(x)), 3, *setting)

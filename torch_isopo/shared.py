@@ -101,8 +101,11 @@ class Tracker(TorchFunctionMode):
                 self._keep_rows(func, args, kwargs, copied)
                 if all(t in self.copies or self.shared.get(t) == frozenset() for t in inputs):
                     result = func(*args, **kwargs)      # copies and constants alone: a copy
+                    self._keep_blocks(func, copied, result)
+                    moved = any(self.copies[t] for t in copied) or _moves_axes(func, args,
+                                                                                kwargs)
                     for t in _out_tensors(result):
-                        self.copies[t] = True
+                        self.copies[t] = moved
                     return result
         if not inputs:                           # a factory: its result is a constant
             if own_node(_compat.autograd_node()):
@@ -161,7 +164,7 @@ class Tracker(TorchFunctionMode):
                            [self.alias_of.get(t) for t in sources])
                 if not data:                    # a broadcast: its row i is sample i's
                     for t in _out_tensors(met):
-                        self.copies[t] = True
+                        self.copies[t] = False  # (its sample axis not moved since)
                 return met
         finally:
             self.paused -= 1
@@ -182,15 +185,31 @@ class Tracker(TorchFunctionMode):
         ``masked_scatter``) would hand them to other samples: refused."""
         mb = self.attachment.forward_microbatch()
         if mb is not None and torch.is_grad_enabled() and not own_node(_compat.autograd_node()):
-            moved = _moves_rows(mb, func, args, kwargs, copied)
+            moved = _moves_rows(mb, func, args, kwargs, copied,
+                                any(self.copies[t] for t in copied))
             if moved:
-                raise ValueError(
-                    f"ISOPO: {moved} moves the rows of free parameters broadcast along the "
-                    f"sample axis (shape {tuple(copied[0].shape)}): ISOPO credits row i of such "
-                    "a broadcast to sample i, and the op hands the rows to other samples. "
-                    "Broadcast after choosing the rows (h0.expand(len(idx), -1) for the rows idx "
-                    "picks), and write tokens with torch.where(mask[..., None], tok, h) rather "
-                    "than masked_scatter")
+                self._refuse_moved(moved, copied)
+
+    @staticmethod
+    def _refuse_moved(op: str, copied) -> None:
+        raise ValueError(
+            f"ISOPO: {op} moves the rows of free parameters broadcast along the sample axis "
+            f"(shape {tuple(copied[0].shape)}): ISOPO credits row i of such a broadcast to "
+            "sample i, and the op hands the rows to other samples. Broadcast after choosing the "
+            "rows (h0.expand(len(idx), -1) for the rows idx picks), and write tokens with "
+            "torch.where(mask[..., None], tok, h) rather than masked_scatter")
+
+    def _keep_blocks(self, func, copied, result) -> None:
+        """A reshape of a broadcast copy keeps each sample's rows together and in order when
+        its sample axis leads, before and after, a multiple of ``n`` long (flattened with the next
+        axes, as batched linear algebra does, or split back); any other reshape moves them."""
+        mb = self.attachment.forward_microbatch()
+        if getattr(func, "__name__", "") not in _RESHAPES or mb is None or mb.n == 1:
+            return
+        outs = [o for o in _out_tensors(result) if o.dim()]
+        if self.copies[copied[0]] or not copied[0].dim() or copied[0].shape[0] % mb.n or any(
+                o.shape[0] % mb.n for o in outs):
+            self._refuse_moved(getattr(func, "__name__", str(func)), copied)
 
     def _refuse_checkpointed(self, hits) -> None:
         names = sorted({self.free[id(t)][0].param_names[self.free[id(t)][1]] for t in hits
@@ -325,35 +344,115 @@ def _sample_axis(mb, t: Tensor) -> int:
     return mb.sample_dim if t.dim() >= 3 else 0
 
 
-def _moves_rows(mb, func, args, kwargs, copied) -> str | None:
-    """The name of ``func`` if it moves rows of the broadcast copies ``copied`` along their
-    sample axis (their order is which sample each row is credited to), else None."""
-    name = getattr(func, "__name__", str(func))
-    first = copied[0] if args and args[0] is copied[0] else None
-    if func in (torch.masked_scatter, Tensor.masked_scatter, Tensor.masked_scatter_,
-                torch.masked_select, Tensor.masked_select):
-        return name
-    if first is None or first.dim() == 0:
-        return None
-    axis = _sample_axis(mb, first)
-    if func is Tensor.__getitem__:
+# ops that carry a broadcast copy's rows elsewhere when they act along its sample axis (or, for
+# one whose axes were permuted since, along any axis): by ``__name__`` (``torch.x`` and
+# ``Tensor.x`` alike)
+_ALONG = frozenset({
+    "flip", "roll", "rot90", "index_select", "gather", "take_along_dim", "narrow", "cumsum",
+    "cumprod", "cummax", "cummin", "logcumsumexp", "sum", "mean", "nansum", "nanmean", "prod",
+    "amax", "amin", "max", "min", "std", "var", "logsumexp", "norm", "median", "nanmedian",
+    "mode", "sort", "argsort", "topk", "kthvalue", "unbind", "split", "chunk", "tensor_split",
+    "split_with_sizes", "cat", "concat", "concatenate", "stack", "diff",
+    "index_copy", "index_add", "index_fill", "scatter", "scatter_add", "scatter_reduce", "put",
+    "index_reduce"})
+# ops that always do: they read or place rows in mask or index order
+_ALWAYS = frozenset({"masked_scatter", "masked_select", "flipud", "fliplr", "__setitem__",
+                     "index_put", "take"})
+# ops that reshape a tensor (checked on their result, ``_keep_blocks``)
+_RESHAPES = frozenset({"reshape", "view", "view_as", "reshape_as", "flatten", "unflatten"})
+# ops that move a tensor's axes (after them the sample axis may be elsewhere)
+_AXES = frozenset({"transpose", "swapaxes", "swapdims", "permute", "movedim", "moveaxis", "t",
+                   "unsqueeze", "squeeze", "__get__"})
+
+
+def _moves_axes(func, args, kwargs) -> bool:
+    """Whether ``func`` moves its first input's leading (sample) axis elsewhere."""
+    name = getattr(func, "__name__", "")
+    name = name if name.startswith("__") else name.rstrip("_")
+    t = args[0] if args and isinstance(args[0], Tensor) else None
+    if name not in _AXES and name != "__getitem__" or t is None or t.dim() == 0:
+        return False
+    if name == "__getitem__":
         index = args[1] if isinstance(args[1], tuple) else (args[1],)
-        if any(i is Ellipsis or i is None for i in index[:axis + 1]) or len(index) <= axis:
+        return bool(index) and index[0] is None
+    if name == "__get__":
+        view = func.__self__.__name__
+        return view in ("T", "H") and t.dim() >= 2 or view in ("mT", "mH") and t.dim() == 2
+    rest = [*args[1:], *kwargs.values()]
+    if name == "t":
+        return t.dim() == 2
+    if name == "unsqueeze":
+        return rest[0] % (t.dim() + 1) == 0
+    if name == "squeeze":
+        dims = rest[0] if rest else None
+        return t.shape[0] == 1 and (dims is None or 0 in [d % t.dim() for d in (
+            [dims] if isinstance(dims, int) else dims)])
+    if name == "permute":
+        dims = rest[0] if len(rest) == 1 and not isinstance(rest[0], int) else rest
+        return dims[0] % t.dim() != 0
+    flat = [d for r in rest for d in ([r] if isinstance(r, int) else r)]
+    return 0 in [d % t.dim() for d in flat]       # transpose, swapaxes, movedim
+
+
+def _moves_rows(mb, func, args, kwargs, copied, moved: bool) -> str | None:
+    """The name of ``func`` if it may move rows of the broadcast copies ``copied`` along their
+    sample axis (their order is which sample each row is credited to), else None: ``moved``
+    says whether their axes were permuted since the broadcast, so that any axis may be it."""
+    name = getattr(func, "__name__", str(func))
+    base = name.rstrip("_") if not name.startswith("__") else name
+    first = copied[0] if args and args[0] is copied[0] else None
+    if base in _RESHAPES:                       # (checked on their result: _keep_blocks)
+        return None
+    if base in _ALWAYS:
+        return None if base == "__setitem__" and first is not None else name
+    if base == "__getitem__":
+        if first is None or first.dim() == 0:
             return None
-        i = index[axis]
+        index = args[1] if isinstance(args[1], tuple) else (args[1],)
+        if moved:
+            return None if all(isinstance(i, slice) and i == slice(None) or i is None
+                               or i is Ellipsis for i in index) else "indexing"
+        if index and (index[0] is Ellipsis or index[0] is None):
+            return None
+        i = index[0] if index else slice(None)
         return None if isinstance(i, slice) and i == slice(None) else "indexing"
-    dims = kwargs.get("dim", kwargs.get("dims", args[1] if len(args) > 1 else None))
-    if func in (torch.flip, Tensor.flip, torch.roll, Tensor.roll):
-        if func in (torch.roll, Tensor.roll):
-            dims = kwargs.get("dims", args[2] if len(args) > 2 else None)
-            if dims is None:
-                return name
-        dims = [dims] if isinstance(dims, int) else list(dims)
-        return name if any(d % first.dim() == axis for d in dims) else None
-    if func in (torch.index_select, Tensor.index_select, torch.gather, Tensor.gather,
-                torch.take_along_dim, Tensor.take_along_dim):
-        return name if isinstance(dims, int) and dims % first.dim() == axis else None
-    return None
+    if base not in _ALONG:
+        return None
+    if moved:
+        return name
+    dims = _dims(base, args, kwargs)
+    return name if dims is None or 0 in dims else None
+
+
+def _dims(base: str, args, kwargs) -> list[int] | None:
+    """The axes an op of ``_ALONG`` acts along, as non-negative ints (None: all of them)."""
+    if base in ("cat", "concat", "concatenate", "stack"):
+        d = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+        return [d if d >= 0 else d + max(t.dim() for t in args[0]) + (base == "stack")]
+    t = args[0]
+    if base in ("roll",):
+        d = kwargs.get("dims", args[2] if len(args) > 2 else None)
+    elif base in ("rot90",):
+        d = kwargs.get("dims", args[2] if len(args) > 2 else (0, 1))
+    elif base in ("split", "chunk", "tensor_split", "split_with_sizes"):
+        d = kwargs.get("dim", args[2] if len(args) > 2 else 0)
+    elif base in ("index_copy", "index_add", "index_fill", "scatter", "scatter_add",
+                  "scatter_reduce", "put", "index_reduce", "unbind", "diff"):
+        d = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+    elif base == "norm":                         # norm(p, dim)
+        d = kwargs.get("dim", args[2] if len(args) > 2 else None)
+    else:
+        d = kwargs.get("dim", kwargs.get("dims", args[1] if len(args) > 1 else None))
+    if isinstance(d, Tensor) or isinstance(d, bool):  # max(a, b), std(unbiased): elementwise
+        return []
+    if d is None:
+        return None
+    if isinstance(d, int):
+        d = [d]
+    try:
+        return [int(x) % max(t.dim(), 1) for x in d]
+    except (TypeError, ValueError):
+        return None
 
 
 def sample_layout(mb, o: Tensor) -> bool:
@@ -461,15 +560,18 @@ class Meet(Function):
     @staticmethod
     def forward(ctx, meeting, *outs):
         ctx.meeting = meeting
-        ctx.save_for_backward(*outs)
-        return tuple(o.view_as(o) for o in outs)
+        # kept on ctx, not saved, and returned as detached aliases rather than views: an
+        # in-place op on a result (y += x after y = gamma * f(x); relu(y, inplace=True)) is the
+        # plain in-place op on the forward's tensor, whose version counter it shares
+        ctx.outs = outs
+        return tuple(o.detach() for o in outs)
 
     @staticmethod
     def backward(ctx, *douts):
         if in_meeting_vjp():                 # another meeting's VJP crossing this one: its
             return (None,) * (len(douts) + 1)   # paths are this one's, recorded when it runs
         m = ctx.meeting
-        outs = [o for o, d in zip(ctx.saved_tensors, douts) if d is not None]
+        outs = [o for o, d in zip(ctx.outs, douts) if d is not None]
         grads = [d for d in douts if d is not None]
         if len(outs) == len(douts):
             with meeting_vjp():
