@@ -156,6 +156,10 @@ def test_factory_checks_its_arguments():
         cls(SeqMixer().parameters(), lr=0.1)
     opt = cls([{"params": [p]} for p in model.parameters()], lr=0.1)
     assert opt.mode == "fisher" and len(opt.param_groups) == len(list(model.parameters()))
+    for bad, match in (({"mode": "nope"}, "unknown mode"), ({"damping": -1}, "damping"),
+                       ({"ema": 2.0}, "ema")):
+        with pytest.raises(ValueError, match=match):       # when the factory is made
+            ISOPO.factory(model, torch.optim.AdamW, **bad)
 
 
 # -- PEFT LoRA --------------------------------------------------------------------------------

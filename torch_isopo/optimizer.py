@@ -199,10 +199,14 @@ class ISOPO(torch.optim.Optimizer):
         ``cls(params, **kwargs)`` config. Its instances are ``ISOPO`` instances.
         """
         try:
-            inspect.signature(cls.__init__).bind(None, model, None, **isopo_kwargs)
+            bound = inspect.signature(cls.__init__).bind(None, model, None, **isopo_kwargs)
         except TypeError as e:
             raise TypeError(f"ISOPO.factory: {e}; arguments of the inner optimizer (lr, ...) are "
                             "given to the returned class") from None
+        bound.apply_defaults()
+        a = bound.arguments                       # their values checked now, not in the trainer
+        check_settings(a["mode"], a["damping"], a["ema"], a["fisher_probes"], a["route"],
+                       a["grad_scaler"], a["gates"], a["generator"])
         base = cls
 
         def __init__(self, params, **optimizer_kwargs):
