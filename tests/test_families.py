@@ -2519,3 +2519,47 @@ def test_in_place_op_after_a_free_parameter_meets_the_samples(how, setting):
     torch.manual_seed(0)
     x = torch.randn(3, 4, dtype=D)
     check_family(ScaledResidual(how).to(D), lambda m: _logp(m(x)), 3, *setting)
+
+
+class SequenceFirstTokens(nn.Module):
+    """A sequence-first (T, B, d) encoder with a class token and a position table broadcast
+    along the batch axis (dim 1, ``sample_dim=1``), then moved along other axes."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.enc, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.cls, self.pos = nn.Parameter(torch.randn(1, 1, 4)), nn.Parameter(torch.randn(8, 1, 4))
+        self.gru = nn.GRU(4, 4)
+
+    def forward(self, x):
+        T, B = x.shape[:2]
+        z = self.enc(x)
+        if self.how == "class token":
+            z = torch.cat([self.cls.expand(-1, B, -1), z], 0)[1:] + self.pos[:T]
+        elif self.how == "positions sliced":
+            z = z + self.pos.expand(-1, B, -1)[:T]
+        elif self.how == "positions reshaped":
+            z = z + self.pos[:T].expand(-1, B, -1).reshape(T, B, 4)
+        else:                                    # the batch entries' order moved: refused
+            perm = torch.arange(B - 1, -1, -1)
+            z = z + self.pos[:T].expand(-1, B, -1)[:, perm]
+        out, _ = self.gru(torch.tanh(z))
+        return _logp(self.head(out)).sum(0)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("how", ["class token", "positions sliced", "positions reshaped"])
+def test_sequence_first_broadcasts_moved_along_other_axes(how, setting):
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 3, dtype=D)
+    check_family(SequenceFirstTokens(how).to(D), lambda m: m(x), 3, *setting, sample_dim=1)
+
+
+def test_sequence_first_broadcast_moved_along_the_batch_is_refused():
+    torch.manual_seed(0)
+    model = SequenceFirstTokens("batch permuted").to(D)
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="indexing moves the rows"):
+        with opt.microbatch(torch.ones(3, dtype=D), sample_dim=1):
+            model(torch.randn(5, 3, 3, dtype=D)).sum().backward()

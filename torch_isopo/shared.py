@@ -96,16 +96,17 @@ class Tracker(TorchFunctionMode):
             func, args, kwargs = _cast_args(func, args, kwargs)
         inputs = _tensors(args, kwargs)
         if self.copies.items and inputs:
-            copied = [t for t in inputs if t in self.copies]
+            copied = [t for t in inputs if t in self.copies and t.is_floating_point()]
             if copied:
-                self._keep_rows(func, args, kwargs, copied)
+                axes = {id(t): self.copies[t] for t in copied}
+                self._keep_rows(func, args, kwargs, copied, axes)
                 if all(t in self.copies or self.shared.get(t) == frozenset() for t in inputs):
                     result = func(*args, **kwargs)      # copies and constants alone: a copy
-                    self._keep_blocks(func, copied, result)
-                    moved = any(self.copies[t] for t in copied) or _moves_axes(func, args,
-                                                                                kwargs)
+                    first, a = copied[0], axes[id(copied[0])]
+                    self._keep_blocks(func, first, a, result)
                     for t in _out_tensors(result):
-                        self.copies[t] = moved
+                        if t.is_floating_point():       # (masks carry no gradient)
+                            self.copies[t] = _axis_after(func, args, kwargs, first, a, t)
                     return result
         if not inputs:                           # a factory: its result is a constant
             if own_node(_compat.autograd_node()):
@@ -164,7 +165,7 @@ class Tracker(TorchFunctionMode):
                            [self.alias_of.get(t) for t in sources])
                 if not data:                    # a broadcast: its row i is sample i's
                     for t in _out_tensors(met):
-                        self.copies[t] = False  # (its sample axis not moved since)
+                        self.copies[t] = _sample_axis(mb, t) if t.dim() else None
                 return met
         finally:
             self.paused -= 1
@@ -179,14 +180,13 @@ class Tracker(TorchFunctionMode):
                 self.mixed[t] = True
         return result
 
-    def _keep_rows(self, func, args, kwargs, copied) -> None:
+    def _keep_rows(self, func, args, kwargs, copied, axes) -> None:
         """An op on broadcast copies of free parameters: each row was credited to the sample of
         its place, so an op that moves rows along the sample axis (indexing, ``flip``, ``roll``,
         ``masked_scatter``) would hand them to other samples: refused."""
         mb = self.attachment.forward_microbatch()
         if mb is not None and torch.is_grad_enabled() and not own_node(_compat.autograd_node()):
-            moved = _moves_rows(mb, func, args, kwargs, copied,
-                                any(self.copies[t] for t in copied))
+            moved = _moves_rows(func, args, kwargs, copied, axes)
             if moved:
                 self._refuse_moved(moved, copied)
 
@@ -199,17 +199,18 @@ class Tracker(TorchFunctionMode):
             "rows (h0.expand(len(idx), -1) for the rows idx picks), and write tokens with "
             "torch.where(mask[..., None], tok, h) rather than masked_scatter")
 
-    def _keep_blocks(self, func, copied, result) -> None:
-        """A reshape of a broadcast copy keeps each sample's rows together and in order when
-        its sample axis leads, before and after, a multiple of ``n`` long (flattened with the next
-        axes, as batched linear algebra does, or split back); any other reshape moves them."""
+    def _keep_blocks(self, func, first, a, result) -> None:
+        """A reshape of a broadcast copy keeps each sample's rows together and in order when it
+        leaves the axes up to the sample axis as they are, or when that axis leads, before and
+        after, a multiple of ``n`` long (flattened with the next axes, as batched linear algebra
+        does, or split back); any other reshape moves them."""
         mb = self.attachment.forward_microbatch()
         if getattr(func, "__name__", "") not in _RESHAPES or mb is None or mb.n == 1:
             return
-        outs = [o for o in _out_tensors(result) if o.dim()]
-        if self.copies[copied[0]] or not copied[0].dim() or copied[0].shape[0] % mb.n or any(
-                o.shape[0] % mb.n for o in outs):
-            self._refuse_moved(getattr(func, "__name__", str(func)), copied)
+        for o in _out_tensors(result):
+            if not (a is not None and (o.shape[:a + 1] == first.shape[:a + 1] or a == 0 and
+                    o.dim() and first.shape[0] % mb.n == 0 and o.shape[0] % mb.n == 0)):
+                self._refuse_moved(getattr(func, "__name__", str(func)), [first])
 
     def _refuse_checkpointed(self, hits) -> None:
         names = sorted({self.free[id(t)][0].param_names[self.free[id(t)][1]] for t in hits
@@ -344,84 +345,151 @@ def _sample_axis(mb, t: Tensor) -> int:
     return mb.sample_dim if t.dim() >= 3 else 0
 
 
-# ops that carry a broadcast copy's rows elsewhere when they act along its sample axis (or, for
-# one whose axes were permuted since, along any axis): by ``__name__`` (``torch.x`` and
-# ``Tensor.x`` alike)
+# ops that carry a broadcast copy's rows elsewhere when they act along its sample axis (any
+# axis, where it is unknown): by ``__name__`` (``torch.x`` and ``Tensor.x`` alike)
 _ALONG = frozenset({
     "flip", "roll", "rot90", "index_select", "gather", "take_along_dim", "narrow", "cumsum",
     "cumprod", "cummax", "cummin", "logcumsumexp", "sum", "mean", "nansum", "nanmean", "prod",
     "amax", "amin", "max", "min", "std", "var", "logsumexp", "norm", "median", "nanmedian",
     "mode", "sort", "argsort", "topk", "kthvalue", "unbind", "split", "chunk", "tensor_split",
-    "split_with_sizes", "cat", "concat", "concatenate", "stack", "diff",
-    "index_copy", "index_add", "index_fill", "scatter", "scatter_add", "scatter_reduce", "put",
-    "index_reduce"})
+    "split_with_sizes", "cat", "concat", "concatenate", "diff", "index_copy", "index_add",
+    "index_fill", "scatter", "scatter_add", "scatter_reduce", "put", "index_reduce"})
 # ops that always do: they read or place rows in mask or index order
 _ALWAYS = frozenset({"masked_scatter", "masked_select", "flipud", "fliplr", "__setitem__",
                      "index_put", "take"})
 # ops that reshape a tensor (checked on their result, ``_keep_blocks``)
 _RESHAPES = frozenset({"reshape", "view", "view_as", "reshape_as", "flatten", "unflatten"})
-# ops that move a tensor's axes (after them the sample axis may be elsewhere)
-_AXES = frozenset({"transpose", "swapaxes", "swapdims", "permute", "movedim", "moveaxis", "t",
-                   "unsqueeze", "squeeze", "__get__"})
 
 
-def _moves_axes(func, args, kwargs) -> bool:
-    """Whether ``func`` moves its first input's leading (sample) axis elsewhere."""
-    name = getattr(func, "__name__", "")
-    name = name if name.startswith("__") else name.rstrip("_")
-    t = args[0] if args and isinstance(args[0], Tensor) else None
-    if name not in _AXES and name != "__getitem__" or t is None or t.dim() == 0:
-        return False
-    if name == "__getitem__":
-        index = args[1] if isinstance(args[1], tuple) else (args[1],)
-        return bool(index) and index[0] is None
-    if name == "__get__":
-        view = func.__self__.__name__
-        return view in ("T", "H") and t.dim() >= 2 or view in ("mT", "mH") and t.dim() == 2
-    rest = [*args[1:], *kwargs.values()]
-    if name == "t":
-        return t.dim() == 2
-    if name == "unsqueeze":
-        return rest[0] % (t.dim() + 1) == 0
-    if name == "squeeze":
-        dims = rest[0] if rest else None
-        return t.shape[0] == 1 and (dims is None or 0 in [d % t.dim() for d in (
-            [dims] if isinstance(dims, int) else dims)])
-    if name == "permute":
-        dims = rest[0] if len(rest) == 1 and not isinstance(rest[0], int) else rest
-        return dims[0] % t.dim() != 0
-    flat = [d for r in rest for d in ([r] if isinstance(r, int) else r)]
-    return 0 in [d % t.dim() for d in flat]       # transpose, swapaxes, movedim
-
-
-def _moves_rows(mb, func, args, kwargs, copied, moved: bool) -> str | None:
-    """The name of ``func`` if it may move rows of the broadcast copies ``copied`` along their
-    sample axis (their order is which sample each row is credited to), else None: ``moved``
-    says whether their axes were permuted since the broadcast, so that any axis may be it."""
+def _base(func) -> str:
     name = getattr(func, "__name__", str(func))
-    base = name.rstrip("_") if not name.startswith("__") else name
+    return name if name.startswith("__") else name.rstrip("_")
+
+
+def _moves_rows(func, args, kwargs, copied, axes) -> str | None:
+    """The name of ``func`` if it may move rows of the broadcast copies ``copied`` along their
+    sample axis (``axes``, by ``id``; None where it is unknown), else None."""
+    name, base = getattr(func, "__name__", str(func)), _base(func)
+    if base in ("cat", "concat", "concatenate"):
+        d = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+        return name if any(axes[id(t)] is None or d % t.dim() == axes[id(t)]
+                           for t in args[0] if id(t) in axes and t.dim()) else None
     first = copied[0] if args and args[0] is copied[0] else None
-    if base in _RESHAPES:                       # (checked on their result: _keep_blocks)
-        return None
-    if base in _ALWAYS:
+    if base in _ALWAYS or first is None and base in _ALONG:   # (a copy as the rows written)
         return None if base == "__setitem__" and first is not None else name
+    if first is None or first.dim() == 0 or base in _RESHAPES:
+        return None                              # (reshapes: checked on their result)
+    a = axes[id(first)]
     if base == "__getitem__":
-        if first is None or first.dim() == 0:
-            return None
-        index = args[1] if isinstance(args[1], tuple) else (args[1],)
-        if moved:
-            return None if all(isinstance(i, slice) and i == slice(None) or i is None
-                               or i is Ellipsis for i in index) else "indexing"
-        if index and (index[0] is Ellipsis or index[0] is None):
-            return None
-        i = index[0] if index else slice(None)
-        return None if isinstance(i, slice) and i == slice(None) else "indexing"
+        entry = _index_entry(args[1], first.dim(), a)
+        return None if isinstance(entry, slice) and entry == slice(None) else "indexing"
     if base not in _ALONG:
         return None
-    if moved:
-        return name
     dims = _dims(base, args, kwargs)
-    return name if dims is None or 0 in dims else None
+    return name if a is None or dims is None or a in dims else None
+
+
+def _index_entry(index, nd: int, a: int | None):
+    """The entry of an index that addresses input axis ``a`` (``slice(None)`` when none does;
+    None when ``a`` is unknown and the index is not all ``:``)."""
+    index = index if isinstance(index, tuple) else (index,)
+    if a is None:
+        plain = all(i is None or i is Ellipsis or isinstance(i, slice) and i == slice(None)
+                    for i in index)
+        return slice(None) if plain else None
+    entries, pos = [], 0
+    used = sum(1 for i in index if i is not None and i is not Ellipsis)
+    for i in index:
+        if i is None:
+            continue
+        if i is Ellipsis:
+            pos += nd - used
+            continue
+        if pos == a:
+            return i
+        pos += 1
+    return slice(None)
+
+
+def _axis_after(func, args, kwargs, first: Tensor, a: int | None, out: Tensor) -> int | None:
+    """Where the sample axis ``a`` of the copy ``first`` is in ``out``, a result of an op on
+    copies and constants alone (None: unknown, and then every row-moving op is refused)."""
+    if a is None or not isinstance(out, Tensor) or out.dim() == 0:
+        return None
+    base, nd = _base(func), first.dim()
+    rest = [*args[1:], *kwargs.values()]
+    if base in _RESHAPES:
+        return a if out.shape[:a + 1] == first.shape[:a + 1] else 0 if a == 0 else None
+    if base in ("transpose", "swapaxes", "swapdims"):
+        d0, d1 = (d % nd for d in rest[:2])
+        return d1 if a == d0 else d0 if a == d1 else a
+    if base == "t":
+        return 1 - a if nd == 2 else a
+    if base == "permute":
+        dims = rest[0] if len(rest) == 1 and not isinstance(rest[0], int) else rest
+        return [d % nd for d in dims].index(a)
+    if base in ("movedim", "moveaxis"):
+        src, dst = ([x] if isinstance(x, int) else list(x) for x in rest[:2])
+        src, dst = [s % nd for s in src], [d % nd for d in dst]
+        order = [None] * nd
+        for s, d in zip(src, dst):
+            order[d] = s
+        left = iter(i for i in range(nd) if i not in src)
+        order = [next(left) if o is None else o for o in order]
+        return order.index(a)
+    if base == "__get__":
+        view = func.__self__.__name__
+        if view in ("T", "H"):
+            return nd - 1 - a
+        if view in ("mT", "mH"):
+            return {nd - 1: nd - 2, nd - 2: nd - 1}.get(a, a)
+        return a
+    if base == "unsqueeze":
+        return a + (rest[0] % (nd + 1) <= a)
+    if base in ("diagonal", "diag_embed"):
+        if base == "diag_embed":                 # (its last axis becomes two)
+            return a if a < nd - 1 else None
+        d1 = kwargs.get("dim1", args[2] if len(args) > 2 else 0) % nd
+        d2 = kwargs.get("dim2", args[3] if len(args) > 3 else 1) % nd
+        return None if a in (d1, d2) else a - (d1 < a) - (d2 < a)
+    if base == "__getitem__":
+        index = args[1] if isinstance(args[1], tuple) else (args[1],)
+        if any(isinstance(i, (Tensor, list)) for i in index):
+            return None
+        used = sum(1 for i in index if i is not None and i is not Ellipsis)
+        pos = off = 0
+        for i in index:
+            if i is None:
+                off += 1
+            elif i is Ellipsis:
+                if a < pos + nd - used:
+                    return a + off
+                pos += nd - used
+            elif isinstance(i, int):
+                if pos == a:
+                    return None
+                pos, off = pos + 1, off - 1
+            else:
+                if pos == a:
+                    return a + off
+                pos += 1
+        return a + off
+    if base == "stack":
+        d = kwargs.get("dim", args[1] if len(args) > 1 else 0) % out.dim()
+        return a + (d <= a)
+    if out.dim() == nd:
+        return a
+    if out.dim() > nd:                           # broadcast against more axes
+        return a + out.dim() - nd
+    if base in _ALONG:                           # reduced over other axes
+        dims = _dims(base, args, kwargs)
+        return None if dims is None else a - sum(d < a for d in dims)
+    if base == "squeeze":
+        gone = [i for i in range(nd) if first.shape[i] == 1 and (
+            not rest or i in [d % nd for d in ([rest[0]] if isinstance(rest[0], int)
+                                               else rest[0])])]
+        return None if a in gone else a - sum(d < a for d in gone)
+    return None
 
 
 def _dims(base: str, args, kwargs) -> list[int] | None:
