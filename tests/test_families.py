@@ -2315,6 +2315,10 @@ class MovedInitialState(nn.Module):
              "cumsum": lambda: h.cumsum(0), "transposed, reshaped": lambda: h.t().reshape(n, 3),
              "index_copy": lambda: torch.zeros_like(h).index_copy(0, perm, h),
              "sorted": lambda: (h * torch.arange(n)[:, None]).sort(0).values,
+             "softmax over samples": lambda: F.softmax(h * torch.arange(n)[:, None], 0),
+             "product over samples": lambda: torch.ones(n, n, dtype=h.dtype).tril() @ h,
+             "padding": lambda: F.pad(h * torch.arange(n)[:, None], (0, 0, 1, -1)),
+             "norm over samples": lambda: torch.linalg.vector_norm(h, dim=0).expand(n, 3),
              "columns": lambda: h[:, torch.tensor([2, 0, 1])],
              "merged and split back": lambda: h[:, None].expand(n, 2, 3).flatten(0, 1).view(n, 2, 3)
              .sum(1),
@@ -2325,7 +2329,8 @@ class MovedInitialState(nn.Module):
 @pytest.mark.parametrize("move", ["index", "scaled index", "flip", "roll", "index_select",
                                   "flipud", "rot90", "unbind, stack reversed", "chunks swapped",
                                   "sum", "cumsum", "transposed, reshaped", "index_copy",
-                                  "sorted"])
+                                  "sorted", "softmax over samples", "product over samples",
+                                  "padding", "norm over samples"])
 def test_rows_of_a_broadcast_free_parameter_moved_are_refused(move):
     """Row i of a broadcast is credited to sample i: moving the rows along the sample axis
     (a shuffled minibatch of per-environment states) would hand them to other samples."""
@@ -2333,8 +2338,8 @@ def test_rows_of_a_broadcast_free_parameter_moved_are_refused(move):
     model = MovedInitialState(move).to(D)
     opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
     x = torch.randn(4, 2, dtype=D)
-    with pytest.raises(ValueError, match=r"moves the rows of free parameters broadcast.*"
-                                         r"h0\.expand\(len\(idx\), -1\)"):
+    with pytest.raises(ValueError, match=r"free parameters broadcast along the sample axis.*"
+                                         r"(h0\.expand\(len\(idx\), -1\)|before broadcasting)"):
         with opt.microbatch(torch.ones(4, dtype=D)):
             _logp(model(x)).sum().backward()
     assert all(p.grad is None for p in model.parameters())
@@ -2563,3 +2568,29 @@ def test_sequence_first_broadcast_moved_along_the_batch_is_refused():
     with pytest.raises(ValueError, match="indexing moves the rows"):
         with opt.microbatch(torch.ones(3, dtype=D), sample_dim=1):
             model(torch.randn(5, 3, 3, dtype=D)).sum().backward()
+
+
+class BroadcastCovariance(nn.Module):
+    """A learned covariance broadcast to the samples before MultivariateNormal factorises it:
+    batched linear algebra over the last two axes keeps each sample's matrix."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.mu, self.W = nn.Linear(3, 2), nn.Parameter(0.3 * torch.randn(2, 2))
+
+    def forward(self, x, a):
+        n = x.shape[0]
+        S = self.W @ self.W.T + torch.eye(2, dtype=self.W.dtype)
+        S = S.expand(n, 2, 2)
+        dist = (MultivariateNormal(self.mu(x), covariance_matrix=S) if self.how == "covariance"
+                else MultivariateNormal(self.mu(x), precision_matrix=S))
+        return -dist.log_prob(a)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("how", ["covariance", "precision"])
+def test_broadcast_matrix_factorised_per_sample(how, setting):
+    torch.manual_seed(0)
+    x, a = torch.randn(4, 3, dtype=D), torch.randn(4, 2, dtype=D)
+    check_family(BroadcastCovariance(how).to(D), lambda m: m(x, a), 4, *setting)

@@ -103,6 +103,7 @@ class Tracker(TorchFunctionMode):
                 if all(t in self.copies or self.shared.get(t) == frozenset() for t in inputs):
                     result = func(*args, **kwargs)      # copies and constants alone: a copy
                     first, a = copied[0], axes[id(copied[0])]
+                    self._known(func, args, copied, axes, result)
                     self._keep_blocks(func, first, a, result)
                     for t in _out_tensors(result):
                         if t.is_floating_point():       # (masks carry no gradient)
@@ -189,6 +190,39 @@ class Tracker(TorchFunctionMode):
             moved = _moves_rows(func, args, kwargs, copied, axes)
             if moved:
                 self._refuse_moved(moved, copied)
+
+    def _known(self, func, args, copied, axes, result) -> None:
+        """An op on broadcast copies (and constants) alone is followed only where it keeps each
+        row with its sample: pointwise ops on copies whose sample axes line up, the ops that
+        move axes, reshapes (``_keep_blocks``) and ops along other axes (``_keep_rows``). Any
+        other op (a softmax or a product over the samples, a padding, a repeat along them)
+        may mix them: refused, unless nothing of its result carries a gradient."""
+        mb = self.attachment.forward_microbatch()
+        if mb is None or mb.n == 1 or not any(isinstance(t, Tensor) and t.is_floating_point()
+                                              and t.requires_grad for t in _out_tensors(result)):
+            return
+        base = _base(func)
+        ends = {t.dim() - axes[id(t)] if axes[id(t)] is not None else None for t in copied}
+        lined_up = len(ends) == 1 and None not in ends
+        if base in _POINTWISE or base in ("stack", "cat", "concat", "concatenate"):
+            if lined_up:
+                return
+        elif base in _BATCHED:                   # over the last two axes, batched over the rest
+            if lined_up and min(ends) > 2:
+                return
+        elif base in _FOLLOWED or base in _ALONG or base in _RESHAPES or base == "__getitem__":
+            if base in ("repeat", "tile") and not _repeats_elsewhere(args, axes[id(copied[0])]):
+                self._refuse_moved(base, copied)
+            if base in ("tril", "triu") and (axes[id(copied[0])] is None or
+                                             axes[id(copied[0])] >= copied[0].dim() - 2):
+                self._refuse_moved(base, copied)
+            return
+        raise ValueError(
+            f"ISOPO: {getattr(func, '__name__', func)} on free parameters broadcast along the "
+            f"sample axis (shape {tuple(copied[0].shape)}) may combine the rows of several "
+            "samples: ISOPO follows such a broadcast through pointwise ops, ops that move axes, "
+            "reshapes and ops along other axes. Apply it to the parameters before broadcasting "
+            "them, or after they meet the samples' data")
 
     @staticmethod
     def _refuse_moved(op: str, copied) -> None:
@@ -353,12 +387,61 @@ _ALONG = frozenset({
     "amax", "amin", "max", "min", "std", "var", "logsumexp", "norm", "median", "nanmedian",
     "mode", "sort", "argsort", "topk", "kthvalue", "unbind", "split", "chunk", "tensor_split",
     "split_with_sizes", "cat", "concat", "concatenate", "diff", "index_copy", "index_add",
-    "index_fill", "scatter", "scatter_add", "scatter_reduce", "put", "index_reduce"})
+    "index_fill", "scatter", "scatter_add", "scatter_reduce", "put", "index_reduce", "softmax",
+    "log_softmax", "softmin", "normalize", "vector_norm", "var_mean", "std_mean", "quantile",
+    "nanquantile", "all", "any", "count_nonzero", "argmax", "argmin"})
 # ops that always do: they read or place rows in mask or index order
 _ALWAYS = frozenset({"masked_scatter", "masked_select", "flipud", "fliplr", "__setitem__",
                      "index_put", "take"})
 # ops that reshape a tensor (checked on their result, ``_keep_blocks``)
 _RESHAPES = frozenset({"reshape", "view", "view_as", "reshape_as", "flatten", "unflatten"})
+
+
+# ops that act element by element (with broadcasting): a copy's rows stay with their samples
+# when every copy's sample axis lines up (counted from the last axis)
+_POINTWISE = frozenset({
+    "abs", "absolute", "neg", "negative", "exp", "exp2", "expm1", "log", "log1p", "log2",
+    "log10", "sqrt", "rsqrt", "square", "reciprocal", "sigmoid", "tanh", "sin", "cos", "tan",
+    "atan", "asin", "acos", "asinh", "acosh", "atanh", "sinh", "cosh", "erf", "erfc", "erfinv",
+    "softplus", "softsign", "relu", "relu6", "gelu", "silu", "mish", "elu", "celu", "selu",
+    "leaky_relu", "hardtanh", "hardsigmoid", "hardswish", "logsigmoid", "logit", "clamp", "clip",
+    "clamp_min", "clamp_max", "sign", "sgn", "floor", "ceil", "round", "trunc", "frac", "add",
+    "sub", "subtract", "rsub", "mul", "multiply", "div", "divide", "true_divide",
+    "floor_divide", "pow", "float_power", "maximum", "minimum", "fmax", "fmin", "where", "lerp",
+    "addcmul", "addcdiv", "atan2", "hypot", "remainder", "fmod", "xlogy", "nan_to_num",
+    "masked_fill", "to", "type", "type_as", "float", "double", "half", "bfloat16", "contiguous",
+    "clone", "detach", "copysign", "sinc", "logaddexp", "logaddexp2", "threshold", "dropout",
+    "alpha_dropout", "digamma", "lgamma", "polygamma", "mvlgamma", "i0",
+    "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__isub__", "__mul__",
+    "__rmul__", "__imul__", "__truediv__", "__rtruediv__", "__itruediv__", "__div__",
+    "__pow__", "__rpow__", "__ipow__", "__neg__", "__abs__", "__pos__", "__mod__", "__rmod__"})
+# ops that move or add axes, or broadcast: followed by ``_axis_after``
+_FOLLOWED = frozenset({
+    "transpose", "swapaxes", "swapdims", "permute", "movedim", "moveaxis", "t", "unsqueeze",
+    "squeeze", "__get__", "expand", "expand_as", "broadcast_to", "stack", "tril", "triu",
+    "diagonal", "diag_embed", "repeat", "tile"})
+
+
+# linear algebra on the last two axes, batched over the others (a batch of covariance matrices)
+_BATCHED = frozenset({
+    "matmul", "bmm", "baddbmm", "__matmul__", "__rmatmul__", "cholesky", "linalg_cholesky",
+    "linalg_cholesky_ex", "cholesky_inverse", "cholesky_solve", "inverse", "linalg_inv",
+    "linalg_inv_ex", "linalg_solve", "linalg_solve_ex", "linalg_solve_triangular",
+    "triangular_solve", "det", "logdet", "slogdet", "linalg_det", "linalg_slogdet",
+    "linalg_eigh", "linalg_eigvalsh", "linalg_qr", "linalg_svd", "linalg_svdvals",
+    "matrix_exp", "linalg_matrix_exp", "linalg_matrix_norm", "linalg_lu_factor",
+    "linalg_lu_factor_ex", "linalg_lu_solve", "linalg_ldl_factor"})
+
+
+def _repeats_elsewhere(args, a) -> bool:
+    """Whether ``repeat``/``tile`` leaves the sample axis ``a`` as it is (a factor of 1 there)."""
+    t, reps = args[0], args[1:]
+    if len(reps) == 1 and not isinstance(reps[0], int):
+        reps = tuple(reps[0])
+    if a is None:
+        return False
+    k = a + len(reps) - t.dim()                 # (leading factors add axes)
+    return 0 <= k < len(reps) and reps[k] == 1 and all(r == 1 for r in reps[:len(reps) - t.dim()])
 
 
 def _base(func) -> str:
@@ -507,8 +590,10 @@ def _dims(base: str, args, kwargs) -> list[int] | None:
     elif base in ("index_copy", "index_add", "index_fill", "scatter", "scatter_add",
                   "scatter_reduce", "put", "index_reduce", "unbind", "diff"):
         d = kwargs.get("dim", args[1] if len(args) > 1 else 0)
-    elif base == "norm":                         # norm(p, dim)
+    elif base in ("norm", "vector_norm", "quantile", "nanquantile"):   # (x, p or q, dim)
         d = kwargs.get("dim", args[2] if len(args) > 2 else None)
+    elif base == "normalize":                    # (x, p=2, dim=1)
+        d = kwargs.get("dim", args[2] if len(args) > 2 else 1)
     else:
         d = kwargs.get("dim", kwargs.get("dims", args[1] if len(args) > 1 else None))
     if isinstance(d, Tensor) or isinstance(d, bool):  # max(a, b), std(unbiased): elementwise
