@@ -2594,3 +2594,39 @@ def test_broadcast_matrix_factorised_per_sample(how, setting):
     torch.manual_seed(0)
     x, a = torch.randn(4, 3, dtype=D), torch.randn(4, 2, dtype=D)
     check_family(BroadcastCovariance(how).to(D), lambda m: m(x, a), 4, *setting)
+
+
+class ProjectedCopy(nn.Module):
+    """A learned vector broadcast to the samples, then projected by a frozen matrix (rows kept)
+    or mixed across the samples by one (refused)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.enc, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.v = nn.Parameter(torch.randn(4))
+        self.register_buffer("M", torch.randn(4, 4))
+
+    def forward(self, x):
+        n = x.shape[0]
+        c = self.v.expand(n, 4)
+        c = {"projected": lambda: c @ self.M, "linear": lambda: F.linear(c, self.M),
+             "mixed": lambda: torch.ones(n, n, dtype=c.dtype) @ c}[self.how]()
+        return _logp(self.head(torch.tanh(self.enc(x) + c)))
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("how", ["projected", "linear"])
+def test_broadcast_projected_by_a_constant(how, setting):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, dtype=D)
+    check_family(ProjectedCopy(how).to(D), lambda m: m(x), 4, *setting)
+
+
+def test_broadcast_mixed_across_samples_by_a_constant_is_refused():
+    torch.manual_seed(0)
+    model = ProjectedCopy("mixed").to(D)
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="may combine the rows of several samples"):
+        with opt.microbatch(torch.ones(4, dtype=D)):
+            model(torch.randn(4, 3, dtype=D)).sum().backward()

@@ -207,9 +207,12 @@ class Tracker(TorchFunctionMode):
         if base in _POINTWISE or base in ("stack", "cat", "concat", "concatenate"):
             if lined_up:
                 return
-        elif base in _BATCHED:                   # over the last two axes, batched over the rest
+        elif base in _BATCHED or base == "linear":   # over the last two axes, batched over the rest
             if lined_up and min(ends) > 2:
                 return
+            if base in ("matmul", "mm", "__matmul__", "linear") and len(copied) == 1 and \
+                    args[0] is copied[0] and lined_up and min(ends) > 1:
+                return                          # rows of a copy times a constant matrix
         elif base in _FOLLOWED or base in _ALONG or base in _RESHAPES or base == "__getitem__":
             if base in ("repeat", "tile") and not _repeats_elsewhere(args, axes[id(copied[0])]):
                 self._refuse_moved(base, copied)
