@@ -73,14 +73,16 @@ class Gate(Function):
 _GATE_NODE = _compat.node_type(Gate)
 
 
-def graph_microbatch(node, owner):
-    """The microbatch of optimizer ``owner`` that built the graph of autograd ``node``: that of the
-    nearest of its gates below it (breadth first), or None for a graph built outside them."""
+def find_node(node, match, limit: int | None = None):
+    """The nearest autograd node at or below ``node`` (breadth first) for which ``match`` is
+    true, or None; at most about ``limit`` nodes are searched."""
+    if node is None:
+        return None
     todo, seen = collections.deque([node]), {node}
-    while todo:
+    while todo and (limit is None or len(seen) <= limit):
         fn = todo.popleft()
-        if isinstance(fn, _GATE_NODE) and fn.record.mb.owner is owner:
-            return fn.record.mb
+        if match(fn):
+            return fn
         for nxt, _ in fn.next_functions:
             if nxt is not None and nxt not in seen:
                 seen.add(nxt)
@@ -88,18 +90,15 @@ def graph_microbatch(node, owner):
     return None
 
 
+def graph_microbatch(node, owner):
+    """The microbatch of optimizer ``owner`` that built the graph of autograd ``node``: that of the
+    nearest of its gates below it (breadth first), or None for a graph built outside them."""
+    gate = find_node(node, lambda fn: isinstance(fn, _GATE_NODE) and fn.record.mb.owner is owner)
+    return None if gate is None else gate.record.mb
+
+
 def descends_from_use(t, limit: int = 256) -> bool:
     """Whether ``t`` was computed from the output of a layer use (an ISOPO op other than a gate),
     searching at most ``limit`` nodes of its history."""
-    if t.grad_fn is None:
-        return False
-    todo, seen = collections.deque([t.grad_fn]), {t.grad_fn}
-    while todo and len(seen) <= limit:
-        fn = todo.popleft()
-        if type(fn) in _OWN_NODES and not isinstance(fn, _GATE_NODE):
-            return True
-        for nxt, _ in fn.next_functions:
-            if nxt is not None and nxt not in seen:
-                seen.add(nxt)
-                todo.append(nxt)
-    return False
+    return find_node(t.grad_fn, lambda fn: type(fn) in _OWN_NODES and not isinstance(
+        fn, _GATE_NODE), limit) is not None

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _compat
+from .gate import find_node
 from .layers import GenericRuleWarning, find_layers
 
 
@@ -164,16 +165,7 @@ def _expand_shared(args, rule, n, segments, sample_dim):
 
 def _reentrant(t: Tensor) -> bool:
     """Whether ``t``'s graph holds a region of reentrant activation checkpointing."""
-    todo, seen = [t.grad_fn] if t.grad_fn is not None else [], set()
-    while todo:
-        fn = todo.pop()
-        if _compat.reentrant_recompute(fn):
-            return True
-        for nxt, _ in fn.next_functions:
-            if nxt is not None and nxt not in seen:
-                seen.add(nxt)
-                todo.append(nxt)
-    return False
+    return find_node(t.grad_fn, _compat.reentrant_recompute) is not None
 
 
 def _flat(gs, params):

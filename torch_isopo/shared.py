@@ -99,12 +99,14 @@ class Tracker(TorchFunctionMode):
             copied = [t for t in inputs if t in self.copies and t.is_floating_point()]
             if copied:
                 axes = {id(t): self.copies[t] for t in copied}
-                self._keep_rows(func, args, kwargs, copied, axes)
+                mb = self.attachment.forward_microbatch()
+                self._keep_rows(mb, func, args, kwargs, copied, axes)
                 if all(t in self.copies or self.shared.get(t) == frozenset() for t in inputs):
                     result = func(*args, **kwargs)      # copies and constants alone: a copy
                     first, a = copied[0], axes[id(copied[0])]
-                    self._known(func, args, copied, axes, result)
-                    self._keep_blocks(func, first, a, result)
+                    if mb is not None and mb.n > 1:
+                        self._known(func, args, copied, axes, result)
+                        self._keep_blocks(mb, func, first, a, result)
                     for t in _out_tensors(result):
                         if t.is_floating_point():       # (masks carry no gradient)
                             self.copies[t] = _axis_after(func, args, kwargs, first, a, t)
@@ -181,11 +183,10 @@ class Tracker(TorchFunctionMode):
                 self.mixed[t] = True
         return result
 
-    def _keep_rows(self, func, args, kwargs, copied, axes) -> None:
+    def _keep_rows(self, mb, func, args, kwargs, copied, axes) -> None:
         """An op on broadcast copies of free parameters: each row was credited to the sample of
         its place, so an op that moves rows along the sample axis (indexing, ``flip``, ``roll``,
         ``masked_scatter``) would hand them to other samples: refused."""
-        mb = self.attachment.forward_microbatch()
         if mb is not None and torch.is_grad_enabled() and not own_node(_compat.autograd_node()):
             moved = _moves_rows(func, args, kwargs, copied, axes)
             if moved:
@@ -197,14 +198,13 @@ class Tracker(TorchFunctionMode):
         move axes, reshapes (``_keep_blocks``) and ops along other axes (``_keep_rows``). Any
         other op (a softmax or a product over the samples, a padding, a repeat along them)
         may mix them: refused, unless nothing of its result carries a gradient."""
-        mb = self.attachment.forward_microbatch()
-        if mb is None or mb.n == 1 or not any(isinstance(t, Tensor) and t.is_floating_point()
-                                              and t.requires_grad for t in _out_tensors(result)):
+        if not any(isinstance(t, Tensor) and t.is_floating_point() and t.requires_grad
+                   for t in _out_tensors(result)):
             return
         base = _base(func)
         ends = {t.dim() - axes[id(t)] if axes[id(t)] is not None else None for t in copied}
         lined_up = len(ends) == 1 and None not in ends
-        if base in _POINTWISE or base in ("stack", "cat", "concat", "concatenate"):
+        if base in _POINTWISE or base in _JOINS or base == "stack":
             if lined_up:
                 return
         elif base in _BATCHED or base == "linear":   # over the last two axes, batched over the rest
@@ -236,13 +236,12 @@ class Tracker(TorchFunctionMode):
             "rows (h0.expand(len(idx), -1) for the rows idx picks), and write tokens with "
             "torch.where(mask[..., None], tok, h) rather than masked_scatter")
 
-    def _keep_blocks(self, func, first, a, result) -> None:
+    def _keep_blocks(self, mb, func, first, a, result) -> None:
         """A reshape of a broadcast copy keeps each sample's rows together and in order when it
         leaves the axes up to the sample axis as they are, or when that axis leads, before and
         after, a multiple of ``n`` long (flattened with the next axes, as batched linear algebra
         does, or split back); any other reshape moves them."""
-        mb = self.attachment.forward_microbatch()
-        if getattr(func, "__name__", "") not in _RESHAPES or mb is None or mb.n == 1:
+        if _base(func) not in _RESHAPES:
             return
         for o in _out_tensors(result):
             if not (a is not None and (o.shape[:a + 1] == first.shape[:a + 1] or a == 0 and
@@ -389,13 +388,15 @@ _ALONG = frozenset({
     "cumprod", "cummax", "cummin", "logcumsumexp", "sum", "mean", "nansum", "nanmean", "prod",
     "amax", "amin", "max", "min", "std", "var", "logsumexp", "norm", "median", "nanmedian",
     "mode", "sort", "argsort", "topk", "kthvalue", "unbind", "split", "chunk", "tensor_split",
-    "split_with_sizes", "cat", "concat", "concatenate", "diff", "index_copy", "index_add",
+    "split_with_sizes", "diff", "index_copy", "index_add",
     "index_fill", "scatter", "scatter_add", "scatter_reduce", "put", "index_reduce", "softmax",
     "log_softmax", "softmin", "normalize", "vector_norm", "var_mean", "std_mean", "quantile",
     "nanquantile", "all", "any", "count_nonzero", "argmax", "argmin"})
 # ops that always do: they read or place rows in mask or index order
 _ALWAYS = frozenset({"masked_scatter", "masked_select", "flipud", "fliplr", "__setitem__",
                      "index_put", "take"})
+# ops that join tensors along an axis (the sample axis: 2n rows)
+_JOINS = frozenset({"cat", "concat", "concatenate"})
 # ops that reshape a tensor (checked on their result, ``_keep_blocks``)
 _RESHAPES = frozenset({"reshape", "view", "view_as", "reshape_as", "flatten", "unflatten"})
 
@@ -421,8 +422,8 @@ _POINTWISE = frozenset({
 # ops that move or add axes, or broadcast: followed by ``_axis_after``
 _FOLLOWED = frozenset({
     "transpose", "swapaxes", "swapdims", "permute", "movedim", "moveaxis", "t", "unsqueeze",
-    "squeeze", "__get__", "expand", "expand_as", "broadcast_to", "stack", "tril", "triu",
-    "diagonal", "diag_embed", "repeat", "tile"})
+    "squeeze", "__get__", "expand", "expand_as", "broadcast_to", "tril", "triu", "diagonal",
+    "diag_embed", "repeat", "tile"})
 
 
 # linear algebra on the last two axes, batched over the others (a batch of covariance matrices)
@@ -456,7 +457,7 @@ def _moves_rows(func, args, kwargs, copied, axes) -> str | None:
     """The name of ``func`` if it may move rows of the broadcast copies ``copied`` along their
     sample axis (``axes``, by ``id``; None where it is unknown), else None."""
     name, base = getattr(func, "__name__", str(func)), _base(func)
-    if base in ("cat", "concat", "concatenate"):
+    if base in _JOINS:
         d = kwargs.get("dim", args[1] if len(args) > 1 else 0)
         return name if any(axes[id(t)] is None or d % t.dim() == axes[id(t)]
                            for t in args[0] if id(t) in axes and t.dim()) else None
@@ -580,9 +581,6 @@ def _axis_after(func, args, kwargs, first: Tensor, a: int | None, out: Tensor) -
 
 def _dims(base: str, args, kwargs) -> list[int] | None:
     """The axes an op of ``_ALONG`` acts along, as non-negative ints (None: all of them)."""
-    if base in ("cat", "concat", "concatenate", "stack"):
-        d = kwargs.get("dim", args[1] if len(args) > 1 else 0)
-        return [d if d >= 0 else d + max(t.dim() for t in args[0]) + (base == "stack")]
     t = args[0]
     if base in ("roll",):
         d = kwargs.get("dims", args[2] if len(args) > 2 else None)
