@@ -2319,6 +2319,9 @@ class MovedInitialState(nn.Module):
              "product over samples": lambda: torch.ones(n, n, dtype=h.dtype).tril() @ h,
              "padding": lambda: F.pad(h * torch.arange(n)[:, None], (0, 0, 1, -1)),
              "norm over samples": lambda: torch.linalg.vector_norm(h, dim=0).expand(n, 3),
+             "differences over samples": lambda: (h * torch.arange(n)[:, None]).diff(
+                 1, 0, prepend=torch.zeros(1, 3, dtype=h.dtype)),
+             "differences over features": lambda: torch.cat([h[:, :1], h.diff(1)], 1),
              "columns": lambda: h[:, torch.tensor([2, 0, 1])],
              "merged and split back": lambda: h[:, None].expand(n, 2, 3).flatten(0, 1).view(n, 2, 3)
              .sum(1),
@@ -2330,7 +2333,7 @@ class MovedInitialState(nn.Module):
                                   "flipud", "rot90", "unbind, stack reversed", "chunks swapped",
                                   "sum", "cumsum", "transposed, reshaped", "index_copy",
                                   "sorted", "softmax over samples", "product over samples",
-                                  "padding", "norm over samples"])
+                                  "padding", "norm over samples", "differences over samples"])
 def test_rows_of_a_broadcast_free_parameter_moved_are_refused(move):
     """Row i of a broadcast is credited to sample i: moving the rows along the sample axis
     (a shuffled minibatch of per-environment states) would hand them to other samples."""
@@ -2346,7 +2349,8 @@ def test_rows_of_a_broadcast_free_parameter_moved_are_refused(move):
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
-@pytest.mark.parametrize("move", ["none", "columns", "merged and split back"])
+@pytest.mark.parametrize("move", ["none", "columns", "merged and split back",
+                                  "differences over features"])
 def test_broadcast_free_parameter_kept_in_place(move, setting):
     torch.manual_seed(0)
     x = torch.randn(4, 2, dtype=D)

@@ -589,8 +589,10 @@ def _dims(base: str, args, kwargs) -> list[int] | None:
     elif base in ("split", "chunk", "tensor_split", "split_with_sizes"):
         d = kwargs.get("dim", args[2] if len(args) > 2 else 0)
     elif base in ("index_copy", "index_add", "index_fill", "scatter", "scatter_add",
-                  "scatter_reduce", "put", "index_reduce", "unbind", "diff"):
+                  "scatter_reduce", "put", "index_reduce", "unbind"):
         d = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+    elif base == "diff":                         # (x, n=1, dim=-1)
+        d = kwargs.get("dim", args[2] if len(args) > 2 else -1)
     elif base in ("norm", "vector_norm", "quantile", "nanquantile"):   # (x, p or q, dim)
         d = kwargs.get("dim", args[2] if len(args) > 2 else None)
     elif base == "normalize":                    # (x, p=2, dim=1)
