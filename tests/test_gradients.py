@@ -326,6 +326,27 @@ def test_tiny_memory_budget_chunks_without_changing_the_result(mode, route):
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("chunk", [1, 200, 1000])
+def test_host_row_chunks_of_per_sample_gradients(mode, chunk, monkeypatch):
+    """On the host the per-sample gradients of a weight are formed and kept in chunks of rows
+    (``finish.HOST_CHUNK`` bytes); chunks of one row, of uneven sizes and one whole weight give
+    the brute force's gradients (float64: a row of the 16 × 24 MLP weight is 7·24·8 bytes)."""
+    import torch_isopo.finish as finish
+    monkeypatch.setattr(finish, "HOST_CHUNK", chunk * 8)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 16), torch.nn.Tanh(),
+                                torch.nn.Linear(16, 3, bias=False)).double()
+    X = torch.randn(7, 5, 24, dtype=torch.float64)          # 7 sequences of 5 positions
+    target = torch.randint(0, 3, (7, 5))
+
+    def losses(m):
+        return -torch.log_softmax(m(X), -1).gather(-1, target[..., None]).squeeze(-1).sum(1) / 35
+    assert_matches_reference(model, losses, _adv(7), mode, route="materialise")
+    ids, mask = _lm_batch()                       # a tied embedding and head: merged uses
+    assert_matches_reference(qwen3().double(), lambda m: lm_losses(m, ids, mask), _adv(3), mode,
+                             route="materialise")
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_sequence_first_inputs_with_sample_dim(mode):
     """(L, B, d) inputs: samples along dim 1, said with ``sample_dim=1``."""
     model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.LayerNorm(6),

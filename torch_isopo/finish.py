@@ -126,13 +126,31 @@ def _single_kernel(p: Prepared, n: int, cfg: Settings) -> Tensor:
             M = M + dots(d) if u.bias is not None else M
         return M if R == 1 else M.view(n, R, n, R).sum((1, 3))
     # G_i in the activations' dtype, as autograd forms the weight gradient (a 16-bit G by the
-    # matrix units); K from it in the work dtype
-    G = torch.bmm(U.view(n, R, P).transpose(1, 2), V.view(n, R, Q)).view(n, -1) \
-        if u.weight is not None else None
+    # matrix units), in chunks of weight rows kept for the contraction; K in the work dtype
+    G = []
+    if u.weight is not None:
+        Us, Vs, step = U.view(n, R, P), V.view(n, R, Q), _row_step(n, P, Q, U)
+        G = [torch.bmm(Us[:, :, s:s + step].transpose(1, 2), Vs).view(n, -1)
+             for s in range(0, P, step)]
     Gb = d.to(dt).view(n, R, -1).sum(1) if u.bias is not None else None
     p.single_G = (G, Gb)
-    K = dots(G) if G is not None else 0
-    return K + Gb @ Gb.T if Gb is not None else K
+    K = Gb @ Gb.T if Gb is not None else None
+    for g in G:
+        K = dots(g) if K is None else K.add_(dots(g))
+    return K
+
+
+HOST_CHUNK = 16 << 20   # bytes of G per chunk on the host: glibc's malloc reuses freed blocks
+                        # up to 32 MiB; a larger one is mapped afresh and page-faulted every step
+
+
+def _row_step(n: int, P: int, Q: int, ref: Tensor) -> int:
+    """Weight rows per chunk of ``G``: all of them on a GPU (its allocator reuses blocks of any
+    size), else equal chunks of at most ``HOST_CHUNK`` bytes."""
+    if ref.device.type != "cpu":
+        return P
+    chunks = -(-n * P * Q * ref.element_size() // HOST_CHUNK)
+    return -(-P // max(chunks, 1))
 
 
 def _kernel(p: Prepared, n: int, dt, budget: int, cfg: Settings) -> Tensor:
@@ -195,14 +213,15 @@ class _Gathered:
 def contract(p: Prepared, c: Tensor) -> list[Tensor | None]:
     """The layer's gradient per parameter slot (``None`` where it has none): ``Σ_i c_i G_i``."""
     if p.single is None:
-        return _contract(p.factor, p.explicit, p.kept, p.params, c.to(p.ref.device), c.numel())
+        return _contract(p.factor, p.explicit, p.kept, p.params, c.to(p.ref.device))
     u = p.single
     grads: list[Tensor | None] = [None] * len(p.params)
     if p.single_G is not None:
         G, Gb = p.single_G
         c = c.to(u.V.device)
-        if G is not None:
-            grads[u.weight] = (c.to(G.dtype) @ G).view(p.params[u.weight].shape).to(u.V.dtype)
+        if G:
+            W = _chunks_contracted(c, G)
+            grads[u.weight] = W.view(p.params[u.weight].shape).to(u.V.dtype)
         if Gb is not None:
             grads[u.bias] = (c.to(Gb.dtype) @ Gb).to(u.V.dtype)
         return grads
@@ -220,7 +239,13 @@ def contract(p: Prepared, c: Tensor) -> list[Tensor | None]:
     return grads
 
 
-def _contract(factor, explicit, kept, params, c, n) -> list[Tensor | None]:
+def _chunks_contracted(c: Tensor, G: list[Tensor]) -> Tensor:
+    """``Σ_i c_i G_i`` of per-sample gradients kept in chunks ``(n, ·)`` of weight rows, flat."""
+    c = c.to(G[0].dtype)
+    return c @ G[0] if len(G) == 1 else torch.cat([c @ g for g in G])
+
+
+def _contract(factor, explicit, kept, params, c) -> list[Tensor | None]:
     grads: list[Tensor | None] = [None] * len(params)
     for s, group in _by_slot(factor, "weight").items():
         P, Q = _matrix(params[s])
@@ -228,7 +253,7 @@ def _contract(factor, explicit, kept, params, c, n) -> list[Tensor | None]:
         if G is None:
             W = factors.contract_weight(group, c, P, Q)
         else:
-            flat = (c.to(G.dtype) @ G.reshape(n, -1)).view(-1, Q)
+            flat = _chunks_contracted(c, G).view(-1, Q)
             W = flat if rows is None else flat.new_zeros(P, Q).index_copy_(0, rows, flat)
         grads[s] = W.view(params[s].shape)
     for b, group in _by_slot(factor, "bias").items():
@@ -324,12 +349,14 @@ def _weight_kernel(uses, n, shape, dt, budget, route):
     mat_cost = sum(u.smap.rows * (1 if u.indexed else P) * Q for u in uses) + n * n * R * Q
     if route == "gram" or (route == "auto" and gram_cost < mat_cost):
         return factors.gram_kernel(uses, n, dt, budget), None
-    chunk = max(1, budget // max(1, n * Q))
-    K = torch.zeros(n, n, dtype=dt, device=uses[0].V.device)
-    kept = None
-    for sl, G in factors.materialised_gradients(uses, n, P, Q, rows, chunk):
+    ref = uses[0].V
+    keep = n * R * Q <= budget             # G fits the budget: kept, in chunks, to contract
+    chunk = _row_step(n, R, Q, ref) if keep else max(1, budget // max(1, n * Q))
+    K = torch.zeros(n, n, dtype=dt, device=ref.device)
+    kept = []
+    for _, G in factors.materialised_gradients(uses, n, P, Q, rows, chunk):
         Gf = G.reshape(n, -1).to(dt)
         K += Gf @ Gf.T
-        if sl.start == 0 and sl.stop == R:
-            kept = (rows, G)
-    return K, kept
+        if keep:
+            kept.append(G.reshape(n, -1))
+    return K, (rows, kept) if keep else None
