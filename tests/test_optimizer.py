@@ -222,6 +222,38 @@ def test_bf16_autocast_recurrent_close_to_fp32(kind, cell):
     assert float((grads[0] - grads[1]).norm() / grads[0].norm()) < 0.05
 
 
+def _conv_policy(kind):
+    d = 1 if kind == "conv1d" else 2
+    conv = getattr(nn, f"Conv{d}d")(4, 6, 3, stride=2, padding=1, groups=2 if kind == "grouped"
+                                    else 1)
+    if kind == "weight_norm":
+        conv = nn.utils.parametrizations.weight_norm(conv)
+    return nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.LazyLinear(3)), d
+
+
+@pytest.mark.parametrize("route", ["auto", "gram", "materialise"])
+@pytest.mark.parametrize("mode", ["reinforce", "ntk", "fisher"])
+@pytest.mark.parametrize("kind", ["conv1d", "conv2d", "grouped", "weight_norm"])
+def test_bf16_autocast_convolutions_close_to_fp32(kind, mode, route):
+    """Convolutions under bf16 autocast run in bf16, as autocast would (input and weight cast,
+    both factors in bf16), and give a gradient close to the fp32 one in the parameters' dtype."""
+    torch.manual_seed(0)
+    model, d = _conv_policy(kind)
+    x, A = torch.randn(5, 4, *(8,) * d), torch.randn(5)
+    model(x)                                      # the lazy head's shape
+    grads = []
+    for autocast in (False, True):
+        m = copy.deepcopy(model)
+        opt = ISOPO(m, torch.optim.SGD(m.parameters(), lr=0.1), mode=mode, ema=None, route=route)
+        with opt.microbatch(A):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = m(x)
+            torch.log_softmax(out.float(), -1)[:, 0].sum().backward()
+        assert all(p.grad.dtype == torch.float32 for p in m.parameters())
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    assert float((grads[0] - grads[1]).norm() / grads[0].norm()) < 0.05
+
+
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 def test_copy_and_pickle_give_an_attached_equivalent(how):
     """A copy carries the model, the inner optimizer, the settings and the statistics, and it

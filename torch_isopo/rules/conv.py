@@ -23,7 +23,7 @@ from ..finish import ExplicitUse
 from ..gate import own_op
 from . import Rule, parametrized, register
 from .parametrized import chained_use
-from .linear import only_input
+from .linear import as_autocast, only_input
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_INPUT = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input,
@@ -68,9 +68,11 @@ class ConvFn(Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, use):
+        out, x, weight = as_autocast(_CONV[use.d], x, weight, bias, use.stride, 0, use.dilation,
+                                     use.groups)
         ctx.save_for_backward(x, weight)
         ctx.use = use
-        return _CONV[use.d](x, weight, bias, use.stride, 0, use.dilation, use.groups)
+        return out
 
     @staticmethod
     def backward(ctx, dy):

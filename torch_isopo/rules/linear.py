@@ -39,6 +39,17 @@ def autocast_dtype(x) -> torch.dtype | None:
     return None
 
 
+def as_autocast(op, x, weight, bias, *args):
+    """``(op(x, weight, bias, *args), x, weight)`` as autocast would run the op: in its lower
+    precision, with the inputs cast (both factors of the backward in it); as given without it."""
+    dtype = autocast_dtype(x)
+    if dtype is None:
+        return op(x, weight, bias, *args), x, weight
+    x, weight, bias = (None if t is None else t.to(dtype) for t in (x, weight, bias))
+    with torch.autocast(x.device.type, enabled=False):
+        return op(x, weight, bias, *args), x, weight
+
+
 def _linear(x, weight, bias, transposed: bool):
     if not transposed:
         return F.linear(x, weight, bias)
@@ -58,13 +69,7 @@ class LinearFn(Function):
             weight = weight[use.rows[0]:use.rows[1]]
         if use.bias_rows is not None and bias is not None:
             bias = bias[use.bias_rows[0]:use.bias_rows[1]]
-        dtype = autocast_dtype(x)
-        if dtype is None:
-            out = _linear(x, weight, bias, use.transposed)
-        else:                        # what autocast would run: the op in its lower precision
-            x, weight, bias = (None if t is None else t.to(dtype) for t in (x, weight, bias))
-            with torch.autocast(x.device.type, enabled=False):
-                out = _linear(x, weight, bias, use.transposed)
+        out, x, weight = as_autocast(_linear, x, weight, bias, use.transposed)
         ctx.save_for_backward(x, weight)
         ctx.use = use
         return out
