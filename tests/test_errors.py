@@ -7,6 +7,7 @@ from torch import nn
 
 from models import MLPPolicy, VOCAB, lm_losses, qwen3
 from torch_isopo import ISOPO
+from torch_isopo.reference import reference_gradients
 
 
 def _snapshot(model, opt):
@@ -119,6 +120,48 @@ def test_parameter_used_outside_its_module_is_an_error():
     model.zero_grad()
     model(torch.randn(5, 4)).sum().backward()          # outside a microbatch: plain autograd
     assert model.head.weight.grad is not None
+
+
+class Table(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.logits = nn.Parameter(torch.randn(7, 4))
+
+    def forward(self, s):
+        return self.logits[s]
+
+
+class Tabular(nn.Module):
+    """A table read by its owner's forward, or directly in a method of the policy."""
+
+    def __init__(self):
+        super().__init__()
+        self.table, self.enc = Table(), nn.Linear(5, 4)
+
+    def logp(self, x, s):                 # the table's parameter read outside its forward
+        return torch.log_softmax(self.table.logits[s] + self.enc(x), -1)[:, 0]
+
+    def forward(self, x, s):
+        return torch.log_softmax(self.table(s) + self.enc(x), -1)[:, 0]
+
+
+def test_parameter_read_outside_its_module_names_the_fix():
+    """Read outside its module's forward a parameter is refused with the fix named; through
+    it, exact."""
+    model = Tabular().double()
+    x, s, A = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 7, (6,)), torch.randn(6)
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(RuntimeError, match=r"'table.logits'.*read outside the forward of the "
+                                           r"module holding it.*call the module"):
+        with opt.microbatch(A):
+            model.logp(x, s).sum().backward()
+    model.zero_grad()
+    with opt.microbatch(A):
+        model(x, s).sum().backward()
+    ref = copy.deepcopy(model)
+    want, _ = reference_gradients(ref, lambda: ref(x, s), A.double(), "ntk", 1.0)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert float((p.grad - want[q]).norm() / want[q].norm()) < 1e-10
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -129,7 +129,11 @@ class Ledger:
             elif made is None or grad is not made[0]:
                 error = (f"ISOPO: parameter '{name}' received a gradient that did not come from "
                          "its module's forward: it was used directly (x @ emb.weight.T, "
-                         "F.linear(x, emb.weight), a fused kernel), a graph built outside any "
+                         "F.linear(x, emb.weight), a fused kernel, or read outside the forward of "
+                         "the module holding it, as policy.logp(...) reading self.table.logits: "
+                         "ISOPO follows a module's parameters through that module's forward only, "
+                         "so give it a forward that returns what is read and call the module, "
+                         "self.table(s)), a graph built outside any "
                          "microbatch was back-propagated inside one, or a free parameter (one "
                          "held beside children with rules) was used inside a region of reentrant "
                          "activation checkpointing; ISOPO cannot attribute it to samples. Route "
