@@ -164,6 +164,13 @@ def own_parameters(module) -> dict:
     return module._parameters
 
 
+def eager():
+    """A context in which ``torch.compile``d code runs eagerly (module hooks added after it was
+    compiled fire): ``torch.compiler.set_stance("force_eager")`` where torch has it."""
+    stance = getattr(torch.compiler, "set_stance", None)
+    return stance("force_eager") if stance is not None else contextlib.nullcontext()
+
+
 def run_eagerly(fn):
     """``fn`` never traced by ``torch.compile``: a layer's patched forward reads state that
     changes every microbatch, which would recompile the model each time. Dynamo's own
