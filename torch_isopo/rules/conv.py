@@ -11,6 +11,7 @@ each group has its own block of the weight: the per-sample gradients are formed 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -118,6 +119,25 @@ def _grouped(d: Tensor, V: Tensor | None, use: ConvUse) -> ExplicitUse:
     return ExplicitUse(G, pieces, d.abs().sum(1) > 0, tuple(slots))
 
 
+def _mixes_samples(spatial, flat_pads: list[int], mode: str, use: ConvUse) -> bool:
+    """Whether an input position (or a padding copy of it) is read by output locations of two
+    samples: the map's ids are given per output location (``use.smap``)."""
+    ids = use.smap.ids
+    size = math.prod(spatial)
+    where = torch.arange(size, dtype=torch.float64, device=ids.device).view(1, 1, *spatial)
+    if any(flat_pads):                   # a padding copies positions (reflect, circular) or is -1
+        where = F.pad(where, flat_pads, mode=mode, **({"value": -1.0} if mode == "constant"
+                                                       else {}))
+    read = patches(where, use).long()                 # (L, k): the position each location reads
+    L, k = read.shape
+    N = ids.numel() // L
+    read = torch.where(read < 0, size, read).reshape(1, -1).expand(N, -1)
+    by = ids.view(N, L, 1).expand(N, L, k).reshape(N, -1)     # the sample reading it
+    lo, hi = (ids.new_full((N, size + 1), -1).scatter_reduce(1, read, by, how, include_self=False)
+              for how in ("amin", "amax"))
+    return bool((lo[:, :size] != hi[:, :size]).any())
+
+
 def _pads(m: nn.Module, d: int, kernel) -> list[tuple[int, int]]:
     """(left, right) padding per spatial dim, as the module pads."""
     if isinstance(m.padding, str):
@@ -147,10 +167,11 @@ class ConvRule(Rule):
         x = only_input(entry, args, kwargs)
         unbatched = x.dim() == d + 1
         x = mb.unbatched(x, entry.name) if unbatched else mb.expand_shared(x, features=True, axis=0)
+        spatial = x.shape[2:]
         pads = _pads(m, d, m.kernel_size)
-        if any(p for pair in pads for p in pair):
-            flat = [p for pair in reversed(pads) for p in pair]
-            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+        flat = [p for pair in reversed(pads) for p in pair]
+        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+        if any(flat):
             x = F.pad(x, flat, mode=mode)
         record, gated = mb.gate(layer)
         w, ws, chain = parametrized.weight(entry, gated)
@@ -163,5 +184,12 @@ class ConvRule(Rule):
         smap = mb.batch_map(x.shape[0], L, f"module '{entry.name}' input", x.device)
         use = ConvUse(record, smap, d, tuple(m.stride), tuple(m.dilation), m.groups,
                       tuple(m.kernel_size), ws, bs, chain)
+        if smap.layout is None and x.requires_grad and _mixes_samples(spatial, flat, mode, use):
+            raise ValueError(
+                f"ISOPO: module '{entry.name}' reads input positions of two samples at once "
+                "(samples packed along one row by segments=, under a kernel that spans the "
+                "boundary between them): the gradient of its input would mix them. Give each "
+                "sample a batch entry of its own (padded, segments= with one id per entry), or "
+                "run the convolution on each sample's part of the row on its own")
         out = ConvFn.apply(x, w, b, use)
         return out[0] if unbatched else out
