@@ -154,8 +154,8 @@ def _row_step(n: int, P: int, Q: int, ref: Tensor) -> int:
 
 
 def _kernel(p: Prepared, n: int, dt, budget: int, cfg: Settings) -> Tensor:
-    if not p.factor:                        # explicit gradients alone
-        G = p.explicit.G.to(dt)
+    if not p.factor:                        # explicit gradients alone (kept in dt to contract)
+        G = p.explicit.G = p.explicit.G.to(dt)
         return G @ G.T
     K = torch.zeros(n, n, dtype=dt, device=p.ref.device)
     for s, group in _by_slot(p.factor, "weight").items():
@@ -260,7 +260,7 @@ def _contract(factor, explicit, kept, params, c) -> list[Tensor | None]:
         grads[b] = factors.contract_bias(group, c)
     if explicit is not None:
         G = explicit.G
-        flat = (c.to(G.device, torch.float64) @ G.double()).to(G.dtype) if _exact(G) \
+        flat = (c.to(G.device, torch.float64) @ G.double()).to(explicit.dtype) if _exact(G) \
             else c.to(G) @ G
         for s, g in zip(explicit.slots, flat.split(explicit.sizes)):
             grads[s] = g.view_as(params[s])
@@ -313,9 +313,14 @@ class _Explicit:
     """A layer's explicit uses, their per-sample gradients summed over the union of their slots."""
 
     slots: tuple[int, ...]
-    G: Tensor
+    G: Tensor                 # (kept in the work dtype once K is formed from it)
     uses: list[ExplicitUse]
     sizes: list[int]          # numel of each slot
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the uses' per-sample gradients, which the layer's gradient comes in."""
+        return self.uses[0].G.dtype
 
     def widen(self, X: Tensor, slots: tuple[int, ...]) -> Tensor:
         """Columns of ``X`` over ``slots`` placed among this layer's columns (zeros elsewhere)."""

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from . import _compat
 from .attach import Attachment, Ledger, attach, detach
-from .coefficients import condition_number
+from .coefficients import Layer as BatchLayer, condition_number
 from .settings import Settings, check_settings
 from .layers import Layer, find_layers
 from .microbatch import Microbatch, check_advantages, check_segments
@@ -329,7 +329,7 @@ class ISOPO(torch.optim.Optimizer):
         """Fold this step's microbatch statistics into the averages; keep its figures for
         ``diagnostics``."""
         if self.ema is not None:
-            ms = iter(_host([coef.m for figs in self._step_figures.values() for coef, _, _ in figs]))
+            ms = iter(_host_m([coef for figs in self._step_figures.values() for coef, _, _ in figs]))
             for name, figs in self._step_figures.items():
                 m = sum(next(ms) / S ** 2 for _, _, S in figs) / len(figs)
                 if math.isfinite(m) and m > 0:
@@ -505,13 +505,22 @@ def _check_materialised(model: nn.Module) -> None:
                 "(use_dora=False)")
 
 
-def _host(values: list[Tensor]) -> list[float]:
-    """0-d tensors as floats, with one copy per device (one host sync, not one per layer)."""
-    out: list[float] = [0.0] * len(values)
+def _host_m(coefs: list) -> list[float]:
+    """Each layer's ``m`` as a float, read from the batches its microbatch solved the layers in:
+    one copy per device (one host sync), not a select and a copy per layer and microbatch."""
+    batches: dict[int, tuple[int, Tensor]] = {}      # a batch's m, by identity: (number, m)
+    where = []
+    for coef in coefs:
+        m, i = (coef.batch.m, coef.i) if isinstance(coef, BatchLayer) else (coef.m.reshape(1), 0)
+        where.append((batches.setdefault(id(m), (len(batches), m))[0], i))
+    ms = [m for _, m in batches.values()]
+    read: list = [None] * len(ms)
     by_device: dict = {}
-    for i, v in enumerate(values):
-        by_device.setdefault(v.device, []).append(i)
-    for idx in by_device.values():
-        for i, x in zip(idx, torch.stack([values[i].double() for i in idx]).tolist()):
-            out[i] = x
-    return out
+    for k, m in enumerate(ms):
+        by_device.setdefault(m.device, []).append(k)
+    for ks in by_device.values():
+        flat = torch.cat([ms[k].reshape(-1) for k in ks]).double().tolist()
+        start = 0
+        for k in ks:
+            read[k], start = flat[start:start + ms[k].numel()], start + ms[k].numel()
+    return [read[b][i] for b, i in where]

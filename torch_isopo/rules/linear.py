@@ -81,7 +81,8 @@ class LinearFn(Function):
         dx = None
         if ctx.needs_input_grad[0]:
             dx = dy @ weight.T if use.transposed else dy @ weight
-        a, d = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+        a = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        d = dy if dy.dim() == 2 else dy.reshape(-1, dy.shape[-1])
         U, V = (a, d) if use.transposed else (_placed(d, use.rows, ctx.widths[0]), a)
         delta = _placed(d, use.bias_rows, ctx.widths[1])
         if use.chain is not None:
