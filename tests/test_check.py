@@ -94,6 +94,7 @@ def test_passes_on_supported_models(name):
     torch_isopo.ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
 
 
+@pytest.mark.skipif(not hasattr(torch.compiler, "set_stance"), reason="torch < 2.6")
 def test_passes_on_a_compiled_model_that_has_run():
     """A compiled model's code would skip the hooks the brute force records layer calls with
     (its Fisher pieces came out zero): the brute force runs it eagerly, and check passes."""
@@ -308,6 +309,9 @@ def test_sample_losses_must_be_per_sample():
     model = mlp()
     with pytest.raises(ValueError, match="unknown modes"):
         check(model, lambda m: -logp0(m(X)), modes=("natural",))
+    for damping in (0.0, -1.0):           # the check's own setting, not a refusal of the model
+        with pytest.raises(ValueError, match="damping must be"):
+            check(model, lambda m: -logp0(m(X)), damping=damping)
     with pytest.raises(ValueError, match=r"shape \(n,\).*got \(\)"):
         check(model, lambda m: -logp0(m(X)).sum())
     with pytest.raises(ValueError, match=r"n = 4"):

@@ -151,8 +151,9 @@ def test_parameter_read_outside_its_module_names_the_fix():
     model = Tabular().double()
     x, s, A = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 7, (6,)), torch.randn(6)
     opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
-    with pytest.raises(RuntimeError, match=r"'table.logits'.*read outside the forward of the "
-                                           r"module holding it.*call the module"):
+    with pytest.raises(RuntimeError, match=r"'table.logits'.*a method reading self.table.weight "
+                                           r"outside the table module's forward.*read a module's "
+                                           r"parameter through that module"):
         with opt.microbatch(A):
             model.logp(x, s).sum().backward()
     model.zero_grad()
@@ -173,11 +174,17 @@ def test_parameter_read_outside_its_module_names_the_fix():
     (dict(ema=1.0), "ema"),
     (dict(fisher_probes=0), "fisher_probes"),
     (dict(route="fast"), "route"),
+    (dict(mode="reinforce", damping=-1.0), "damping"),
+    (dict(damping="abc"), "damping must be a number"),
+    (dict(ema="x"), "ema must be a number"),
+    (dict(memory_budget="x"), "memory_budget must be a number"),
+    (dict(memory_budget=0), "memory_budget must be a positive"),
+    (dict(memory_budget=-5), "memory_budget must be a positive"),
 ])
 def test_bad_configuration(kw, match):
     model = MLPPolicy()
     before = {n: m.__dict__.get("forward") for n, m in model.named_modules()}
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((TypeError, ValueError), match=match):
         ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1), **kw)
     assert {n: m.__dict__.get("forward") for n, m in model.named_modules()} == before
 

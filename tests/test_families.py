@@ -49,10 +49,10 @@ class PackedConv(nn.Module):
     ``pre`` gives the convolution an input with a gradient of its own to pass on, ``causal``
     pads it on the left itself (Mamba's short convolution)."""
 
-    def __init__(self, k=3, stride=1, padding=0, mode="zeros", pre=True, causal=False):
+    def __init__(self, k=3, dilation=1, padding=0, mode="zeros", pre=True, causal=False):
         super().__init__()
         self.pre = nn.Linear(4, 4) if pre else nn.Identity()
-        self.conv = nn.Conv1d(4, 4, k, stride=stride, padding=padding, padding_mode=mode)
+        self.conv = nn.Conv1d(4, 4, k, dilation=dilation, padding=padding, padding_mode=mode)
         self.head, self.causal = nn.Linear(4, 3), causal
 
     def forward(self, x):                           # x: (1, L, 4)
@@ -71,17 +71,20 @@ def _packed(model, seg, n=3):
     return losses
 
 
-# kernel, stride, padding, mode, pre, causal; segments give one id per position, so the
-# convolution keeps the row's length
-PACKED_EXACT = {  # no position read by two samples, or no gradient to pass on
-    "kernel 1": (1, 1, 0, "zeros", True, False),
-    "input without a gradient": (3, 1, 1, "circular", False, False),
+# kernel, dilation, padding, mode, pre, causal, segments (one id per position, so the
+# convolution keeps the row's length)
+RUNS, ALTERNATE = [0] * 4 + [1] * 4 + [2] * 4, [0, 1, 2] * 4
+PACKED_EXACT = {  # every location reads its own sample's positions, or no gradient to pass on
+    "kernel 1": (1, 1, 0, "zeros", True, False, RUNS),
+    "input without a gradient": (3, 1, 1, "circular", False, False, RUNS),
+    "alternating, dilated": (3, 3, 3, "zeros", True, False, ALTERNATE),
 }
-PACKED_MIXED = {  # a kernel spanning a boundary, on an input with a gradient of its own
-    "causal": (3, 1, 0, "zeros", True, True),
-    "padded": (3, 1, 1, "zeros", True, False),
-    "circular": (3, 1, 1, "circular", True, False),
-    "reflect": (5, 1, 2, "reflect", True, False),
+PACKED_MIXED = {  # a location reading another sample's position, on an input with a gradient
+    "causal": (3, 1, 0, "zeros", True, True, RUNS),
+    "padded": (3, 1, 1, "zeros", True, False, RUNS),
+    "circular": (3, 1, 1, "circular", True, False, RUNS),
+    "reflect": (5, 1, 2, "reflect", True, False, RUNS),
+    "alternating, own position skipped": (2, 3, "same", "zeros", True, False, ALTERNATE),
 }
 
 
@@ -91,8 +94,8 @@ def test_packed_samples_through_a_convolution(case, setting):
     """Samples packed along one row stay exact through a convolution whose kernels each read
     one sample's positions (or whose input has no gradient to pass on)."""
     torch.manual_seed(0)
-    model = PackedConv(*PACKED_EXACT[case]).to(D)
-    seg = torch.tensor([0] * 4 + [1] * 4 + [2] * 4)
+    *layout, seg = PACKED_EXACT[case]
+    model, seg = PackedConv(*layout).to(D), torch.tensor(seg)
     check_family(model, _packed(model, seg), 3, *setting, segments=seg)
 
 
@@ -102,10 +105,10 @@ def test_packed_samples_read_together_by_a_convolution_are_refused(case):
     on (the layers before it came out wrong): refused, naming the fix; the gradients are
     untouched."""
     torch.manual_seed(0)
-    model = PackedConv(*PACKED_MIXED[case]).to(D)
-    seg = torch.tensor([0] * 4 + [1] * 4 + [2] * 4)
+    *layout, seg = PACKED_MIXED[case]
+    model, seg = PackedConv(*layout).to(D), torch.tensor(seg)
     opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
-    with pytest.raises(ValueError, match="module 'conv' reads input positions of two samples.*"
+    with pytest.raises(ValueError, match="module 'conv' reads input positions of another sample.*"
                                          "batch entry of its own"):
         with opt.microbatch(torch.randn(3), segments=seg):
             _packed(model, seg)(model).sum().backward()
@@ -718,7 +721,8 @@ def test_embedding_bag_with_max_norm(mode, setting):
     ids=["freq", "sparse", "bag-freq", "bag-sparse", "bag-max-max_norm"])
 def test_embedding_that_mixes_samples_or_is_sparse_is_refused(build):
     model = nn.Sequential(build(), nn.Linear(4, 2))
-    with pytest.raises(ValueError, match="scale_grad_by_freq=False, sparse=False"):
+    with pytest.raises(ValueError, match=r"module '0' \(Embedding(Bag)?\).*"
+                                         "scale_grad_by_freq=False, sparse=False"):
         ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
 
 

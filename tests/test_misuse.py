@@ -4,6 +4,7 @@ Every test ends with ``_assert_clean``: no open block, no gradients waiting to b
 same patches and parameter hooks as after construction.
 """
 import copy
+import math
 
 import pytest
 import torch
@@ -757,7 +758,10 @@ def test_a_malformed_state_dict_leaves_everything_as_it_was(data):
                        (dict(sd, isopo={"m": {}, "generator": torch.zeros(3)}), "malformed"),
                        (dict(sd, isopo={"m": {"model.a": 1.0},
                                         "generator": sd["isopo"]["generator"]}),
-                        r"layers \['model.a'\] that this model does not have")):
+                        r"layers \['model.a'\] that this model does not have"),
+                       *((dict(sd, isopo={"m": {"a": v}, "generator": sd["isopo"]["generator"]}),
+                          "must be finite and positive")
+                         for v in (math.nan, math.inf, -1.0, 0.0))):
         bad = copy.deepcopy(bad)
         bad["state"] = {}                  # would empty the inner optimizer's state
         with pytest.raises(ValueError, match=match):

@@ -1,4 +1,5 @@
 """ISOPO is a real torch.optim.Optimizer around the inner one, and invisible outside microbatches."""
+import contextlib
 import copy
 import io
 
@@ -252,6 +253,29 @@ def test_bf16_autocast_convolutions_close_to_fp32(kind, mode, route):
         assert all(p.grad.dtype == torch.float32 for p in m.parameters())
         grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
     assert float((grads[0] - grads[1]).norm() / grads[0].norm()) < 0.05
+
+
+@pytest.mark.parametrize("kind", ["conv1d", "conv2d", "grouped", "weight_norm"])
+def test_autocast_leaves_float64_layers_alone(kind):
+    """Autocast casts no float64 tensor, and neither do the layers' rules: a float64 model under
+    bf16 autocast gets plain autograd's gradient in reinforce mode, and float64 outputs."""
+    torch.manual_seed(0)
+    model, d = _conv_policy(kind)
+    x, A = torch.randn(5, 4, *(8,) * d), torch.randn(5, dtype=torch.float64)
+    model(x)
+    model, x = model.double(), x.double()
+    grads = []
+    for isopo in (False, True):
+        m = copy.deepcopy(model)
+        opt = ISOPO(m, torch.optim.SGD(m.parameters(), lr=0.1), mode="reinforce")
+        with opt.microbatch(A) if isopo else contextlib.nullcontext():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = m(x)
+            assert out.dtype == torch.float64
+            logp = torch.log_softmax(out, -1)[:, 0]
+            (logp if isopo else logp * A).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])

@@ -119,6 +119,30 @@ def test_statistics_survive_a_skipped_step_without_isopo_zero_grad():
     assert opt._m and all(0 < m < float("inf") for m in opt._m.values())
 
 
+def test_the_clean_microbatch_of_a_step_after_a_skipped_one_counts():
+    """A step skipped for an overflow, its figures kept by a loop zeroing through the model:
+    at the next step each layer's finite figures enter the moving average, its NaN ones stay
+    out; a layer whose figure overflowed gets the next step's clean one, as after
+    ``opt.zero_grad``."""
+    averages = []
+    for skipped in (False, True):
+        model = _policy()
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=100)
+        opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=1e-2), mode="ntk", ema=0.5,
+                    grad_scaler=scaler)
+        for step in (0, 1, 2) if skipped else (0, 2):
+            X, acts = _batch(step, poison=(1,))
+            with opt.microbatch(torch.ones(N)):
+                scaler.scale(_losses(model, X, acts, torch.bfloat16).sum()).backward()
+            if step == 1:
+                assert not torch.isfinite(model[0].weight.grad).all()
+            scaler.step(opt)
+            scaler.update()
+            model.zero_grad()                         # (not opt.zero_grad())
+        averages.append(dict(opt._m))
+    assert averages[1]["0"] == averages[0]["0"]        # the NaN figure stayed out
+
+
 @pytest.mark.parametrize("mode", ["ntk", "fisher"])
 def test_loss_scale_changes_nothing_after_unscaling(mode):
     """With ``grad_scaler=`` the statistics are in units of the unscaled loss and the fisher

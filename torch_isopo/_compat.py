@@ -164,13 +164,6 @@ def own_parameters(module) -> dict:
     return module._parameters
 
 
-def eager():
-    """A context in which ``torch.compile``d code runs eagerly (module hooks added after it was
-    compiled fire): ``torch.compiler.set_stance("force_eager")`` where torch has it."""
-    stance = getattr(torch.compiler, "set_stance", None)
-    return stance("force_eager") if stance is not None else contextlib.nullcontext()
-
-
 def run_eagerly(fn):
     """``fn`` never traced by ``torch.compile``: a layer's patched forward reads state that
     changes every microbatch, which would recompile the model each time. Dynamo's own
@@ -193,7 +186,8 @@ def run_eagerly(fn):
 def eager_compiled():
     """Run ``torch.compile``d code eagerly for a while (``torch.compiler.set_stance``, torch ≥
     2.6): Dynamo cannot trace a region entered with a ``TorchFunctionMode`` already active (the
-    free-parameter tracker), and fails inside itself. A no-op on older torch."""
+    free-parameter tracker), and fails inside itself; compiled code skips module hooks added
+    after it was compiled (the brute force's). A no-op on older torch."""
     stance = getattr(torch.compiler, "set_stance", None)
     return contextlib.nullcontext() if stance is None else stance("force_eager")
 

@@ -129,18 +129,18 @@ class Ledger:
             elif made is None or grad is not made[0]:
                 error = (f"ISOPO: parameter '{name}' received a gradient that did not come from "
                          "its module's forward: it was used directly (x @ emb.weight.T, "
-                         "F.linear(x, emb.weight), a fused kernel, or read outside the forward of "
-                         "the module holding it, as policy.logp(...) reading self.table.logits: "
-                         "ISOPO follows a module's parameters through that module's forward only, "
-                         "so give it a forward that returns what is read and call the module, "
-                         "self.table(s)), a graph built outside any "
+                         "F.linear(x, emb.weight), a fused kernel, or a method reading "
+                         "self.table.weight outside the table module's forward), a graph built "
+                         "outside any "
                          "microbatch was back-propagated inside one, or a free parameter (one "
                          "held beside children with rules) was used inside a region of reentrant "
                          "activation checkpointing; ISOPO cannot attribute it to samples. Route "
                          "a direct use through a module holding the same Parameter (a tied "
                          "output layer: head = nn.Linear(d, vocab, bias=False); head.weight = "
-                         "emb.weight), which ISOPO merges with its owner into one layer; apply "
-                         "a free parameter outside checkpointed regions")
+                         "emb.weight), which ISOPO merges with its owner into one layer; read a "
+                         "module's parameter through that module (give it a forward returning "
+                         "what is read, and call it: self.table(s)); apply a free parameter "
+                         "outside checkpointed regions")
             else:
                 return None
             self.made.clear()                  # this backward stops here: leave nothing behind

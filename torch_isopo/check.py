@@ -23,6 +23,7 @@ from . import _compat
 from .layers import GenericRuleWarning
 from .optimizer import ISOPO
 from .reference import reference_gradients
+from .settings import check_settings
 
 
 class CheckError(AssertionError):
@@ -115,6 +116,8 @@ def check(model: nn.Module, sample_losses: Callable[[nn.Module], Tensor], advant
     unknown = [m for m in modes if m not in ("reinforce", "ntk", "fisher")]
     if unknown:
         raise ValueError(f"torch_isopo.check: unknown modes {unknown}; use reinforce, ntk, fisher")
+    for mode in modes:                  # a bad setting is the check's error, not the model's
+        check_settings(mode, damping, None, None, "auto", None, "auto")
     base = _copy(model, dtype)
     n = None if advantages is None else torch.as_tensor(advantages).numel()
     terms = _losses(sample_losses, copy.deepcopy(base), n).detach()   # a plain forward first

@@ -53,7 +53,8 @@ class Prepared:
     kept: dict = None
     single: FactorUse | None = None     # a single use with rows (n, R) in order (fast path)
     low_rank: Tensor | None = None      # ntk: G (n, D) with D < n/2, solved in D dimensions
-    single_G: tuple | None = None       # its per-sample (weight, bias) gradients, when formed
+    single_G: tuple | None = None       # when formed, its per-sample gradients: the weight's
+                                        # in chunks of rows (a list, empty when frozen), the bias's
 
     @property
     def ref(self) -> Tensor:
@@ -146,7 +147,8 @@ HOST_CHUNK = 16 << 20   # bytes of G per chunk on the host: glibc's malloc reuse
 
 def _row_step(n: int, P: int, Q: int, ref: Tensor) -> int:
     """Weight rows per chunk of ``G``: all of them on a GPU (its allocator reuses blocks of any
-    size), else equal chunks of at most ``HOST_CHUNK`` bytes."""
+    size), else chunks of at most ``HOST_CHUNK`` bytes (of one row at least), as even as that
+    allows."""
     if ref.device.type != "cpu":
         return P
     chunks = -(-n * P * Q * ref.element_size() // HOST_CHUNK)
@@ -345,7 +347,8 @@ def _explicit_gradients(uses: list[ExplicitUse], params) -> _Explicit | None:
 
 
 def _weight_kernel(uses, n, shape, dt, budget, route):
-    """``K`` of one weight by the cheaper exact route, and ``(rows, G)`` when ``G`` fits."""
+    """``K`` of one weight by the cheaper exact route, and ``(rows, [G chunks])`` when ``G``
+    fits the budget (kept for the contraction)."""
     P, Q = shape
     rows = factors.weight_rows(uses, P)
     R = P if rows is None else rows.numel()

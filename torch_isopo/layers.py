@@ -89,7 +89,10 @@ def _choose(module: nn.Module, name: str) -> Rule:
         raise ValueError(f"module '{name}' ({type(module).__name__}) already has an ISOPO "
                          "optimizer attached; call its detach() first")
     replaced = own is not None and getattr(own, "__func__", None) is not type(module).forward
-    rule = None if replaced else rule_for(module)
+    try:
+        rule = None if replaced else rule_for(module)
+    except ValueError as e:             # a rule's refusal of the module's configuration
+        raise ValueError(f"ISOPO: module '{name}' ({type(module).__name__}): {e}") from None
     # a rule taking the whole subtree reads its children's weights itself: a parametrized one
     # (weight_norm on an attention's out_proj) is a tensor it does not know how to compute
     scope = module.modules() if rule is not None and rule.whole_subtree else (module,)

@@ -77,7 +77,8 @@ class ISOPO(torch.optim.Optimizer):
                  gates: str = "auto"):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        check_settings(mode, damping, ema, fisher_probes, route, grad_scaler, gates, generator)
+        check_settings(mode, damping, ema, fisher_probes, route, grad_scaler, gates, generator,
+                       memory_budget)
         _check_materialised(model)
         damping = float(damping)
         self.optimizer = _Unset()
@@ -206,7 +207,7 @@ class ISOPO(torch.optim.Optimizer):
         bound.apply_defaults()
         a = bound.arguments                       # their values checked now, not in the trainer
         check_settings(a["mode"], a["damping"], a["ema"], a["fisher_probes"], a["route"],
-                       a["grad_scaler"], a["gates"], a["generator"])
+                       a["grad_scaler"], a["gates"], a["generator"], a["memory_budget"])
         base = cls
 
         def __init__(self, params, **optimizer_kwargs):
@@ -331,8 +332,11 @@ class ISOPO(torch.optim.Optimizer):
         if self.ema is not None:
             ms = iter(_host_m([coef for figs in self._step_figures.values() for coef, _, _ in figs]))
             for name, figs in self._step_figures.items():
-                m = sum(next(ms) / S ** 2 for _, _, S in figs) / len(figs)
-                if math.isfinite(m) and m > 0:
+                # a microbatch that overflowed (a step the scaler skipped, its figures kept by a
+                # loop that zeroes through the model) is left out; the others count
+                finite = [v for v in (next(ms) / S ** 2 for _, _, S in figs) if math.isfinite(v)]
+                m = sum(finite) / len(finite) if finite else 0.0
+                if m > 0:
                     # a step without gradient for the layer (m = 0) or with an overflow is no
                     # history
                     old = self._m.get(name)
@@ -409,6 +413,10 @@ class ISOPO(torch.optim.Optimizer):
             raise ValueError("ISOPO: the state dict's 'isopo' entry is malformed (it needs 'm': "
                              "{layer name: float} and 'generator': a torch.Generator state): "
                              f"{e}") from None
+        bad = {k: v for k, v in m.items() if not (math.isfinite(v) and v > 0)}
+        if bad:                       # a step never stores these: no history to damp with
+            raise ValueError(f"ISOPO: the state dict's moving averages of m must be finite and "
+                             f"positive, got {bad}")
         unknown = sorted(set(m) - {layer.name for layer in self.layers})
         if unknown:
             raise ValueError(

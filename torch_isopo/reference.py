@@ -93,7 +93,7 @@ def _record_calls(layers, sample_losses, n, segments, sample_dim):
             handles.append(e.module.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
             handles.append(e.module.register_forward_hook(post, with_kwargs=True))
     try:
-        with _compat.eager():             # a compiled model's code would skip the hooks
+        with _compat.eager_compiled():    # a compiled model's code would skip the hooks
             return sample_losses(), calls
     finally:
         for h in handles:

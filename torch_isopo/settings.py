@@ -24,17 +24,27 @@ class Settings:
 MODES = ("ntk", "fisher", "reinforce")
 
 
+def _number(value, name: str, kind=float):
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {value!r}") from None
+
+
 def check_settings(mode, damping, ema, fisher_probes, route, grad_scaler, gates,
-                   generator=None) -> None:
+                   generator=None, memory_budget=1) -> None:
     """The optimizer's arguments, each checked with a message that says what is allowed."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
-    damping = float(damping)
+    damping = _number(damping, "damping")
     if not math.isfinite(damping) or damping < 0 or (mode == "ntk" and damping == 0):
         raise ValueError(f"damping must be {'> 0' if mode == 'ntk' else '>= 0'} and finite for "
                          f"mode {mode!r}, got {damping}")
-    if ema is not None and not 0.0 <= float(ema) < 1.0:
+    if ema is not None and not 0.0 <= _number(ema, "ema") < 1.0:
         raise ValueError(f"ema must be None or in [0, 1), got {ema}")
+    if isinstance(memory_budget, bool) or _number(memory_budget, "memory_budget", int) < 1:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got "
+                         f"{memory_budget!r}")
     if fisher_probes is not None and (not isinstance(fisher_probes, int) or isinstance(
             fisher_probes, bool) or fisher_probes < 1):
         raise ValueError(f"fisher_probes must be None or a positive int, got {fisher_probes!r}")

@@ -120,22 +120,26 @@ def _grouped(d: Tensor, V: Tensor | None, use: ConvUse) -> ExplicitUse:
 
 
 def _mixes_samples(spatial, flat_pads: list[int], mode: str, use: ConvUse) -> bool:
-    """Whether an input position (or a padding copy of it) is read by output locations of two
-    samples: the map's ids are given per output location (``use.smap``)."""
+    """Whether some location reads an input position (or a padding's copy of it) of another
+    sample than its own, with ids given per output location (``use.smap``): the input's
+    positions are then the ones the ids name, unless the input has other positions (padded or
+    shifted by the caller), which counts as mixing too."""
     ids = use.smap.ids
     size = math.prod(spatial)
-    where = torch.arange(size, dtype=torch.float64, device=ids.device).view(1, 1, *spatial)
+    if ids.numel() % size:
+        return True
+    N = ids.numel() // size
+    where = torch.arange(size, dtype=torch.float32 if size < 1 << 24 else torch.float64,
+                         device=ids.device).view(1, 1, *spatial)
     if any(flat_pads):                   # a padding copies positions (reflect, circular) or is -1
         where = F.pad(where, flat_pads, mode=mode, **({"value": -1.0} if mode == "constant"
                                                        else {}))
     read = patches(where, use).long()                 # (L, k): the position each location reads
-    L, k = read.shape
-    N = ids.numel() // L
-    read = torch.where(read < 0, size, read).reshape(1, -1).expand(N, -1)
-    by = ids.view(N, L, 1).expand(N, L, k).reshape(N, -1)     # the sample reading it
-    lo, hi = (ids.new_full((N, size + 1), -1).scatter_reduce(1, read, by, how, include_self=False)
-              for how in ("amin", "amax"))
-    return bool((lo[:, :size] != hi[:, :size]).any())
+    if read.shape[0] != size:                         # not one location per input position
+        return True
+    owner = ids.view(N, size)
+    other = owner[:, read.clamp_min(0)] != owner[:, :, None]    # (N, L, k)
+    return bool((other & (read >= 0)).any())
 
 
 def _pads(m: nn.Module, d: int, kernel) -> list[tuple[int, int]]:
@@ -184,12 +188,15 @@ class ConvRule(Rule):
         smap = mb.batch_map(x.shape[0], L, f"module '{entry.name}' input", x.device)
         use = ConvUse(record, smap, d, tuple(m.stride), tuple(m.dilation), m.groups,
                       tuple(m.kernel_size), ws, bs, chain)
-        if smap.layout is None and x.requires_grad and _mixes_samples(spatial, flat, mode, use):
+        packed = smap.layout is None and mb.segments.numel() != x.shape[0]   # ids per location
+        if packed and x.requires_grad and _mixes_samples(spatial, flat, mode, use):
             raise ValueError(
-                f"ISOPO: module '{entry.name}' reads input positions of two samples at once "
-                "(samples packed along one row by segments=, under a kernel that spans the "
-                "boundary between them): the gradient of its input would mix them. Give each "
-                "sample a batch entry of its own (padded, segments= with one id per entry), or "
-                "run the convolution on each sample's part of the row on its own")
+                f"ISOPO: module '{entry.name}' reads input positions of another sample (samples "
+                "packed along one row by segments=, under a kernel that spans the boundary "
+                "between two, padding that wraps, or an input padded or shifted so that its "
+                "positions are not the ones segments= names): the gradient of its input would "
+                "mix samples. Give each sample a batch entry of its own (padded, segments= with "
+                "one id per entry), or run the convolution on each sample's part of the row on "
+                "its own")
         out = ConvFn.apply(x, w, b, use)
         return out[0] if unbatched else out

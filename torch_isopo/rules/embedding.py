@@ -58,10 +58,10 @@ def _supported(module: nn.Module) -> bool:
         return False
     if module.scale_grad_by_freq or module.sparse:
         raise ValueError(
-            f"ISOPO does not support nn.Embedding with scale_grad_by_freq=True (its gradient "
-            f"divides by token counts over the whole batch, mixing samples) or sparse=True "
-            f"(ISOPO writes dense gradients) ({type(module).__name__}); construct it with "
-            f"scale_grad_by_freq=False, sparse=False")
+            "nn.Embedding with scale_grad_by_freq=True (its gradient divides by token counts "
+            "over the whole batch, mixing samples) or sparse=True (ISOPO writes dense "
+            "gradients) is not supported; construct it with scale_grad_by_freq=False, "
+            "sparse=False")
     return True
 
 
@@ -175,11 +175,11 @@ def _bag_supported(module: nn.Module) -> bool:
     if module.scale_grad_by_freq or module.sparse or (module.max_norm is not None
                                                        and module.mode == "max"):
         raise ValueError(
-            f"ISOPO does not support nn.EmbeddingBag with scale_grad_by_freq=True (it divides by "
-            f"token counts over the whole batch, mixing samples), sparse=True (ISOPO writes dense "
-            f"gradients) or max_norm with mode='max' (its generic recompute would renormalise "
-            f"the weight again) ({type(module).__name__}); construct it with "
-            f"scale_grad_by_freq=False, sparse=False, and mode='sum' or 'mean' with max_norm")
+            "nn.EmbeddingBag with scale_grad_by_freq=True (it divides by token counts over the "
+            "whole batch, mixing samples), sparse=True (ISOPO writes dense gradients) or "
+            "max_norm with mode='max' (its generic recompute would renormalise the weight "
+            "again) is not supported; construct it with scale_grad_by_freq=False, sparse=False, "
+            "and mode='sum' or 'mean' with max_norm")
     return module.mode in ("sum", "mean")
 
 

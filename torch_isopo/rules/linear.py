@@ -33,8 +33,9 @@ class LinearUse:
 
 
 def autocast_dtype(x) -> torch.dtype | None:
+    """The dtype autocast would run an op on ``x`` in (None: none; it leaves float64 alone)."""
     dev = x.device.type
-    if torch.is_autocast_enabled(dev) and x.is_floating_point():
+    if torch.is_autocast_enabled(dev) and x.is_floating_point() and x.dtype != torch.float64:
         return torch.get_autocast_dtype(dev)
     return None
 
@@ -45,7 +46,8 @@ def as_autocast(op, x, weight, bias, *args):
     dtype = autocast_dtype(x)
     if dtype is None:
         return op(x, weight, bias, *args), x, weight
-    x, weight, bias = (None if t is None else t.to(dtype) for t in (x, weight, bias))
+    x, weight, bias = (t if t is None or t.dtype == torch.float64 else t.to(dtype)
+                       for t in (x, weight, bias))
     with torch.autocast(x.device.type, enabled=False):
         return op(x, weight, bias, *args), x, weight
 
