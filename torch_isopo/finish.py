@@ -359,7 +359,9 @@ def _weight_kernel(uses, n, shape, dt, budget, route):
         return factors.gram_kernel(uses, n, dt, budget), None
     ref = uses[0].V
     keep = n * R * Q <= budget             # G fits the budget: kept, in chunks, to contract
-    chunk = _row_step(n, R, Q, ref) if keep else max(1, budget // max(1, n * Q))
+    chunk = _row_step(n, R, Q, ref)
+    if not keep:
+        chunk = min(chunk, max(1, budget // max(1, n * Q)))
     K = torch.zeros(n, n, dtype=dt, device=ref.device)
     kept = []
     for _, G in factors.materialised_gradients(uses, n, P, Q, rows, chunk):
