@@ -165,6 +165,18 @@ def test_parameter_read_outside_its_module_names_the_fix():
         assert float((p.grad - want[q]).norm() / want[q].norm()) < 1e-10
 
 
+def test_functional_call_with_computed_parameters_names_the_fix():
+    """Tensors computed from the parameters given to ``functional_call`` in their place reach
+    them around the layers' forwards: refused, naming functional_call and the fix."""
+    model = MLPPolicy()
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    swapped = {k: v * 1.0 for k, v in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="functional_call with tensors computed from the "
+                                           "parameters.*give functional_call the parameters"):
+        with opt.microbatch(torch.randn(5)):
+            torch.func.functional_call(model, swapped, (torch.randn(5, 5),)).sum().backward()
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(mode="ntk", damping=0.0), "damping"),
     (dict(mode="ntk", damping=-1.0), "damping"),

@@ -8,7 +8,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.distributions import Normal
 from torch.utils.checkpoint import checkpoint
 
 from models import VOCAB, llama, lm_losses
@@ -788,6 +790,57 @@ class ScaledBlock(nn.Module):
 
     def forward(self, x):
         return x + self.gamma * self.fc2(torch.tanh(self.fc1(x)))
+
+
+class MaskedBlock(nn.Module):
+    """Attention whose causal mask is built inside the block (nanoGPT, ViT variants)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(4, 12), nn.Linear(4, 4)
+
+    def forward(self, x):
+        t = x.shape[1]
+        q, k, v = self.qkv(x).split(4, -1)
+        mask = torch.ones(t, t, dtype=torch.bool).tril()
+        scale = torch.full((1,), 0.5, dtype=x.dtype)
+        return x + self.proj(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)) * scale
+
+
+class CheckpointedGaussian(nn.Module):
+    """A free ``log_std`` at the head, a checkpointed block that builds constants inside."""
+
+    def __init__(self, reentrant):
+        super().__init__()
+        self.inp, self.block, self.mu = nn.Linear(4, 4), MaskedBlock(), nn.Linear(4, 2)
+        self.log_std = nn.Parameter(torch.full((2,), -0.3))
+        self.reentrant, self.checkpointed = reentrant, True
+
+    def logp(self, x, a):
+        h = self.inp(x)
+        h = checkpoint(self.block, h, use_reentrant=self.reentrant) if self.checkpointed \
+            else self.block(h)
+        return Normal(self.mu(h), self.log_std.exp()).log_prob(a).sum((1, 2))
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("mode", ["reinforce", "ntk", "fisher"])
+def test_constants_built_in_a_checkpointed_region_beside_a_free_parameter(mode, reentrant):
+    """Tensors a checkpointed region builds from nothing (a causal mask, a constant scale) are
+    constants, not free parameters: a model with a free parameter elsewhere stays exact."""
+    torch.manual_seed(0)
+    f64 = torch.float64
+    model = CheckpointedGaussian(reentrant).double()
+    x, a, A = torch.randn(3, 5, 4, dtype=f64), torch.randn(3, 5, 2, dtype=f64), torch.randn(3)
+    ref = copy.deepcopy(model)
+    ref.checkpointed = False                       # the brute force runs the plain forward
+    want, _ = reference_gradients(ref, lambda: ref.logp(x, a), A.double(), mode, 1.0)
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1), mode=mode, damping=1.0,
+                fisher_probes=None, ema=None)
+    with opt.microbatch(A):
+        model.logp(x, a).sum().backward()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert float((p.grad - want[q]).norm() / want[q].norm()) < 1e-10
 
 
 @pytest.mark.parametrize("reentrant", [False, True])

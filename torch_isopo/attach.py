@@ -129,9 +129,10 @@ class Ledger:
             elif made is None or grad is not made[0]:
                 error = (f"ISOPO: parameter '{name}' received a gradient that did not come from "
                          "its module's forward: it was used directly (x @ emb.weight.T, "
-                         "F.linear(x, emb.weight), a fused kernel, or a method reading "
-                         "self.table.weight outside the table module's forward), a graph built "
-                         "outside any "
+                         "F.linear(x, emb.weight), a fused kernel, a method reading "
+                         "self.table.weight outside the table module's forward, or "
+                         "torch.func.functional_call with tensors computed from the parameters "
+                         "in their place), a graph built outside any "
                          "microbatch was back-propagated inside one, or a free parameter (one "
                          "held beside children with rules) was used inside a region of reentrant "
                          "activation checkpointing; ISOPO cannot attribute it to samples. Route "
@@ -139,7 +140,8 @@ class Ledger:
                          "output layer: head = nn.Linear(d, vocab, bias=False); head.weight = "
                          "emb.weight), which ISOPO merges with its owner into one layer; read a "
                          "module's parameter through that module (give it a forward returning "
-                         "what is read, and call it: self.table(s)); apply a free parameter "
+                         "what is read, and call it: self.table(s)); give functional_call the "
+                         "parameters themselves or detached tensors; apply a free parameter "
                          "outside checkpointed regions")
             else:
                 return None

@@ -132,8 +132,9 @@ class Tracker(TorchFunctionMode):
         mb = self.attachment.forward_microbatch()
         if mb is None:
             return func(*args, **kwargs)
-        if _compat.checkpointed() or _compat.reentrant_recompute(_compat.autograd_node()):
-            self._refuse_checkpointed(hits)
+        if (_compat.checkpointed() or _compat.reentrant_recompute(_compat.autograd_node())) \
+                and any(id(t) in free or shared[id(t)][1] for t in hits):
+            self._refuse_checkpointed(hits)   # (constants, a mask built in the region, are fine)
         args, kwargs, reads = self._gated(mb, args, kwargs, hits)
         self.paused += 1
         try:
