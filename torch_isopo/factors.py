@@ -50,6 +50,33 @@ def work_dtype(t: Tensor) -> torch.dtype:
 
 
 _CAST_ELEMS = 1 << 24   # at most this many elements of a factor are upcast at once
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def scale_dtype(t: Tensor, precise: bool = True) -> torch.dtype:
+    """The dtype a factor like ``t`` is scaled by ``c`` in: its own, float32 for a 16-bit one
+    when ``precise``. ``Σ c_i G_i`` cancels most of its terms when the damping is small, and a
+    16-bit ``c`` (or scaled factor) would carry 2^-9 of each term into the result; ``reinforce``
+    (``c = A``) scales in the factor's dtype, as autograd does."""
+    return torch.float32 if precise and t.dtype in _LOW else t.dtype
+
+
+def mm_scaled(X: Tensor, Y: Tensor) -> Tensor:
+    """``X @ Y`` where one factor was scaled by ``c`` in ``scale_dtype`` and the other is
+    16-bit: the scaled one as the sum of its 16-bit rounding and the rounding of the remainder,
+    two products with the matrix units' float32 sums, added in float32 (as precise as a float32
+    product, without a float32 copy of the other factor). Equal dtypes: one product."""
+    if X.dtype == Y.dtype:
+        return X @ Y
+    low = X.dtype if X.dtype in _LOW else Y.dtype
+    wide_left = X.dtype not in _LOW
+    wide = X if wide_left else Y
+    hi = wide.to(low)
+    lo = (wide - hi.to(wide.dtype)).to(low)
+    pair = [(hi, Y), (lo, Y)] if wide_left else [(X, hi), (X, lo)]
+    out = [_compat.mm_to(a, b, torch.float32) if a.dim() == b.dim() == 2 else None
+           for a, b in pair]
+    return sum(o if o is not None else (a @ b).float() for o, (a, b) in zip(out, pair))
 
 
 def side_dots(X: Tensor, Y: Tensor, dtype: torch.dtype) -> Tensor:
@@ -147,24 +174,25 @@ def bias_gradients(uses: list[FactorUse], n: int, dtype: torch.dtype) -> Tensor:
     return sum(u.smap.reduce(u.delta.to(dtype), 0) for u in uses)
 
 
-def contract_weight(uses: list[FactorUse], c: Tensor, P: int, Q: int) -> Tensor:
+def contract_weight(uses: list[FactorUse], c: Tensor, P: int, Q: int, precise: bool = True) -> Tensor:
     """``Σ_i c_i G_i`` of one weight: per use one GEMM with Δ scaled by ``c``."""
     W = None
     for u in uses:
-        scale = c.to(u.V.dtype)[u.smap.ids][:, None]
+        scale = c.to(scale_dtype(u.V, precise))[u.smap.ids][:, None]
         if u.indexed:
-            part = u.V.new_zeros(P, Q).index_add_(0, u.U, u.V * scale)
+            part = u.V.new_zeros(P, Q, dtype=scale.dtype).index_add_(0, u.U, u.V * scale)
         elif u.U.shape[1] <= u.V.shape[1]:     # scale the narrower factor (no big copy)
-            part = (u.U * scale).T @ u.V
+            part = mm_scaled((u.U * scale).T, u.V)
         else:
-            part = u.U.T @ (u.V * scale)
+            part = mm_scaled(u.U.T, u.V * scale)
         W = part if W is None else W + part
     return W
 
 
-def contract_bias(uses: list[FactorUse], c: Tensor) -> Tensor:
+def contract_bias(uses: list[FactorUse], c: Tensor, precise: bool = True) -> Tensor:
     """``Σ_i c_i G_i`` of one bias."""
-    return sum((u.delta * c.to(u.delta.dtype)[u.smap.ids][:, None]).sum(0) for u in uses)
+    return sum((u.delta * c.to(scale_dtype(u.delta, precise))[u.smap.ids][:, None]).sum(0)
+               for u in uses)
 
 
 def fisher_candidates(uses: list[FactorUse]) -> list[Tensor]:

@@ -212,28 +212,31 @@ class _Gathered:
         return self.parts[i]
 
 
-def contract(p: Prepared, c: Tensor) -> list[Tensor | None]:
-    """The layer's gradient per parameter slot (``None`` where it has none): ``Σ_i c_i G_i``."""
+def contract(p: Prepared, c: Tensor, precise: bool = True) -> list[Tensor | None]:
+    """The layer's gradient per parameter slot (``None`` where it has none): ``Σ_i c_i G_i``;
+    16-bit factors scaled in float32 when ``precise`` (``factors.scale_dtype``)."""
     if p.single is None:
-        return _contract(p.factor, p.explicit, p.kept, p.params, c.to(p.ref.device))
+        return _contract(p.factor, p.explicit, p.kept, p.params, c.to(p.ref.device), precise)
     u = p.single
     grads: list[Tensor | None] = [None] * len(p.params)
     if p.single_G is not None:
         G, Gb = p.single_G
         c = c.to(u.V.device)
         if G:
-            W = _chunks_contracted(c, G)
+            W = _chunks_contracted(c, G, precise)
             grads[u.weight] = W.view(p.params[u.weight].shape).to(u.V.dtype)
         if Gb is not None:
             grads[u.bias] = (c.to(Gb.dtype) @ Gb).to(u.V.dtype)
         return grads
     R = u.U.shape[0] // c.numel()
-    if c.dtype != u.V.dtype or c.device != u.V.device:
-        c = c.to(device=u.V.device, dtype=u.V.dtype)
+    dt = factors.scale_dtype(u.V, precise)
+    if c.dtype != dt or c.device != u.V.device:
+        c = c.to(device=u.V.device, dtype=dt)
     c = (c if R == 1 else c.repeat_interleave(R))[:, None]
     scaled = u.U * c if u.weight is not None and u.U.shape[1] <= u.V.shape[1] else None
     if u.weight is not None:
-        W = scaled.T @ u.V if scaled is not None else u.U.T @ (u.V * c)
+        W = factors.mm_scaled(scaled.T, u.V) if scaled is not None else \
+            factors.mm_scaled(u.U.T, u.V * c)
         shape = p.params[u.weight].shape
         grads[u.weight] = W if W.shape == shape else W.view(shape)
     if u.bias is not None:
@@ -241,25 +244,26 @@ def contract(p: Prepared, c: Tensor) -> list[Tensor | None]:
     return grads
 
 
-def _chunks_contracted(c: Tensor, G: list[Tensor]) -> Tensor:
+def _chunks_contracted(c: Tensor, G: list[Tensor], precise: bool) -> Tensor:
     """``Σ_i c_i G_i`` of per-sample gradients kept in chunks ``(n, ·)`` of weight rows, flat."""
-    c = c.to(G[0].dtype)
-    return c @ G[0] if len(G) == 1 else torch.cat([c @ g for g in G])
+    c = c.to(factors.scale_dtype(G[0], precise))[None]
+    parts = [factors.mm_scaled(c, g)[0] for g in G]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _contract(factor, explicit, kept, params, c) -> list[Tensor | None]:
+def _contract(factor, explicit, kept, params, c, precise) -> list[Tensor | None]:
     grads: list[Tensor | None] = [None] * len(params)
     for s, group in _by_slot(factor, "weight").items():
         P, Q = _matrix(params[s])
         rows, G = kept.get(s) or (None, None)
         if G is None:
-            W = factors.contract_weight(group, c, P, Q)
+            W = factors.contract_weight(group, c, P, Q, precise)
         else:
-            flat = _chunks_contracted(c, G).view(-1, Q)
+            flat = _chunks_contracted(c, G, precise).view(-1, Q)
             W = flat if rows is None else flat.new_zeros(P, Q).index_copy_(0, rows, flat)
         grads[s] = W.view(params[s].shape)
     for b, group in _by_slot(factor, "bias").items():
-        grads[b] = factors.contract_bias(group, c)
+        grads[b] = factors.contract_bias(group, c, precise)
     if explicit is not None:
         G = explicit.G
         flat = (c.to(G.device, torch.float64) @ G.double()).to(explicit.dtype) if _exact(G) \
