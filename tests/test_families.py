@@ -2706,3 +2706,59 @@ def test_broadcast_mixed_across_samples_by_a_constant_is_refused():
     with pytest.raises(ValueError, match="may combine the rows of several samples"):
         with opt.microbatch(torch.ones(4, dtype=D)):
             model(torch.randn(4, 3, dtype=D)).sum().backward()
+
+
+# -- tensors computed from parameters in a layer's attributes ------------------------------------
+class Hyper(nn.Module):
+    """A hypernetwork-style reparametrisation: the Linear's ``attr`` set from a parameter of the
+    parent at each forward."""
+
+    def __init__(self, attr):
+        super().__init__()
+        self.lin, self.attr = nn.Linear(4, 3), attr
+        self.P = nn.Parameter(getattr(self.lin, attr).detach().clone())
+        delattr(self.lin, attr)
+
+    def forward(self, x):
+        setattr(self.lin, self.attr, self.P * 2)
+        return self.lin(x)
+
+
+def _pruned(cls):
+    import torch.nn.utils.prune as prune
+    m = {"linear": lambda: nn.Linear(4, 3), "conv": lambda: nn.Conv1d(4, 3, 1),
+         "embedding": lambda: nn.Embedding(6, 3)}[cls]()
+    return prune.random_unstructured(m, "weight", amount=0.5)
+
+
+COMPUTED = {"pruned linear": lambda: _pruned("linear"), "pruned conv": lambda: _pruned("conv"),
+            "pruned embedding": lambda: _pruned("embedding"),
+            "hypernetwork weight": lambda: Hyper("weight"),
+            "hypernetwork bias": lambda: Hyper("bias")}
+
+
+@pytest.mark.parametrize("case", list(COMPUTED))
+def test_computed_weights_in_a_layer_are_refused(case):
+    """A layer whose weight or bias is a tensor computed from another parameter (pruning's
+    masked weight, a hypernetwork setting the attribute) would drop that parameter's gradient
+    (it stayed None): refused at the forward, naming the module and the fixes; nothing written."""
+    torch.manual_seed(0)
+    model = COMPUTED[case]().to(D)
+    x = torch.randint(0, 6, (5,)) if "embedding" in case else \
+        torch.randn(5, 4, 2, dtype=D) if "conv" in case else torch.randn(5, 4, dtype=D)
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match=r"uses a (weight|bias) that requires grad but is no "
+                                         r"trainable parameter.*torch.nn.utils.parametrize"):
+        with opt.microbatch(torch.randn(5)):
+            model(x).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+def test_pruning_made_permanent_is_exact(setting):
+    import torch.nn.utils.prune as prune
+    torch.manual_seed(0)
+    model = nn.Sequential(_pruned("linear"), nn.Tanh(), nn.Linear(3, 2)).to(D)
+    prune.remove(model[0], "weight")
+    x = torch.randn(5, 4, dtype=D)
+    check_family(model, lambda m: _logp(m(x)), 5, *setting, rules=["linear", "linear"])

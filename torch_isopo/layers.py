@@ -40,6 +40,27 @@ class Entry:
             own = self.cache["slots"] = {a: i for owner, a, i in self.slots if owner is self.module}
         return own.get(attr)
 
+    def tensor(self, attr: str, gated, owner: nn.Module | None = None, slot: int | None = None):
+        """``owner.attr`` (the module's own by default) as the rule's op must use it: its gated
+        parameter (``slot``, or the module's own slot), else the tensor the module holds, frozen
+        or absent. One that requires grad without being a trainable parameter of the layer was
+        computed from another parameter (``torch.nn.utils.prune``, a hypernetwork setting
+        ``lin.weight``): the op would drop its gradient, so it is refused."""
+        if owner is None:
+            owner, slot = self.module, self.slot(attr)
+        if slot is not None:
+            return gated[slot]
+        t = getattr(owner, attr, None)
+        if isinstance(t, Tensor) and t.requires_grad:
+            raise ValueError(
+                f"ISOPO: module '{self.name}' uses a {attr} that requires grad but is no trainable "
+                "parameter of it: a tensor computed from other parameters (torch.nn.utils.prune's "
+                "mask, a hypernetwork or reparametrisation setting the attribute), whose gradient "
+                "the layer's op would not pass on. Use torch.nn.utils.parametrize (followed "
+                f"exactly), make pruning permanent (prune.remove(module, '{attr}')), or apply the "
+                "computed tensor in the parent module's own forward (F.linear(x, w, b))")
+        return t
+
 
 @dataclass
 class Layer:

@@ -485,7 +485,7 @@ def _index_entry(index, nd: int, a: int | None):
         plain = all(i is None or i is Ellipsis or isinstance(i, slice) and i == slice(None)
                     for i in index)
         return slice(None) if plain else None
-    entries, pos = [], 0
+    pos = 0
     used = sum(1 for i in index if i is not None and i is not Ellipsis)
     for i in index:
         if i is None:

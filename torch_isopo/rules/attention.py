@@ -112,7 +112,7 @@ class _Context:
 
     def param(self, owner, attr):
         i = self.slot(owner, attr)
-        return (getattr(owner, attr) if i is None else self.gated[i]), i
+        return self.entry.tensor(attr, self.gated, owner, i), i
 
     def smap(self, L: int, device):
         return self.mb.batch_map(self.N, L, f"module '{self.entry.name}' input", device,

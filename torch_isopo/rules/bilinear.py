@@ -50,13 +50,11 @@ class BilinearRule(Rule):
     factor = True
 
     def forward(self, mb, layer, entry, orig, args, kwargs):
-        m = entry.module
         x1, x2 = [*args, *(kwargs[k] for k in ("input1", "input2") if k in kwargs)][:2]
         x1 = mb.expand_shared(x1, features=True)
         x2 = mb.expand_shared(x2, features=True)
         record, gated = mb.gate(layer)
         ws, bs = entry.slot("weight"), entry.slot("bias")
-        w = m.weight if ws is None else gated[ws]
-        b = m.bias if bs is None else gated[bs]
+        w, b = entry.tensor("weight", gated), entry.tensor("bias", gated)
         smap = mb.sample_map(x1.shape[:-1], f"module '{entry.name}' input", x1.device, x1)
         return BilinearFn.apply(x1, x2, w, b, BilinearUse(record, smap, ws, bs))

@@ -179,8 +179,7 @@ class ConvRule(Rule):
             x = F.pad(x, flat, mode=mode)
         record, gated = mb.gate(layer)
         w, ws, chain = parametrized.weight(entry, gated)
-        bs = entry.slot("bias")
-        b = gated[bs] if bs is not None else m.bias
+        bs, b = entry.slot("bias"), entry.tensor("bias", gated)
         L = 1
         for i in range(d):
             span = m.dilation[i] * (m.kernel_size[i] - 1) + 1

@@ -78,7 +78,8 @@ class EmbeddingRule(Rule):
         m = entry.module
         if m.max_norm is not None:
             _renorm(layer, entry, ids)
-        return EmbeddingFn.apply(ids, gated[w], EmbeddingUse(record, smap, m.padding_idx, w))
+        return EmbeddingFn.apply(ids, entry.tensor("weight", gated),
+                                 EmbeddingUse(record, smap, m.padding_idx, w))
 
 
 def _renorm(layer, entry, ids) -> None:
@@ -213,7 +214,7 @@ class EmbeddingBagRule(Rule):
         smap = SampleMap(bags.ids[bag], mb.n, 1, None, 0)
         w = entry.slot("weight")
         use = BagUse(record, smap, bag, scale.detach(), m.padding_idx, w)
-        return EmbeddingBagFn.apply(ids, gated[w], psw, use, dict(
+        return EmbeddingBagFn.apply(ids, entry.tensor("weight", gated), psw, use, dict(
             offsets=offsets, mode=m.mode, include_last_offset=m.include_last_offset,
             padding_idx=m.padding_idx))
 

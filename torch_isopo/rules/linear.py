@@ -126,10 +126,8 @@ class LinearRule(Rule):
     def forward(self, mb, layer, entry, orig, args, kwargs):
         x = mb.expand_shared(only_input(entry, args, kwargs), features=True)
         record, gated = mb.gate(layer)
-        m = entry.module
         w, ws, chain = parametrized.weight(entry, gated)
-        bs = entry.slot("bias")
-        b = gated[bs] if bs is not None else m.bias
+        bs, b = entry.slot("bias"), entry.tensor("bias", gated)
         smap = mb.sample_map(x.shape[:-1], f"module '{entry.name}' input", x.device, x)
         use = LinearUse(record, smap, self.transposed, ws, bs, chain=chain)
         return LinearFn.apply(x, w, b, use)

@@ -106,8 +106,7 @@ class NormRule(Rule):
                                      for a in ("weight", "bias")}):
                 h = orig(*args, **kwargs)
         ws, bs = entry.slot("weight"), entry.slot("bias")
-        w = own.get("weight") if ws is None else gated[ws]
-        b = own.get("bias") if bs is None else gated[bs]
+        w, b = entry.tensor("weight", gated), entry.tensor("bias", gated)
         smap = mb.sample_map(h.shape[:-1], f"module '{entry.name}' input", h.device,
                              args[0] if args else None)
         return NormAffineFn.apply(h, w, b, NormUse(record, smap, ws, bs))
@@ -167,8 +166,7 @@ class ChannelNormRule(Rule):
                       for a in ("weight", "bias")}):
             h = orig(x)
         ws, bs = entry.slot("weight"), entry.slot("bias")
-        w = own.get("weight") if ws is None else gated[ws]
-        b = own.get("bias") if bs is None else gated[bs]
+        w, b = entry.tensor("weight", gated), entry.tensor("bias", gated)
         N, C = h.shape[:2]
         smap = mb.batch_map(N, h.numel() // max(N * C, 1), f"module '{entry.name}' input", h.device)
         y = NormAffineFn.apply(h.movedim(1, -1), w, b, NormUse(record, smap, ws, bs)).movedim(-1, 1)

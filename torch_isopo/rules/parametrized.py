@@ -43,8 +43,7 @@ def weight(entry, gated, name: str = "weight"):
     m = entry.module
     places = originals(m, name)
     if not places:
-        s = entry.slot(name)
-        return (getattr(m, name) if s is None else gated[s]), s, None
+        return entry.tensor(name, gated), entry.slot(name), None
     slots = [next((i for o, a, i in entry.slots if o is owner and a == attr), None)
              for owner, attr in places]
     if all(s is None for s in slots):

@@ -151,7 +151,7 @@ class _Params:
 
     def get(self, name):
         s = self.entry.slot(name)
-        t = getattr(self.m, name, None) if s is None else self.gated[s]
+        t = self.entry.tensor(name, self.gated)
         if t is None:
             return None, None
         return (t if self.dtype is None else t.to(self.dtype)), s
