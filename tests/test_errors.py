@@ -187,11 +187,12 @@ def test_functional_call_with_computed_parameters_names_the_fix():
     (dict(fisher_probes=0), "fisher_probes"),
     (dict(route="fast"), "route"),
     (dict(mode="reinforce", damping=-1.0), "damping"),
-    (dict(damping="abc"), "damping must be a number"),
-    (dict(ema="x"), "ema must be a number"),
-    (dict(memory_budget="x"), "memory_budget must be a number"),
+    (dict(damping="abc"), "damping must be a finite number"),
+    (dict(ema="x"), "ema must be a finite number"),
+    (dict(memory_budget="x"), "memory_budget must be a finite number"),
     (dict(memory_budget=0), "memory_budget must be a positive"),
     (dict(memory_budget=-5), "memory_budget must be a positive"),
+    (dict(memory_budget=float("inf")), "memory_budget must be a finite number"),
 ])
 def test_bad_configuration(kw, match):
     model = MLPPolicy()

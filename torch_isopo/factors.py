@@ -63,20 +63,23 @@ def scale_dtype(t: Tensor, precise: bool = True) -> torch.dtype:
 
 def mm_scaled(X: Tensor, Y: Tensor) -> Tensor:
     """``X @ Y`` where one factor was scaled by ``c`` in ``scale_dtype`` and the other is
-    16-bit: the scaled one as the sum of its 16-bit rounding and the rounding of the remainder,
-    two products with the matrix units' float32 sums, added in float32 (as precise as a float32
-    product, without a float32 copy of the other factor). Equal dtypes: one product."""
+    16-bit: the scaled one split into its 16-bit rounding and the rounding of the remainder, two
+    16-bit products added in float32. No term loses more than 2^-17 of itself; the products'
+    own float32 sums come back in float32 on a GPU (``mm(out_dtype=)``), rounded to 16 bits
+    elsewhere (an error of the result's own 16-bit rounding), without a float32 copy of the
+    other factor. Equal dtypes: one product."""
     if X.dtype == Y.dtype:
         return X @ Y
-    low = X.dtype if X.dtype in _LOW else Y.dtype
     wide_left = X.dtype not in _LOW
-    wide = X if wide_left else Y
+    wide, low = (X, Y.dtype) if wide_left else (Y, X.dtype)
     hi = wide.to(low)
-    lo = (wide - hi.to(wide.dtype)).to(low)
-    pair = [(hi, Y), (lo, Y)] if wide_left else [(X, hi), (X, lo)]
-    out = [_compat.mm_to(a, b, torch.float32) if a.dim() == b.dim() == 2 else None
-           for a, b in pair]
-    return sum(o if o is not None else (a @ b).float() for o, (a, b) in zip(out, pair))
+    out = None
+    for part in (hi, (wide - hi.to(wide.dtype)).to(low)):
+        a, b = (part, Y) if wide_left else (X, part)
+        prod = _compat.mm_to(a, b, torch.float32) if a.dim() == b.dim() == 2 else None
+        prod = (a @ b).float() if prod is None else prod
+        out = prod if out is None else out.add_(prod)
+    return out
 
 
 def side_dots(X: Tensor, Y: Tensor, dtype: torch.dtype) -> Tensor:

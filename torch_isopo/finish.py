@@ -145,14 +145,14 @@ HOST_CHUNK = 16 << 20   # bytes of G per chunk on the host: glibc's malloc reuse
                         # up to 32 MiB; a larger one is mapped afresh and page-faulted every step
 
 
-def _row_step(n: int, P: int, Q: int, ref: Tensor) -> int:
-    """Weight rows per chunk of ``G``: all of them on a GPU (its allocator reuses blocks of any
-    size), else chunks of at most ``HOST_CHUNK`` bytes (of one row at least), as even as that
-    allows."""
+def _row_step(n: int, rows: int, Q: int, ref: Tensor) -> int:
+    """Weight rows per chunk of ``G`` (of ``rows`` active rows): all of them on a GPU (its
+    allocator reuses blocks of any size), else chunks of at most ``HOST_CHUNK`` bytes (of one row
+    at least), as even as that allows."""
     if ref.device.type != "cpu":
-        return P
-    chunks = -(-n * P * Q * ref.element_size() // HOST_CHUNK)
-    return -(-P // max(chunks, 1))
+        return rows
+    chunks = -(-n * rows * Q * ref.element_size() // HOST_CHUNK)
+    return -(-rows // max(chunks, 1))
 
 
 def _kernel(p: Prepared, n: int, dt, budget: int, cfg: Settings) -> Tensor:
@@ -235,8 +235,10 @@ def contract(p: Prepared, c: Tensor, precise: bool = True) -> list[Tensor | None
     c = (c if R == 1 else c.repeat_interleave(R))[:, None]
     scaled = u.U * c if u.weight is not None and u.U.shape[1] <= u.V.shape[1] else None
     if u.weight is not None:
-        W = factors.mm_scaled(scaled.T, u.V) if scaled is not None else \
-            factors.mm_scaled(u.U.T, u.V * c)
+        if scaled is not None:
+            W = factors.mm_scaled(scaled.T, u.V)
+        else:
+            W = factors.mm_scaled(u.U.T, u.V * c)
         shape = p.params[u.weight].shape
         grads[u.weight] = W if W.shape == shape else W.view(shape)
     if u.bias is not None:

@@ -100,8 +100,8 @@ def finish_records(records: list[LayerRecord], arrived: list[tuple]) -> list[tup
     figures = []
     for j, ((k, r, _), p) in enumerate(zip(live, preps)):
         same = p.ref.dtype == cs.dtype and p.ref.device == cs.device and p.explicit is None
-        grads = contract(p, cs[j] if same else coef.c[j],   # explicit G: c in float64
-                         cfg.mode != "reinforce")
+        c = cs[j] if same else coef.c[j]                     # explicit G: c in float64
+        grads = contract(p, c, precise=cfg.mode != "reinforce")
         outs[k] = _finished(grads, r.params, back)
         mb.ledger.record(r.params, outs[k])
         if cfg.mode != "reinforce":   # tensors, read at step() and when logged

@@ -27,8 +27,8 @@ MODES = ("ntk", "fisher", "reinforce")
 def _number(value, name: str, kind=float):
     try:
         return kind(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise TypeError(f"{name} must be a finite number, got {value!r}") from None
 
 
 def check_settings(mode, damping, ema, fisher_probes, route, grad_scaler, gates,
