@@ -205,6 +205,29 @@ def test_multihead_attention(case, setting):
                  rules=["attention", "linear"])
 
 
+FROZEN_PROJECTIONS = {  # what stays trainable: only the out-projection, or also a key bias
+    "out_proj only": (False, ("in_proj_weight",)),
+    "out_proj, frozen in_proj bias": (True, ("in_proj_weight", "in_proj_bias")),
+    "separate kv, out_proj only": (False, ("q_proj_weight", "k_proj_weight", "v_proj_weight")),
+}
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("case", list(FROZEN_PROJECTIONS))
+def test_attention_with_frozen_input_projections(case, setting):
+    """An attention whose own parameters are all frozen, its out_proj trained: still one
+    attention layer (its forward reads out_proj's weight), exact; it was refused as a direct
+    use of out_proj.weight."""
+    bias, frozen = FROZEN_PROJECTIONS[case]
+    torch.manual_seed(0)
+    kdim = 6 if case.startswith("separate") else None
+    model = AttentionPolicy(True, "kv" if kdim else "self", kdim=kdim, bias=bias).to(D)
+    for name in frozen:
+        getattr(model.att, name).requires_grad_(False)
+    x, y = torch.randn(3, 4, 8, dtype=D), torch.randn(3, 5, kdim or 8, dtype=D)
+    check_family(model, lambda m: m(x, y), 3, *setting, rules=["attention", "linear"])
+
+
 class AgentsAttention(nn.Module):
     """Multi-agent: the agents of one environment attend to each other (rows of one entry)."""
 

@@ -136,6 +136,16 @@ def _choose(module: nn.Module, name: str) -> Rule:
     return GENERIC
 
 
+def _whole_subtree(m: nn.Module) -> bool:
+    """Whether ``m``'s rule computes its children's parameters itself (attention's
+    ``out_proj``): such a module is a layer even when only its children's are trainable."""
+    try:
+        rule = rule_for(m)
+    except ValueError:                  # a refused configuration: reported if m has parameters
+        return False
+    return rule is not None and rule.whole_subtree
+
+
 def _parametrizations(m: nn.Module) -> list[nn.Module]:
     """The modules holding the originals of ``m``'s parametrized tensors (``parametrize``)."""
     return list(m.parametrizations.modules()) if parametrize.is_parametrized(m) else []
@@ -158,7 +168,8 @@ def find_layers(model: nn.Module) -> list[Layer]:
     claims = []           # (module, name, rule, {param: [(owner, attr)]})
     inside = set()
     for name, m in model.named_modules():
-        if id(m) in inside or not any(p.requires_grad for p in _own(m)):
+        if id(m) in inside or not any(p.requires_grad for p in _own(m)) and not (
+                _whole_subtree(m) and any(p.requires_grad for p in m.parameters())):
             continue
         label = name or type(m).__name__
         rule = _choose(m, label)
