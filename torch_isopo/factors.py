@@ -177,7 +177,8 @@ def bias_gradients(uses: list[FactorUse], n: int, dtype: torch.dtype) -> Tensor:
     return sum(u.smap.reduce(u.delta.to(dtype), 0) for u in uses)
 
 
-def contract_weight(uses: list[FactorUse], c: Tensor, P: int, Q: int, precise: bool = True) -> Tensor:
+def contract_weight(uses: list[FactorUse], c: Tensor, P: int, Q: int,
+                    precise: bool = True) -> Tensor:
     """``Σ_i c_i G_i`` of one weight: per use one GEMM with Δ scaled by ``c``."""
     W = None
     for u in uses:
