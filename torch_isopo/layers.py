@@ -229,6 +229,14 @@ def _build_layer(claims, aliases) -> Layer:
             homes.append((module, attr))
         return index[id(p)]
 
+    for p in {id(p): p for *_, owners in claims for p in owners}.values():
+        places = [(o, a) for *_, owners in claims for o, a in owners.get(p, [])]
+        kinds = {isinstance(o, parametrize.ParametrizationList) for o, _ in places}
+        if len(kinds) > 1:            # its rules would follow the one use and drop the other
+            raise ValueError(
+                f"ISOPO: a parameter of {label} is used both as a parametrization's original and "
+                "directly (a weight tied between a parametrized and a plain module): not "
+                "supported; parametrize every module that uses it, or none")
     entries = []
     for m, name, rule, owners in claims:
         e = Entry(m, name, rule)

@@ -119,16 +119,19 @@ def _grouped(d: Tensor, V: Tensor | None, use: ConvUse) -> ExplicitUse:
     return ExplicitUse(G, pieces, d.abs().sum(1) > 0, tuple(slots))
 
 
-def _mixes_samples(spatial, flat_pads: list[int], mode: str, use: ConvUse) -> bool:
+def _mixes_samples(spatial, flat_pads: list[int], mode: str, use: ConvUse, N: int) -> bool:
     """Whether some location reads an input position (or a padding's copy of it) of another
-    sample than its own, with ids given per output location (``use.smap``): the input's
-    positions are then the ones the ids name, unless the input has other positions (padded or
-    shifted by the caller), which counts as mixing too."""
+    sample than its own, with ids given per output location (``use.smap``) of ``N`` entries:
+    none when each entry is one sample; else the input's positions are the ones the ids name,
+    unless the input has other positions (padded or shifted by the caller), which counts as
+    mixing too."""
     ids = use.smap.ids
+    rows = ids.view(N, -1)
+    if bool((rows == rows[:, :1]).all()):
+        return False
     size = math.prod(spatial)
-    if ids.numel() % size:
+    if ids.numel() != N * size:
         return True
-    N = ids.numel() // size
     where = torch.arange(size, dtype=torch.float32 if size < 1 << 24 else torch.float64,
                          device=ids.device).view(1, 1, *spatial)
     if any(flat_pads):                   # a padding copies positions (reflect, circular) or is -1
@@ -188,7 +191,7 @@ class ConvRule(Rule):
         use = ConvUse(record, smap, d, tuple(m.stride), tuple(m.dilation), m.groups,
                       tuple(m.kernel_size), ws, bs, chain)
         packed = smap.layout is None and mb.segments.numel() != x.shape[0]   # ids per location
-        if packed and x.requires_grad and _mixes_samples(spatial, flat, mode, use):
+        if packed and x.requires_grad and _mixes_samples(spatial, flat, mode, use, x.shape[0]):
             raise ValueError(
                 f"ISOPO: module '{entry.name}' reads input positions of another sample (samples "
                 "packed along one row by segments=, under a kernel that spans the boundary "
