@@ -62,7 +62,7 @@ def scale_dtype(t: Tensor, precise: bool = True) -> torch.dtype:
 
 
 def mm_scaled(X: Tensor, Y: Tensor) -> Tensor:
-    """``X @ Y`` where one factor was scaled by ``c`` in ``scale_dtype`` and the other is
+    """``X @ Y`` (2-D) where one factor was scaled by ``c`` in ``scale_dtype`` and the other is
     16-bit: the scaled one split into its 16-bit rounding and the rounding of the remainder, two
     16-bit products added in float32. No term loses more than 2^-17 of itself; the products'
     own float32 sums come back in float32 on a GPU (``mm(out_dtype=)``), rounded to 16 bits
@@ -76,7 +76,7 @@ def mm_scaled(X: Tensor, Y: Tensor) -> Tensor:
     out = None
     for part in (hi, (wide - hi.to(wide.dtype)).to(low)):
         a, b = (part, Y) if wide_left else (X, part)
-        prod = _compat.mm_to(a, b, torch.float32) if a.dim() == b.dim() == 2 else None
+        prod = _compat.mm_to(a, b, torch.float32)
         prod = (a @ b).float() if prod is None else prod
         out = prod if out is None else out.add_(prod)
     return out

@@ -43,7 +43,8 @@ def weight(entry, gated, name: str = "weight"):
     m = entry.module
     places = originals(m, name)
     if not places:
-        return entry.tensor(name, gated), entry.slot(name), None
+        s = entry.slot(name)
+        return entry.tensor(name, gated, m, s), s, None
     slots = [next((i for o, a, i in entry.slots if o is owner and a == attr), None)
              for owner, attr in places]
     if all(s is None for s in slots):
