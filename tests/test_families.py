@@ -224,19 +224,23 @@ FROZEN_PROJECTIONS = {  # what stays trainable: only the out-projection, or also
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("case", list(FROZEN_PROJECTIONS))
-def test_attention_with_frozen_input_projections(case, setting):
+def test_attention_with_frozen_input_projections(case, batch_first, setting):
     """An attention whose own parameters are all frozen, its out_proj trained: still one
     attention layer (its forward reads out_proj's weight), exact; it was refused as a direct
     use of out_proj.weight."""
     bias, frozen = FROZEN_PROJECTIONS[case]
     torch.manual_seed(0)
     kdim = 6 if case.startswith("separate") else None
-    model = AttentionPolicy(True, "kv" if kdim else "self", kdim=kdim, bias=bias).to(D)
+    model = AttentionPolicy(batch_first, "kv" if kdim else "self", kdim=kdim, bias=bias).to(D)
     for name in frozen:
         getattr(model.att, name).requires_grad_(False)
     x, y = torch.randn(3, 4, 8, dtype=D), torch.randn(3, 5, kdim or 8, dtype=D)
-    check_family(model, lambda m: m(x, y), 3, *setting, rules=["attention", "linear"])
+    if not batch_first:
+        x, y = x.transpose(0, 1), y.transpose(0, 1)
+    check_family(model, lambda m: m(x, y), 3, *setting, sample_dim=0 if batch_first else 1,
+                 rules=["attention", "linear"])
 
 
 class AgentsAttention(nn.Module):

@@ -230,7 +230,7 @@ def _assert_autocast_close(model, x, A, **settings):
 def _conv_policy(kind):
     d = 1 if kind == "conv1d" else 2
     conv = getattr(nn, f"Conv{d}d")(4, 6, 3, stride=2, padding=1, groups=2 if kind == "grouped"
-                                    else 1)
+                                    else 1, bias=kind != "no bias")
     if kind == "weight_norm":
         conv = nn.utils.parametrizations.weight_norm(conv)
     return nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.LazyLinear(3)), d
@@ -238,7 +238,7 @@ def _conv_policy(kind):
 
 @pytest.mark.parametrize("route", ["auto", "gram", "materialise"])
 @pytest.mark.parametrize("mode", ["reinforce", "ntk", "fisher"])
-@pytest.mark.parametrize("kind", ["conv1d", "conv2d", "grouped", "weight_norm"])
+@pytest.mark.parametrize("kind", ["conv1d", "conv2d", "grouped", "weight_norm", "no bias"])
 def test_bf16_autocast_convolutions_close_to_fp32(kind, mode, route):
     """Convolutions under bf16 autocast run in bf16, as autocast would (input and weight cast,
     both factors in bf16), and give a gradient close to the fp32 one in the parameters' dtype."""

@@ -305,9 +305,10 @@ LOW_FAMILIES = {"rows": lambda: nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Lin
                 "tokens": _Tokens, "attention": _Attention, "conv": _Conv}
 
 
+@pytest.mark.parametrize("mode", ["ntk", "fisher"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("family", list(LOW_FAMILIES))
-def test_16bit_models_are_as_precise_as_their_per_sample_gradients(family, dtype):
+def test_16bit_models_are_as_precise_as_their_per_sample_gradients(family, dtype, mode):
     """A 16-bit model with little damping (ntk 0.1, 130 samples): its per-sample gradients are
     16-bit, and ISOPO's gradient is as close to the float64 brute force as the brute force run
     on the 16-bit model itself (its c and sum in float64). Scaling the factors by c in 16 bits
@@ -325,10 +326,10 @@ def test_16bit_models_are_as_precise_as_their_per_sample_gradients(family, dtype
         logp = torch.log_softmax(m(inp).double(), -1)[..., 0]
         return -(logp if family == "rows" else logp.sum(-1))
 
-    want, _ = reference_gradients(model, lambda: losses(model), A, "ntk", 0.1)
-    own, _ = reference_gradients(low, lambda: losses(low), A, "ntk", 0.1)
-    opt = ISOPO(low, torch.optim.SGD(low.parameters(), lr=0.1), mode="ntk", damping=0.1,
-                ema=None)
+    want, _ = reference_gradients(model, lambda: losses(model), A, mode, 0.1)
+    own, _ = reference_gradients(low, lambda: losses(low), A, mode, 0.1)
+    opt = ISOPO(low, torch.optim.SGD(low.parameters(), lr=0.1), mode=mode, damping=0.1,
+                ema=None, fisher_probes=None)
     with opt.microbatch(A):
         losses(low).sum().backward()
     for (name, p), q, r in zip(low.named_parameters(), model.parameters(), low.parameters()):
