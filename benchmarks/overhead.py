@@ -137,7 +137,67 @@ def make_step(method: str, model, ids, mask, A, size: str = "small"):
             opt.zero_grad()
         return step
     i, m, ntok, a = parts[0]
+    if method == "floor":
+        return floor_step(model, i, a)
     return reference_style_step(model, inner, i, m, ntok, a)
+
+
+class _Tap(torch.autograd.Function):
+    """``x Wᵀ + b`` whose backward keeps ``(x, δ)`` and makes no weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, taps):
+        ctx.save_for_backward(x, w)
+        ctx.taps = taps
+        return torch.addmm(b, x, w.T)
+
+    @staticmethod
+    def backward(ctx, d):
+        x, w = ctx.saved_tensors
+        ctx.taps.append((x, d))
+        return d @ w, None, None, None
+
+
+def floor_step(model, x, A, damping=1.0):
+    """The least eager PyTorch that makes ISOPO's ``ntk`` gradient of the MLP policy (its math
+    written out for this model alone, no checks): what ISOPO costs at best on it without native
+    code. Each row a sample, so per layer ``K = (ΔΔᵀ) ⊙ (XXᵀ + 1)``; one batched solve; the
+    gradient ``(Δ ⊙ c)ᵀ[X, 1]``. Its gradients are checked against ``ntk``'s once (``main``)."""
+    linears = [mod for mod in model.net if isinstance(mod, nn.Linear)]
+    n, A64 = len(A), A.double()
+    ones = torch.ones(n, n, device=x.device, dtype=x.dtype)
+
+    def step(keep=False):
+        taps, h = [], x
+        for mod in model.net:
+            h = _Tap.apply(h, mod.weight, mod.bias, taps) if isinstance(mod, nn.Linear) else mod(h)
+        (-torch.log_softmax(h.float(), -1)[:, :1].sum() / n).backward()
+        taps.reverse()
+        K = torch.stack([torch.addmm(ones, a, a.T).mul_(d @ d.T) for a, d in taps]).double()
+        rho = K.diagonal(dim1=-2, dim2=-1).sum(-1) * (damping / n)
+        K.diagonal(dim1=-2, dim2=-1).add_(rho[:, None])
+        c = (torch.linalg.solve_ex(K, A64.expand(len(taps), -1))[0] * rho[:, None]).to(x.dtype)
+        for mod, (a, d), cl in zip(linears, taps, c):
+            s = d * cl[:, None]
+            mod.weight.grad, mod.bias.grad = s.T @ a, s.sum(0)
+        if not keep:
+            for p in model.parameters():
+                p.grad = None
+    return step
+
+
+def check_floor(dtype, n):
+    """The floor makes ISOPO's gradients (else its times would mean nothing)."""
+    from torch_isopo import ISOPO
+    floor_model, x, _, A = build("mlp", "cpu", dtype, n)
+    floor_step(floor_model, x, A)(keep=True)
+    model = build("mlp", "cpu", dtype, n)[0]
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.0))
+    with opt.microbatch(A):
+        (-token_logp(model, x).sum() / n).backward()
+    for p, q in zip(floor_model.parameters(), model.parameters()):
+        if not torch.allclose(p.grad, q.grad, rtol=1e-3, atol=1e-6 * float(q.grad.abs().max())):
+            raise AssertionError("the floor's gradients differ from ISOPO's")
 
 
 def reference_style_step(model, inner, ids, m, ntok, A, damping=1.0):
@@ -376,8 +436,9 @@ def main():
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
-    p.add_argument("--memory-of", choices=METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--methods", nargs="+", choices=[*METHODS, "floor"], default=METHODS,
+                   help="floor (--size mlp): ISOPO's ntk math hand-written for the MLP alone")
+    p.add_argument("--memory-of", choices=[*METHODS, "floor"], help=argparse.SUPPRESS)
     p.add_argument("--no-memory", dest="memory", action="store_false",
                    help="skip the peak-memory runs (time only)")
     p.add_argument("--ops", action="store_true", help="count dispatched ops per layer instead")
@@ -390,6 +451,8 @@ def main():
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if args.size != "mlp" and "reference-style" not in args.methods and len(args.n) > 1:
         p.error("--n takes several values for --size mlp only")
+    if "floor" in args.methods and args.size != "mlp":
+        p.error("--methods floor is for --size mlp")
     if args.memory_of:
         args.n = args.n[0]
         return measure_one(args, dtype)
@@ -407,6 +470,8 @@ def main():
 
 def report(args, dtype, n):
     args = argparse.Namespace(**{**vars(args), "n": n})
+    if "floor" in args.methods:
+        check_floor(dtype, n)
     times, cpu, rt, rc = time_methods(args, dtype)
     mems = {m: peak_memory(args, m) if args.memory else math.nan for m in args.methods}
     base_m = mems["reinforce"]

@@ -42,3 +42,10 @@ def assert_matches_reference(model, losses_fn, A, mode, *, damping=0.5, segments
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _sb3_logs(tmp_path_factory, monkeypatch):
+    """Stable-Baselines3 makes a log folder whenever a model is set up: in pytest's own
+    temporary folders, not one more in the system's at every test."""
+    monkeypatch.setenv("SB3_LOGDIR", str(tmp_path_factory.getbasetemp() / "sb3"))
