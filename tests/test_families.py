@@ -3,6 +3,7 @@ convolutions, channel norms, free parameters (Gaussian policies), attention, rec
 parametrizations, and the refusals where samples cannot be told apart."""
 import copy
 import itertools
+import math
 
 import pytest
 import torch
@@ -139,6 +140,101 @@ def test_atari_cnn_with_segments(setting):
     def losses(m):
         return torch.zeros(3, dtype=D).index_add(0, seg, _logp(m(x)))
     check_family(model, losses, 3, *setting, segments=seg)
+
+
+class TimeMajorEncoder(nn.Module):
+    """A convolution over a time-major rollout ``(T, B, C, H, W)`` flattened to ``T·B`` entries,
+    a head on ``(T, B, d)``; ``per_step`` runs the convolution on each step's batch instead."""
+
+    def __init__(self, per_step=False):
+        super().__init__()
+        self.per_step = per_step
+        self.conv, self.head = nn.Conv2d(2, 3, 3, 2), nn.Linear(12, 3)
+
+    def forward(self, x):
+        T, B = x.shape[:2]
+        if self.per_step:
+            z = torch.stack([self.conv(x[t]) for t in range(T)])
+        else:
+            z = self.conv(x.reshape(T * B, *x.shape[2:])).reshape(T, B, *x.shape[2:3], -1)
+        return _logp(self.head(torch.relu(z).reshape(T, B, -1)))
+
+
+@pytest.mark.parametrize("ids", ["sequence-major", "time-major", "per-location"])
+def test_flattened_time_major_entries_with_segments_are_refused(ids):
+    """The entries of a time-major rollout flattened for a convolution, in a microbatch with
+    ``sample_dim=1`` and ``segments``: ids in either order were read in the entries' order while
+    the head reads them sequence-major, so one of the two came out wrong (errors up to 1.7).
+    Refused, naming the layouts that are exact (below)."""
+    T, B = 2, 3
+    x = torch.randn(T, B, 2, 6, 6)
+    seg = {"sequence-major": torch.arange(B).repeat_interleave(T),
+           "time-major": torch.arange(B).repeat(T),
+           "per-location": torch.arange(B).repeat(T).repeat_interleave(4)}[ids]
+    model = TimeMajorEncoder()
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match=r"ISOPO: module 'conv' input: a batch of 6 entries .*"
+                                         r"time-major microbatch.*each step's \(B, \.\.\.\) batch"):
+        with opt.microbatch(torch.randn(B), seg, sample_dim=1):
+            model(x).sum(0).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("layout", ["per-step, sample_dim=1", "batch-first, sample_dim=0"])
+def test_time_major_rollout_through_a_convolution(layout, setting):
+    """The layouts the refusal above names: the convolution on each step's batch (one entry per
+    sample, no segments), or everything batch-first with ids in memory order."""
+    torch.manual_seed(0)
+    T, B = 2, 3
+    x = torch.randn(T, B, 2, 6, 6, dtype=D)
+    if layout.startswith("per-step"):
+        check_family(TimeMajorEncoder(per_step=True).to(D), lambda m: m(x).sum(0), B, *setting,
+                     sample_dim=1)
+    else:
+        xb, seg = x.transpose(0, 1).contiguous(), torch.arange(B).repeat_interleave(T)
+        check_family(TimeMajorEncoder().to(D), lambda m: m(xb).sum(1), B, *setting,
+                     segments=seg)
+
+
+class GoalConditioned(nn.Module):
+    """obs and next_obs stacked along the batch (``segments`` one id per entry) and a goal image
+    per sample through a convolution of its own, whose output has two locations."""
+
+    def __init__(self):
+        super().__init__()
+        self.obs, self.goal, self.head = nn.Conv2d(2, 3, 3, 2), nn.Conv2d(2, 3, 3), nn.Linear(18, 3)
+
+    def forward(self, o, goal):
+        z, g = torch.relu(self.obs(o)).flatten(1), torch.relu(self.goal(goal)).flatten(1)
+        return _logp(self.head(torch.cat([z, g.repeat(2, 1)], 1)))
+
+
+def test_ids_per_location_by_coincidence_are_refused():
+    """The goal convolution's ``3 × 2`` locations are as many as the ids given for the ``6``
+    stacked observations: read as one id per location, which differ within an entry, they
+    credited goal b to other samples (errors up to 3.9). Ids that differ within one of several
+    entries are refused; giving the goal its own call per copy is exact."""
+    n = 3
+    o, goal, seg = torch.randn(2 * n, 2, 6, 6), torch.randn(n, 2, 3, 4), torch.arange(n).repeat(2)
+    model = GoalConditioned()
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match=r"ISOPO: module 'goal' input: segments has 6 entries, "
+                                         r"one per location.*differ within an entry"):
+        with opt.microbatch(torch.randn(n), seg):
+            model(o, goal).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    torch.manual_seed(0)
+    o, goal = o.to(D), goal.repeat(2, 1, 1, 1).to(D)          # the goal once per entry: exact
+    check_family(GoalPerEntry().to(D),
+                 lambda m: torch.zeros(n, dtype=D).index_add(0, seg, m(o, goal)), n, "ntk", 0.3,
+                 segments=seg)
+
+
+class GoalPerEntry(GoalConditioned):
+    def forward(self, o, goal):
+        z, g = torch.relu(self.obs(o)).flatten(1), torch.relu(self.goal(goal)).flatten(1)
+        return _logp(self.head(torch.cat([z, g], 1)))
 
 
 # -- normalisation over channels ----------------------------------------------------------------
@@ -368,6 +464,37 @@ def test_packed_attention_with_a_block_mask(batch_first, setting):
                  3, *setting, segments=seg)
 
 
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_packed_attention_with_a_learned_key_is_refused(batch_first):
+    """``add_bias_kv``: one learned key and value per entry, attended to by every sample packed
+    in it, whose gradient cannot be split by sample; refused, naming the option and the fix
+    (the refusal named a per-step module instead)."""
+    model = AgentsAttention(batch_first)
+    model.att = nn.MultiheadAttention(8, 2, batch_first=batch_first, add_bias_kv=True)
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x, seg = torch.randn(2, 3, 3), torch.tensor([0, 0, 1, 2, 2, 2])
+    ids = seg.view(2, 3)
+    mask = (ids[:, :, None] != ids[:, None, :]).repeat_interleave(2, 0)
+    with pytest.raises(ValueError, match=r"module 'att' \(add_bias_kv=True\) has samples packed "
+                                         r"in one batch entry.*entry of its own"):
+        with opt.microbatch(torch.randn(3), segments=seg):
+            model(x, attn_mask=mask).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_attention_with_a_learned_key_and_ids_per_row(batch_first, setting):
+    """``add_bias_kv`` with ids per row that give each entry one sample (two entries of one
+    sample): the learned key's rows take their entries' samples."""
+    torch.manual_seed(0)
+    model = AgentsAttention(batch_first).to(D)
+    model.att = nn.MultiheadAttention(8, 2, batch_first=batch_first, add_bias_kv=True).to(D)
+    x, seg = torch.randn(3, 2, 3, dtype=D), torch.tensor([0, 0, 1, 1, 1, 1])
+    check_family(model, lambda m: torch.zeros(2, dtype=D).index_add(0, seg, m(x)), 2, *setting,
+                 segments=seg)
+
+
 @pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
 def test_attention_with_key_and_value_dims(setting):
     torch.manual_seed(0)
@@ -442,6 +569,23 @@ def test_recurrent_modules(case, given_h, setting):
         hx = (h0, torch.randn(h0.shape[0], N, 5, dtype=D)) if cls is nn.LSTM else h0
     check_family(model, lambda m: m(x, hx), N, *setting, sample_dim=0 if batch_first else 1,
                  rules=["recurrent", "linear"])
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("bi", [False, True])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_recurrent_sequences_grouped_by_segments(batch_first, bi, setting):
+    """Two sequences of one sample, said by ``segments`` (one id per row, sequence-major); an
+    LSTM's projection (``proj_size``) is applied per step, whose rows take their entries'
+    samples (they were refused there as a module stepped over flattened rows)."""
+    torch.manual_seed(0)
+    N, T = 3, 4
+    entry = torch.tensor([0, 1, 1])
+    model = RecurrentPolicy(nn.LSTM, batch_first, num_layers=2, bidirectional=bi,
+                            proj_size=2).to(D)
+    x = torch.randn(N, T, 3, dtype=D) if batch_first else torch.randn(T, N, 3, dtype=D)
+    check_family(model, lambda m: torch.zeros(2, dtype=D).index_add(0, entry, m(x)), 2, *setting,
+                 segments=entry.repeat_interleave(T), sample_dim=0 if batch_first else 1)
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
@@ -586,11 +730,36 @@ class Doubled(nn.Module):
         return 2 * torch.tanh(X)
 
 
+class Scaled(nn.Module):
+    """A parametrization with a parameter of its own: a learned scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.g = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, X):
+        return X * self.g
+
+
+class LowRank(nn.Module):
+    """minLoRA's parametrization: ``W + B A``, the pair held by the parametrization."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.B = nn.Parameter(torch.randn(shape[0], 2) * 0.3)
+        self.A = nn.Parameter(torch.randn(2, math.prod(shape[1:])) * 0.3)
+
+    def forward(self, X):
+        return X + (self.B @ self.A).view_as(X)
+
+
 PARAMETRIZATIONS = {
     "weight_norm": lambda m: torch.nn.utils.parametrizations.weight_norm(m),
     "weight_norm_dim1": lambda m: torch.nn.utils.parametrizations.weight_norm(m, dim=1),
     "spectral_norm": lambda m: torch.nn.utils.parametrizations.spectral_norm(m),
     "user": lambda m: torch.nn.utils.parametrize.register_parametrization(m, "weight", Doubled()),
+    "own_parameter": lambda m: parametrize.register_parametrization(m, "weight", Scaled()),
+    "lora": lambda m: parametrize.register_parametrization(m, "weight", LowRank(m.weight.shape)),
 }
 
 
@@ -614,6 +783,39 @@ def test_parametrized_weights(kind, conv, setting):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     check_family(model, lambda m: _logp(m(x)), 4, *setting,
                  rules=["conv" if conv else "linear", "linear"])
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("conv", [False, True])
+def test_lora_parametrization_alone_trains(conv, setting):
+    """minLoRA: the model frozen, only the pair the parametrizations hold trains (it got no
+    gradient at all, and a parameter of a parametrization none in any mode)."""
+    torch.manual_seed(0)
+    first = nn.Conv1d(2, 3, 3) if conv else nn.Linear(3, 3)
+    model = nn.Sequential(first, nn.Tanh(), nn.Flatten(), nn.LazyLinear(4)).to(D)
+    x = torch.randn(5, 2, 6, dtype=D) if conv else torch.randn(5, 3, dtype=D)
+    model(x)
+    for m in (model[0], model[3]):
+        parametrize.register_parametrization(m, "weight", LowRank(m.weight.shape).to(D))
+    model.requires_grad_(False)
+    for m in (model[0], model[3]):
+        m.parametrizations.weight[0].requires_grad_(True)
+    check_family(model, lambda m: _logp(m(x)), 5, *setting,
+                 rules=["conv" if conv else "linear", "linear"])
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+def test_parametrization_shared_by_two_layers(setting):
+    """One parametrization instance (its scale a parameter) on two Linears: one layer, whose
+    per-sample gradient of the scale sums both uses."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(D)
+    shared = Scaled().to(D)
+    for m in (model[0], model[2]):
+        parametrize.register_parametrization(m, "weight", shared)
+    x = torch.randn(4, 3, dtype=D)
+    _, opt = check_family(model, lambda m: _logp(m(x)), 4, *setting)
+    assert len(opt.layers) == 1
 
 
 class RunningCentre(nn.Module):
@@ -1611,6 +1813,31 @@ def test_learned_initial_state(kind, setting):
     x = torch.randn(6, 4, 2, dtype=D)
     _, opt = check_family(LearnedState(*kind).to(D), lambda m: m(x), 6, *setting)
     assert "parameter" in [layer.rule for layer in opt.layers]
+
+
+class VectorState(LearnedState):
+    """A one-layer GRU whose learned initial state is a vector broadcast to ``(n, H)`` and given
+    its layer axis by ``how`` (a reshape that only inserts a size-1 axis was refused as moving
+    the rows)."""
+
+    def __init__(self, how):
+        super().__init__("gru")
+        self.how, self.h0 = how, nn.Parameter(torch.randn(5) * 0.3)
+
+    def forward(self, x):
+        n = x.shape[0]
+        e = self.h0.expand(n, -1)
+        h = {"unsqueeze": lambda: e.unsqueeze(0), "view": lambda: e.contiguous().view(1, n, 5),
+             "reshape": lambda: e.reshape(1, n, -1), "index": lambda: e[None]}[self.how]()
+        return _logp(self.head(self.rnn(x, h)[0][:, -1]))
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("how", ["unsqueeze", "view", "reshape", "index"])
+def test_learned_vector_state_given_its_layer_axis(how, setting):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 2, dtype=D)
+    check_family(VectorState(how).to(D), lambda m: m(x), 4, *setting)
 
 
 def test_learned_initial_state_on_the_batch_axis_is_refused():

@@ -294,22 +294,25 @@ class Microbatch:
                              t.dim() - int(features))
 
     def unbatched(self, x: Tensor, name: str) -> Tensor:
-        """An unbatched input ``(C, *spatial)`` as a batch of one: the one sample's (or the
-        sample ``segments`` names); with several samples and no segments its sample is unknown."""
+        """An unbatched input ``(C, *spatial)`` as a batch of one: the one sample's (with
+        ``segments``, one row of packed samples, an id per location); with several samples and no
+        segments its sample is unknown."""
         if self.n > 1 and self.segments is None:
             raise ValueError(
                 f"ISOPO: module '{name}' got an unbatched input of shape {tuple(x.shape)} in a "
                 f"microbatch of {self.n} samples: which sample it belongs to is unknown. Give it "
-                "the batch axis: one entry per sample, or size 1 (x[None]) for an input shared "
-                "by all samples, which each then uses through its own copy; or pass segments= "
-                "naming its sample")
+                "the batch axis: one entry per sample (the inputs of a call per sample stacked "
+                "into one batch), or size 1 (x[None]) for an input shared by all samples, which "
+                "each then uses through its own copy")
         return x[None]
 
-    def batch_map(self, N: int, L: int, where: str, device, entry_major: bool = True) -> SampleMap:
+    def batch_map(self, N: int, L: int, where: str, device, entry_major: bool = True,
+                  locations: bool = False) -> SampleMap:
         """Rows of ``N`` batch entries of ``L`` positions each (``samples.batch_map``)."""
-        key = ("batch", self.n, N, L, device, entry_major)
+        key = ("batch", self.n, N, L, device, entry_major, self.sample_dim, locations)
         if key not in self._maps:
-            self._maps[key] = batch_map(N, L, self.n, self.segments, where, device, entry_major)
+            self._maps[key] = batch_map(N, L, self.n, self.segments, where, device, entry_major,
+                                        self.sample_dim, locations)
         return self._maps[key]
 
     def check_layout(self, shape, source, where: str) -> None:

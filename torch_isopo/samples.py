@@ -90,7 +90,7 @@ def sample_map(token_shape: torch.Size, n: int, segments: Tensor | None, sample_
             return one_sample(math.prod(dims), math.prod(dims[2:]) if len(dims) > 2 else 1, device)
     if len(dims) == 0:
         raise ValueError(
-            f"{where}: has no rows to map to samples (a 0-d tensor, or one vector of features "
+            f"ISOPO: {where}: has no rows to map to samples (a 0-d tensor, or one vector of features "
             "that is not computed per sample). Give it a row per sample (v.expand(n, *v.shape)); a "
             "module that returns its parameter as it is should leave the parameter on its "
             "parent module, where ISOPO follows it to the samples")
@@ -99,12 +99,12 @@ def sample_map(token_shape: torch.Size, n: int, segments: Tensor | None, sample_
     if segments is not None:
         if segments.numel() != tokens:
             raise ValueError(
-                f"{where}: segments has {segments.numel()} entries but the input has {tokens} "
+                f"ISOPO: {where}: segments has {segments.numel()} entries but the input has {tokens} "
                 f"tokens (input token shape {dims}); give one sample id per token"
                 + (_STEPPED if len(dims) == 1 and segments.numel() % tokens == 0 else ""))
         if len(dims) == 1 and sample_dim == 1:
             raise ValueError(
-                f"{where}: {dims[0]} rows with segments in a time-major microbatch "
+                f"ISOPO: {where}: {dims[0]} rows with segments in a time-major microbatch "
                 "(sample_dim=1): ISOPO cannot tell whether they were flattened from (T, B) "
                 "(time-major) or (B, T) (sequence-major), and segments are sequence-major. Give "
                 "the module the (T, B, d) tensor itself, which it reads with sample_dim=1")
@@ -117,7 +117,7 @@ def sample_map(token_shape: torch.Size, n: int, segments: Tensor | None, sample_
     if len(dims) == 1:
         if dims[0] != n:
             raise ValueError(
-                f"{where}: the input has {dims[0]} rows (one sample each) but {n} advantages were "
+                f"ISOPO: {where}: the input has {dims[0]} rows (one sample each) but {n} advantages were "
                 "given. If its rows are parts of samples (episodes, flattened sequences), pass "
                 "segments= to say which sample each row belongs to; if it is shared by all "
                 "samples (a table of positions from torch.arange(T), say), give it a sample axis "
@@ -131,9 +131,11 @@ def sample_map(token_shape: torch.Size, n: int, segments: Tensor | None, sample_
         return SampleMap(torch.arange(n, device=device), n, 1, "first", 1)
     if dims[sample_dim] != n:
         raise ValueError(
-            f"{where}: the input of shape {dims} has {dims[sample_dim]} samples along dim "
+            f"ISOPO: {where}: the input of shape {dims} has {dims[sample_dim]} samples along dim "
             f"{sample_dim} but {n} advantages were given; pass segments= for packed inputs or "
-            + ("sample_dim= for sequence-first inputs" if sample_dim == 0 else
+            + ("sample_dim= for sequence-first inputs; give an input shared by all samples "
+               "size 1 on dim 0 (a table of ids built from torch.arange: ids[None])"
+               if sample_dim == 0 else
                "give an input shared by all samples size 1 on dim 1 (torch.arange(T)[:, None], "
                "not torch.arange(T)[None])") + _OTHER_ROWS)
     T = dims[1 - sample_dim]
@@ -153,30 +155,58 @@ def one_sample(rows: int, inner: int, device) -> SampleMap:
 
 
 def batch_map(N: int, L: int, n: int, segments: Tensor | None, where: str,
-              device: torch.device, entry_major: bool = True) -> SampleMap:
+              device: torch.device, entry_major: bool = True, sample_dim: int = 0,
+              locations: bool = False) -> SampleMap:
     """Rows → samples for a layer whose batch axis is known (convolutions, attention, recurrent
     layers): ``N`` batch entries of ``L`` rows each, stored ``(N, L)`` (entry-major) or ``(L, N)``.
-    Entry b is sample b, or ``segments[b]`` (one id per entry, or one per row)."""
+    Entry b is sample b, or ``segments[b]`` (one id per entry, or one per row). With
+    ``locations`` the rows are an input's locations (a convolution's): ids per row that differ
+    within one of several entries are refused, as are ids that amount to one per entry in a
+    time-major microbatch (neither can be told from ids meant for other rows)."""
     if n == 1 and (N != 1 or segments is not None):     # one sample: every row is its own
         return one_sample(N * L, 1, device)
     if segments is None:
         if N != n:
-            raise ValueError(f"{where}: the input has a batch of {N} but {n} advantages were given; "
-                             "pass segments= to say which sample each batch entry belongs to"
-                             + _OTHER_ROWS)
+            raise ValueError(f"ISOPO: {where}: the input has a batch of {N} but {n} advantages "
+                             "were given; pass segments= to say which sample each batch entry "
+                             "belongs to" + _OTHER_ROWS)
         base = torch.arange(n, device=device)
         if entry_major:
             return SampleMap(base.repeat_interleave(L), n, 1, "first", L)
         return SampleMap(base.repeat(L), n, 1, "second", L)
+    flat = entry_major and N > 1 and sample_dim == 1     # entries maybe flattened from (T, B)
     if segments.numel() == N:
+        if flat:
+            raise _time_major_entries(where, N)
         seg = segments.to(device)
         return SampleMap(seg.repeat_interleave(L) if entry_major else seg.repeat(L), n, 1, None, 0)
     if segments.numel() == N * L:
         seg = segments.to(device)
+        if locations and N > 1:
+            rows = seg.view(N, L)
+            if not bool((rows == rows[:, :1]).all()):
+                raise ValueError(
+                    f"ISOPO: {where}: segments has {N * L} entries, one per location of its "
+                    f"{N} batch entries of {L} locations, and they differ within an entry: ISOPO "
+                    "cannot tell them from ids meant for other rows (another layer's entries, as "
+                    "many by coincidence). Give each sample batch entries of its own (one id per "
+                    "entry), or pack the samples along one row (a batch of one entry)")
+            if flat:
+                raise _time_major_entries(where, N)
         return SampleMap(seg if entry_major else seg.view(N, L).T.reshape(-1), n, 1, None, 0)
-    raise ValueError(f"{where}: segments has {segments.numel()} entries but the input has a batch "
-                     f"of {N} with {L} positions each; give one sample id per batch entry"
-                     + (_STEPPED if L == 1 and segments.numel() % N == 0 else ""))
+    raise ValueError(f"ISOPO: {where}: segments has {segments.numel()} entries but the input has "
+                     f"a batch of {N} with {L} positions each; give one sample id per batch "
+                     "entry" + (_STEPPED if L == 1 and segments.numel() % N == 0 else ""))
+
+
+def _time_major_entries(where: str, N: int) -> ValueError:
+    return ValueError(
+        f"ISOPO: {where}: a batch of {N} entries with one id each in a time-major microbatch "
+        "(sample_dim=1): ISOPO cannot tell whether they were flattened from (T, B) (time-major) "
+        "or (B, T) (sequence-major), and segments are sequence-major. Call the module on each "
+        "step's (B, ...) batch (one entry per sample, sample_dim=1 without segments), or keep "
+        "every tensor batch-first with sample_dim=0, where segments follow each input's memory "
+        "order")
 
 
 _OTHER_ROWS = (". A call whose output is never back-propagated (a target) can run under "

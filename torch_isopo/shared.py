@@ -246,7 +246,8 @@ class Tracker(TorchFunctionMode):
             return
         for o in _out_tensors(result):
             if not (a is not None and (o.shape[:a + 1] == first.shape[:a + 1] or a == 0 and
-                    o.dim() and first.shape[0] % mb.n == 0 and o.shape[0] % mb.n == 0)):
+                    o.dim() and first.shape[0] % mb.n == 0 and o.shape[0] % mb.n == 0
+                    or _unit_axes_moved(first.shape, a, o.shape) is not None)):
                 self._refuse_moved(getattr(func, "__name__", str(func)), [first])
 
     def _refuse_checkpointed(self, hits) -> None:
@@ -499,6 +500,15 @@ def _index_entry(index, nd: int, a: int | None):
     return slice(None)
 
 
+def _unit_axes_moved(shape, a: int, out) -> int | None:
+    """Where axis ``a`` of ``shape`` is after a reshape to ``out`` that only inserts or drops
+    axes of size 1 (``h0.expand(n, -1).view(1, n, H)``, an ``unsqueeze``); None for any other."""
+    if shape[a] == 1 or [s for s in shape if s != 1] != [s for s in out if s != 1]:
+        return None
+    k = sum(s != 1 for s in shape[:a])
+    return [i for i, s in enumerate(out) if s != 1][k]
+
+
 def _axis_after(func, args, kwargs, first: Tensor, a: int | None, out: Tensor) -> int | None:
     """Where the sample axis ``a`` of the copy ``first`` is in ``out``, a result of an op on
     copies and constants alone (None: unknown, and then every row-moving op is refused)."""
@@ -507,7 +517,10 @@ def _axis_after(func, args, kwargs, first: Tensor, a: int | None, out: Tensor) -
     base, nd = _base(func), first.dim()
     rest = [*args[1:], *kwargs.values()]
     if base in _RESHAPES:
-        return a if out.shape[:a + 1] == first.shape[:a + 1] else 0 if a == 0 else None
+        if out.shape[:a + 1] == first.shape[:a + 1]:
+            return a
+        moved = _unit_axes_moved(first.shape, a, out.shape)
+        return moved if moved is not None else 0 if a == 0 else None
     if base in ("transpose", "swapaxes", "swapdims"):
         d0, d1 = (d % nd for d in rest[:2])
         return d1 if a == d0 else d0 if a == d1 else a

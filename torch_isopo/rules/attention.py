@@ -20,6 +20,7 @@ from torch.autograd import Function
 
 from ..finish import ExplicitUse
 from ..gate import own_op
+from ..samples import SampleMap
 from . import Rule, register
 from .linear import LinearFn, LinearUse
 
@@ -130,14 +131,32 @@ class _Context:
                         bias_rows)
         return LinearFn.apply(x, w, b, use)
 
-    def batch_bias(self, attr):
-        """``bias.repeat(1, N, 1)`` of a learned key or value bias (``(N, 1, E)`` batch first)."""
+    def batch_bias(self, attr, L: int):
+        """``bias.repeat(1, N, 1)`` of a learned key or value bias (``(N, 1, E)`` batch first),
+        the queries ``L`` rows per entry."""
         b, slot = self.param(self.m, attr)
         if slot is None:
             out = b.repeat(1, self.N, 1)
         else:
-            out = BatchBiasFn.apply(b, self.N, self.record, self.smap(1, b.device), slot)
+            out = BatchBiasFn.apply(b, self.N, self.record, self.entries(L, b.device), slot)
         return out if self.seq_first else out.transpose(0, 1)
+
+    def entries(self, L: int, device) -> SampleMap:
+        """One row per batch entry, its sample: ids given per row must be one per entry (samples
+        packed in one entry all attend to its one learned key)."""
+        seg = self.mb.segments
+        if seg is None or seg.numel() == self.N or self.mb.n == 1:
+            return self.smap(1, device)
+        ids = self.smap(L, device).ids
+        ids = ids.view(self.N, L) if not self.seq_first else ids.view(L, self.N).T
+        if not bool((ids == ids[:, :1]).all()):
+            raise ValueError(
+                f"ISOPO: module '{self.entry.name}' (add_bias_kv=True) has samples packed in one "
+                "batch entry (segments= ids that differ within an entry): its learned key and "
+                "value are one key per entry that all of them attend to, whose gradient cannot be "
+                "split by sample. Give each sample a batch entry of its own (padded, segments= "
+                "with one id per entry), or set add_bias_kv=False")
+        return SampleMap(ids[:, 0].contiguous(), self.mb.n, 1, None, 0)
 
     def heads(self, t: Tensor, H: int) -> Tensor:
         """``(N, H, L, hd)``: a projection split into heads."""
@@ -183,8 +202,8 @@ def _attend(m, ctx, query, key, value, a):
     q, k, v = _in_projection(m, ctx, query, key, value)
     if m.bias_k is not None:
         seq = 0 if ctx.seq_first else 1
-        k = torch.cat([k, ctx.batch_bias("bias_k")], seq)
-        v = torch.cat([v, ctx.batch_bias("bias_v")], seq)
+        k = torch.cat([k, ctx.batch_bias("bias_k", L)], seq)
+        v = torch.cat([v, ctx.batch_bias("bias_v", L)], seq)
         mask, kpm = _one_more_key(mask), _one_more_key(kpm)
     q, k, v = ctx.heads(q, H), ctx.heads(k, H), ctx.heads(v, H)
     if m.add_zero_attn:

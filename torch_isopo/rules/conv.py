@@ -187,7 +187,8 @@ class ConvRule(Rule):
         for i in range(d):
             span = m.dilation[i] * (m.kernel_size[i] - 1) + 1
             L *= (x.shape[2 + i] - span) // m.stride[i] + 1
-        smap = mb.batch_map(x.shape[0], L, f"module '{entry.name}' input", x.device)
+        smap = mb.batch_map(x.shape[0], L, f"module '{entry.name}' input", x.device,
+                            locations=True)
         use = ConvUse(record, smap, d, tuple(m.stride), tuple(m.dilation), m.groups,
                       tuple(m.kernel_size), ws, bs, chain)
         packed = smap.layout is None and mb.segments.numel() != x.shape[0]   # ids per location

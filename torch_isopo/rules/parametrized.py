@@ -31,11 +31,13 @@ class Chain:
 
 
 def originals(module, name: str) -> list[tuple[object, str]]:
-    """``(owner, attr)`` of the originals of ``module.name`` (empty when it is not parametrized)."""
+    """``(owner, attr)`` of every parameter ``module.name`` is computed from (empty when it is not
+    parametrized): the originals, and the parameters the parametrizations hold themselves (a
+    learned scale, a LoRA pair), which the layer trains too."""
     if "parametrizations" not in module._modules or not parametrize.is_parametrized(module, name):
         return []
-    plist = module.parametrizations[name]
-    return [(plist, attr) for attr, _ in plist.named_parameters(recurse=False)]
+    return [(owner, attr) for owner in module.parametrizations[name].modules()
+            for attr, _ in owner.named_parameters(recurse=False)]
 
 
 def weight(entry, gated, name: str = "weight"):
@@ -52,8 +54,8 @@ def weight(entry, gated, name: str = "weight"):
     live = [getattr(owner, attr) if s is None else gated[s] for (owner, attr), s in zip(places, slots)]
     with _compat.swapped_parameters(places, live):
         w = getattr(m, name)
-    used = [(t, s) for t, s in zip(live, slots) if s is not None]
-    return w, None, Chain(w, [t for t, _ in used], tuple(s for _, s in used))
+    used = dict((s, t) for t, s in zip(live, slots) if s is not None)   # a tied one once
+    return w, None, Chain(w, list(used.values()), tuple(used))
 
 
 def chained_use(chain: Chain, U: Tensor, V: Tensor, smap, wants_pieces: bool,

@@ -25,6 +25,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from ..factors import FactorUse
 from ..gate import own_op
+from ..samples import SampleMap
 from . import Rule, register
 from .linear import LinearFn, LinearUse, autocast_dtype
 
@@ -164,18 +165,21 @@ def _direction(p: _Params, record, smap_of, kind, x, h, c, sfx, reverse, lengths
     (w_hh, s2), (b_hh, s3) = p.get("weight_hh" + sfx), p.get("bias_hh" + sfx)
     detached = lambda t: None if t is None else t.detach()  # noqa: E731
     gi = F.linear(x, w_ih.detach(), detached(b_ih))
-    use = TapUse(record, smap_of(N, T), x.detach().reshape(T * N, -1), slots=(s0, s1, s2, s3))
+    smap = smap_of(N, T)
+    use = TapUse(record, smap, x.detach().reshape(T * N, -1), slots=(s0, s1, s2, s3))
     trainable = [t for t, s in ((w_ih, s0), (b_ih, s1), (w_hh, s2), (b_hh, s3)) if s is not None]
     gi = TapFn.apply(gi, use, *trainable)
     w_hr, s4 = p.get("weight_hr" + sfx)
+    if w_hr is not None:         # the projection's rows at each step: the entries' samples
+        step_map = smap_of(N, 1) if smap.layout is not None else \
+            SampleMap(smap.ids.view(T, N)[0], smap.n, 1, None, 0)
     outs, hs, rs = [None] * T, [None] * T, [None] * T
     step = _stepper(kind, gi, w_hh.detach(), detached(b_hh))
     for t in (reversed(range(T)) if reverse else range(T)):
         hs[t] = h
         h_new, c_new, rs[t] = step(t, h, c)
         if w_hr is not None:
-            h_new = LinearFn.apply(h_new, w_hr, None,
-                                   LinearUse(record, smap_of(N, 1), False, s4, None))
+            h_new = LinearFn.apply(h_new, w_hr, None, LinearUse(record, step_map, False, s4, None))
         if lengths is None:
             h, c, outs[t] = h_new, c_new, h_new
         else:
@@ -214,7 +218,7 @@ def _maps(mb, entry, device):
             ids = smap.ids.view(L, N)
             if not bool((ids == ids[:1]).all()):
                 raise ValueError(
-                    f"{where}: segments give the steps of one sequence to different samples; "
+                    f"ISOPO: {where}: segments give the steps of one sequence to different samples; "
                     "the state carries every step into the later ones, so a step's gradient "
                     "holds those of the later steps' samples and cannot be credited to one. "
                     "Give all steps of a sequence the same sample id (one sample per sequence)")
