@@ -860,6 +860,108 @@ def test_generic_module_moving_its_buffers(kind, setting):
         assert torch.equal(want, got), k
 
 
+class NoisyLinear(nn.Module):
+    """A noisy network's layer (generic rule): fresh noise drawn into a buffer at every forward,
+    which the graph saves (the brute force's recompute restored it in place and could not run
+    in fisher mode)."""
+
+    def __init__(self, i, o):
+        super().__init__()
+        self.mu, self.sigma = nn.Parameter(torch.randn(o, i) * 0.3), nn.Parameter(torch.full((o, i), 0.2))
+        self.register_buffer("eps", torch.zeros(o, i))
+
+    def forward(self, x):
+        self.eps.normal_()
+        return F.linear(x, self.mu + self.sigma * self.eps)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+def test_noisy_layer_drawing_into_a_buffer(setting):
+    import warnings
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), NoisyLinear(8, 3)).to(D)
+    x = torch.randn(4, 5, dtype=D)
+
+    def losses(m):
+        torch.manual_seed(1)                   # the same noise in both runs
+        return _logp(m(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check_family(model, losses, 4, *setting, rules=["linear", "generic"])
+
+
+class DropoutBody(nn.Module):
+    """A module of its own parameters with dropout (generic rule)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.drop = nn.Parameter(torch.randn(3, 5) * 0.3), nn.Dropout(0.5)
+
+    def forward(self, x):
+        return F.linear(self.drop(x), self.w)
+
+
+class AttributeNoise(nn.Module):
+    """A noisy layer keeping its noise in a plain attribute, redrawn by ``reset_noise``."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.sigma = nn.Parameter(torch.randn(3, 5) * 0.3), nn.Parameter(torch.full((3, 5), 0.3))
+        self.reset_noise()
+
+    def reset_noise(self):
+        self.eps = torch.randn(3, 5, dtype=self.w.dtype)
+
+    def forward(self, x):
+        return F.linear(x, self.w + self.sigma * self.eps)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+def test_generic_module_switched_to_eval_before_the_backward(setting):
+    """``model.eval()`` between the forward and the backward: the recompute runs in the modes of
+    the forward (it ran without dropout: errors up to 0.9)."""
+    import warnings
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 5), nn.Tanh(), DropoutBody()).to(D)
+    x = torch.randn(4, 5, dtype=D)
+
+    def losses(m):
+        torch.manual_seed(1)
+        out = _logp(m(x))
+        m.eval()
+        return out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check_family(model.train(), losses, 4, *setting)
+
+
+@pytest.mark.parametrize("change", ["reset_noise", "counter"])
+def test_generic_module_reading_changed_state_is_refused(change):
+    """A generic module whose forward reads state changed between the forward and the
+    backward (its noise redrawn in between; a counter its own forward advances) gave another
+    forward's gradients (errors up to 1.1, the layers before it too): the recompute's output
+    is checked against the forward's, and the backward refused naming the module."""
+    import warnings
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 5), nn.Tanh(), AttributeNoise()).to(D)
+    calls = []
+    if change == "counter":
+        forward = model[2].forward
+        model[2].forward = lambda x: (calls.append(1), forward(x * len(calls)))[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x = torch.randn(4, 5, dtype=D)
+    with pytest.raises(RuntimeError, match=r"ISOPO: module '2' \(generic rule.*another output.*"
+                                           r"reset_noise\(\) after the backward"):
+        with opt.microbatch(torch.randn(4, dtype=D)):
+            loss = _logp(model(x)).sum()
+            if change == "reset_noise":
+                model[2].reset_noise()
+            loss.backward()
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_hook_based_weight_norm_is_refused():
     import warnings
     with warnings.catch_warnings():
@@ -2109,6 +2211,40 @@ def test_table_used_as_a_layer_input_is_refused():
                                          "constants alone"):
         with opt.microbatch(torch.randn(6)):
             model(torch.randn(6, 2)).sum().backward()
+
+
+# -- outputs written in place --------------------------------------------------------------------
+class InPlaceMLP(nn.Module):
+    """Layers over sequences ``(n, T, d)`` whose outputs are written in place: ReLU(inplace=True),
+    ``relu_``, ``+=``, ``mul_`` (a linear layer's with a bias, a view made inside its autograd
+    op, was refused by autograd itself)."""
+
+    def __init__(self, kind):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+        self.kind = kind
+        self.a = Conv1D(6, 3) if kind == "conv1d" else nn.Linear(3, 6)
+        self.b, self.act = nn.Linear(6, 6), nn.ReLU(inplace=True)
+        self.att = nn.MultiheadAttention(6, 2, batch_first=True)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.act(self.a(x))
+        g = self.b(h)
+        g += h
+        g.relu_()
+        if self.kind == "attention":
+            g = self.att(g, g, g, need_weights=False)[0]
+            g.mul_(2.0)
+        return _logp(self.head(g)).sum(1)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "attention"])
+def test_outputs_written_in_place(kind, setting):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 3, dtype=D)
+    check_family(InPlaceMLP(kind).to(D), lambda m: m(x), 4, *setting)
 
 
 # -- sharing and repeated use -------------------------------------------------------------------

@@ -747,6 +747,27 @@ def test_advantages_are_read_exactly(data, scale):
         assert torch.allclose(p.grad, w, rtol=1e-12, atol=1e-320)   # (subnormals' own rounding)
 
 
+@pytest.mark.parametrize("given", ["float64 tensor", "numpy array", "int64 segments"])
+def test_buffers_reused_inside_the_block_change_nothing(data, given):
+    """The advantages and segments are read when the block opens: a caller that reuses their
+    buffer before the backward (a rollout buffer refilled, a NaN written) leaves the gradients
+    those values give (a float64 tensor or array on the host was read at the backward)."""
+    model, X, A = data
+    A = A.double()
+    seg = torch.arange(len(A))
+    want = _reference(model, lambda r: _losses(r, X), A)
+    m, opt, _ = _make(model)
+    buf = A.clone().numpy() if given == "numpy array" else A.clone()
+    with opt.microbatch(buf, seg.clone() if given != "int64 segments" else seg):
+        if given == "int64 segments":
+            seg.copy_(seg.flip(0))
+        else:
+            buf[0] = math.nan
+            buf[1:] = 7.0
+        _losses(m, X).sum().backward()
+    _assert_grads(m, want)
+
+
 def test_a_malformed_state_dict_leaves_everything_as_it_was(data):
     model, X, A = data
     m, opt, _ = _make(model, ema=0.9)

@@ -162,9 +162,12 @@ def check(model: nn.Module, sample_losses: Callable[[nn.Module], Tensor], advant
         except RuntimeError as e:
             raise ValueError(
                 f"torch_isopo.check: the brute force could not run on this model ({e}). It "
-                "differentiates every layer's output with torch.autograd.grad, which reentrant "
-                "activation checkpointing (use_reentrant=True) does not allow: check the model "
-                "without it (model.gradient_checkpointing_disable(), or use_reentrant=False)") from e
+                "differentiates every layer's output with torch.autograd.grad"
+                + (", which reentrant activation checkpointing (use_reentrant=True) does not "
+                   "allow: check the model without it (model.gradient_checkpointing_disable(), "
+                   "or use_reentrant=False)" if "checkpoint" in str(e) or "reentrant" in str(e)
+                   or "no output of layer" in str(e) else
+                   " and recomputes each module's call from its inputs")) from e
         want = {name: want.get(p) for name, p in ref.named_parameters() if p.requires_grad}
         got = {name: p.grad for name, p in fast.named_parameters() if p.requires_grad}
         scale = max((float(g.norm()) for g in want.values() if g is not None), default=0.0)

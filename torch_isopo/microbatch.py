@@ -324,7 +324,7 @@ class Microbatch:
         if self.segments is not None or len(shape) == 0 or self.n == 1:
             return
         if len(shape) >= 2:
-            self._explicit = self._explicit or where
+            self._explicit = self._explicit or f"{where} (rows {tuple(shape)})"
             pending, self._pending = self._pending, []
             for rows in pending:
                 self._refuse_shared(*rows)
@@ -428,7 +428,8 @@ def unit_advantages(A: Tensor, amax: float) -> tuple[Tensor, float]:
 
 
 def check_advantages(advantages) -> tuple[Tensor, float]:
-    """The advantages as float64 on the host, with ``max |A|`` (read once)."""
+    """The advantages as float64 on the host, a copy of their own, with ``max |A|`` (read
+    once)."""
     try:
         A = torch.as_tensor(advantages)
         if A.is_floating_point() and not isinstance(advantages, (Tensor, np.ndarray)):
@@ -443,7 +444,7 @@ def check_advantages(advantages) -> tuple[Tensor, float]:
                          f"{tuple(A.shape)}")
     if A.is_complex() or A.dtype == torch.bool:
         raise TypeError(f"advantages must be real numbers, got {A.dtype}")
-    A = A.detach().to("cpu", torch.float64)
+    A = A.detach().to("cpu", torch.float64, copy=True)     # the caller may reuse its buffer
     amax = float(A.abs().max())
     if not math.isfinite(amax):
         raise ValueError("advantages must be finite; got NaN or inf at positions "
@@ -463,7 +464,7 @@ def check_segments(segments, n: int) -> Tensor | None:
         raise ValueError("segments must hold values: got a tensor on the meta device")
     if seg.is_floating_point() or seg.is_complex() or seg.dtype == torch.bool:
         raise TypeError(f"segments must be an integer tensor of sample ids, got {seg.dtype}")
-    seg = seg.reshape(-1).long()
+    seg = seg.reshape(-1).to(torch.long, copy=True)
     if seg.numel() and (int(seg.min()) < 0 or int(seg.max()) >= n):
         raise ValueError(f"segments must hold sample ids in [0, {n}) for {n} advantages, got "
                          f"values in [{int(seg.min())}, {int(seg.max())}]")

@@ -84,6 +84,7 @@ def sample_map(token_shape: torch.Size, n: int, segments: Tensor | None, sample_
     one sample owns every row (an unbatched episode ``(T, d)``).
     """
     dims = tuple(token_shape)
+    it = "the output" if where.endswith("output") else "the input"
     if n == 1:                            # one sample: every row is its own, whatever the layout
         lead = dims[0] if len(dims) == 1 else dims[sample_dim] if dims else None
         if lead != 1 or segments is not None:
@@ -99,8 +100,8 @@ def sample_map(token_shape: torch.Size, n: int, segments: Tensor | None, sample_
     if segments is not None:
         if segments.numel() != tokens:
             raise ValueError(
-                f"ISOPO: {where}: segments has {segments.numel()} entries but the input has {tokens} "
-                f"tokens (input token shape {dims}); give one sample id per token"
+                f"ISOPO: {where}: segments has {segments.numel()} entries but {it} has {tokens} "
+                f"tokens (token shape {dims}); give one sample id per token"
                 + (_STEPPED if len(dims) == 1 and segments.numel() % tokens == 0 else ""))
         if len(dims) == 1 and sample_dim == 1:
             raise ValueError(
@@ -117,7 +118,7 @@ def sample_map(token_shape: torch.Size, n: int, segments: Tensor | None, sample_
     if len(dims) == 1:
         if dims[0] != n:
             raise ValueError(
-                f"ISOPO: {where}: the input has {dims[0]} rows (one sample each) but {n} advantages were "
+                f"ISOPO: {where}: {it} has {dims[0]} rows (one sample each) but {n} advantages were "
                 "given. If its rows are parts of samples (episodes, flattened sequences), pass "
                 "segments= to say which sample each row belongs to; if it is shared by all "
                 "samples (a table of positions from torch.arange(T), say), give it a sample axis "
@@ -131,7 +132,7 @@ def sample_map(token_shape: torch.Size, n: int, segments: Tensor | None, sample_
         return SampleMap(torch.arange(n, device=device), n, 1, "first", 1)
     if dims[sample_dim] != n:
         raise ValueError(
-            f"ISOPO: {where}: the input of shape {dims} has {dims[sample_dim]} samples along dim "
+            f"ISOPO: {where}: {it} of token shape {dims} has {dims[sample_dim]} samples along dim "
             f"{sample_dim} but {n} advantages were given; pass segments= for packed inputs or "
             + ("sample_dim= for sequence-first inputs; give an input shared by all samples "
                "size 1 on dim 0 (a table of ids built from torch.arange: ids[None])"
@@ -211,7 +212,9 @@ def _time_major_entries(where: str, N: int) -> ValueError:
 
 _OTHER_ROWS = (". A call whose output is never back-propagated (a target) can run under "
                "torch.no_grad(); several inputs of each sample stacked along the batch (obs and "
-               "next_obs) can each have their own call")
+               "next_obs) can each have their own call; a module run on some rows only (an "
+               "expert or head on h[idx]) can run on all rows, its outputs picked after "
+               "(torch.where, gather)")
 
 _STEPPED = (" (a module stepped once per time step on the batch, as in CleanRL's recurrent PPO, "
             "cannot tell which step runs from ids given per row: keep every tensor in its "

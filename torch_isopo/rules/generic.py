@@ -8,6 +8,7 @@ rules whose per-sample material needs the module's own forward (per-feature norm
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import Tensor, nn
@@ -111,9 +112,11 @@ class RecomputeFn(Function):
         # buffers the forward moved (running statistics, power iterations): the recompute
         # starts from where this forward started
         ctx.buffers = [(b, v) for b, v in before if not torch.equal(b, v)]
+        ctx.modes = [(m, m.training) for m in use.entry.module.modules()]
         leaves, spec = _compat.tree_flatten(out)
         use.set_outputs(leaves, spec, lambda: _from_samples(use, ctx, inputs, params))
         tensors = tuple(t for t in leaves if isinstance(t, Tensor))
+        ctx.prints = [_fingerprint(t) for t in tensors if t.is_floating_point()]
         ctx.mark_non_differentiable(*[t for t in tensors if not t.is_floating_point()])
         ctx.save_for_backward(*flat)
         ctx.use = use
@@ -131,6 +134,9 @@ class RecomputeFn(Function):
         _restore(ctx.buffers)
         with _replayed(ctx):
             outs = [t for t in _compat.tree_flatten(use.call(xs, ps))[0] if isinstance(t, Tensor)]
+        if not _same(ctx.prints, outs):
+            _restore(buffers)
+            raise _changed(use.entry.name)
         pairs = [(o, g, m) for o, g, m in zip(outs, douts, use.out_maps)
                  if g is not None and o.requires_grad]
         need = [x for x, nd in zip(xs, needs) if nd]
@@ -144,6 +150,38 @@ class RecomputeFn(Function):
             use.record.add(use.material(use, xs, ps, pairs))
         _restore(buffers)
         return (None, *dxs, *([None] * len(ps)))
+
+
+def _fingerprint(t: Tensor) -> Tensor:
+    """Two numbers that change with any output: its sum and its norm, in float64."""
+    t = t.detach()
+    return torch.stack([t.sum(dtype=torch.float64), torch.linalg.vector_norm(t, dtype=torch.float64)])
+
+
+def _same(prints: list[Tensor], outs: list[Tensor]) -> bool:
+    """Whether the recompute gave the forward's outputs (to rounding): else the module's
+    forward read state that changed in between, and the gradients would be another forward's."""
+    now = [o for o in outs if o.is_floating_point()]
+    if len(now) != len(prints):
+        return False
+    for a, o in zip(prints, now):
+        tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(o.dtype, 1e-2)
+        scale = a[1] * torch.tensor([math.sqrt(max(o.numel(), 1)), 1.0], dtype=a.dtype,
+                                    device=a.device)
+        if not bool(((a - _fingerprint(o)).abs() <= tol * scale).all()):
+            return False
+    return True
+
+
+def _changed(name: str) -> RuntimeError:
+    return RuntimeError(
+        f"ISOPO: module '{name}' (generic rule: recomputed from its inputs in the backward) gave "
+        "another output when run again than in its forward: the forward reads state that "
+        "changed in between (an attribute or a counter its forward moves or that was set after "
+        "it, noise drawn with a generator of its own), so its gradients would be another "
+        "forward's. Keep that state fixed from the forward to the backward (reset_noise() after "
+        "the backward), draw the noise with torch's global generator or into a buffer, or give "
+        "the module a rule")
 
 
 class _DataFlow(torch.overrides.TorchFunctionMode):
@@ -200,9 +238,14 @@ def _restore(buffers) -> None:
 
 @contextlib.contextmanager
 def _replayed(ctx):
-    """Grad mode, the forward's autocast state and, where saved, its random state."""
+    """Grad mode, the forward's autocast state, train/eval modes and, where saved, its random
+    state."""
     dev, enabled, dtype = ctx.autocast
+    now = [(m, m.training) for m, _ in ctx.modes]
+    for m, training in ctx.modes:
+        m.training = training
     with contextlib.ExitStack() as stack:
+        stack.callback(lambda: [setattr(m, "training", t) for m, t in now])
         stack.enter_context(torch.enable_grad())
         stack.enter_context(torch.autocast(dev, dtype=dtype, enabled=enabled))
         if ctx.rng is not None:

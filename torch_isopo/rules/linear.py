@@ -53,11 +53,19 @@ def as_autocast(op, x, weight, bias, *args):
 
 
 def _linear(x, weight, bias, transposed: bool):
-    if not transposed:
+    """``x Wᵀ + b`` (``x W + b`` transposed) as a tensor of its own: the caller may write to it
+    in place (``nn.ReLU(inplace=True)``), which autograd forbids on a view made inside a custom
+    ``Function`` (``F.linear`` of a batch of sequences with a bias returns one)."""
+    if x.dim() <= 2 and not transposed:
         return F.linear(x, weight, bias)
-    flat = x.reshape(-1, x.shape[-1])
-    out = torch.addmm(bias, flat, weight) if bias is not None else flat @ weight
-    return out.view(*x.shape[:-1], weight.shape[1])
+    w = weight if transposed else weight.T
+    out = torch.empty(*x.shape[:-1], w.shape[1], dtype=x.dtype, device=x.device)
+    flat, rows = x.reshape(-1, x.shape[-1]), out.view(-1, w.shape[1])
+    if bias is None:
+        torch.mm(flat, w, out=rows)
+    else:
+        torch.addmm(bias, flat, w, out=rows)
+    return out
 
 
 @own_op
