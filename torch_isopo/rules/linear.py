@@ -56,7 +56,7 @@ def _linear(x, weight, bias, transposed: bool):
     """``x Wᵀ + b`` (``x W + b`` transposed) as a tensor of its own: the caller may write to it
     in place (``nn.ReLU(inplace=True)``), which autograd forbids on a view made inside a custom
     ``Function`` (``F.linear`` of a batch of sequences with a bias returns one)."""
-    if x.dim() <= 2 and not transposed:
+    if not transposed and (x.dim() <= 2 or bias is None):
         return F.linear(x, weight, bias)
     w = weight if transposed else weight.T
     out = torch.empty(*x.shape[:-1], w.shape[1], dtype=x.dtype, device=x.device)
