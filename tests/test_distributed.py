@@ -11,7 +11,9 @@ The ranks meet through a file store in the test's temporary directory (no port t
 from __future__ import annotations
 
 import os
+import sys
 import time
+import traceback
 from datetime import timedelta
 
 import pytest
@@ -112,13 +114,21 @@ def _init(rank: int, store: str) -> None:
 
 def _worker(rank: int, store: str, out: str) -> None:
     _init(rank, store)
+    code = 1
     try:
         results = {"ddp": _ddp_runs(rank), "fsdp2": _fsdp_runs(rank),
                    "fsdp2 direct use": _fsdp_direct_use_error(rank),
                    "tensor parallel": _tensor_parallel_error()}
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+        code = 0
+    except BaseException:
+        traceback.print_exc()
     finally:
-        dist.destroy_process_group()
+        # leave without destroying the process group: a gloo group's destructor can deadlock on
+        # the GIL with its worker threads (pytorch/pytorch#190489)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _ddp_runs(rank: int) -> dict:

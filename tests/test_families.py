@@ -237,6 +237,50 @@ class GoalPerEntry(GoalConditioned):
         return _logp(self.head(torch.cat([z, g], 1)))
 
 
+class Decoder(nn.Module):
+    """A transposed convolution (generic rule) over a per-sample image, beside a time-major
+    head ``(T, n, d)``."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.up, self.conv = nn.ConvTranspose2d(2, channels, 2, 2), nn.Conv2d(channels, 2, 3, 2)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, o, img):
+        z = torch.relu(self.conv(torch.relu(self.up(img)))).flatten(1)
+        if o is None:
+            return _logp(self.head(torch.cat([z, z.new_zeros(z.shape[0], 4)], -1)))
+        return _logp(self.head(torch.cat([o, z[None].expand(o.shape[0], -1, -1)], -1))).sum(0)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("channels", [3, 4])
+def test_transposed_convolution_in_a_time_major_microbatch(channels, setting):
+    """A transposed convolution's output ``(N, C, H, W)`` has its samples on dim 0 whatever
+    ``sample_dim`` says: with ``sample_dim=1`` its channels were read as the samples (silently
+    wrong when ``C == n``, refused otherwise)."""
+    import warnings
+    torch.manual_seed(0)
+    o, img = torch.randn(2, 3, 4, dtype=D), torch.rand(3, 2, 3, 3, dtype=D)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check_family(Decoder(channels).to(D), lambda m: m(o, img), 3, *setting, sample_dim=1)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+def test_transposed_convolution_with_an_id_per_entry(setting):
+    """Two images per sample along the batch, said by ``segments`` one id per entry, as for a
+    convolution (they were refused: one id per channel row was asked for)."""
+    import warnings
+    torch.manual_seed(0)
+    img, seg = torch.rand(6, 2, 3, 3, dtype=D), torch.tensor([0, 1, 2, 0, 1, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check_family(Decoder(3).to(D),
+                     lambda m: torch.zeros(3, dtype=D).index_add(0, seg, m(None, img)), 3,
+                     *setting, segments=seg)
+
+
 # -- normalisation over channels ----------------------------------------------------------------
 CHANNEL_NORMS = {
     "batchnorm-eval": lambda: nn.BatchNorm2d(4),

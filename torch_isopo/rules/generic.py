@@ -69,11 +69,17 @@ class RecomputeUse:
                 "samples")
         tensors = [t for t in leaves if isinstance(t, Tensor)]
         # a recurrent module's hidden states (h_n, c_n) are (layers, batch, features) whatever
-        # its batch_first says (an RNN with a parametrized weight takes this rule)
-        rnn = isinstance(self.entry.module, nn.RNNBase)
+        # its batch_first says (an RNN with a parametrized weight takes this rule); a
+        # convolution's output (a transposed one, a grouped one parametrized) is (batch,
+        # channels, *spatial) whatever sample_dim says
+        m = self.entry.module
+        rnn = isinstance(m, nn.RNNBase)
+        conv = _batched_rank(m)
         self.out_maps = [None if not t.is_floating_point()
                          else self.mb.batch_map(t.shape[1], t.shape[0], where, t.device, False)
                          if rnn and k > 0 and t.dim() == 3
+                         else self.mb.batch_map(t.shape[0], math.prod(t.shape[1:-1]), where,
+                                                t.device) if t.dim() == conv
                          else self.mb.sample_map(t.shape if t.dim() == 1 else t.shape[:-1], where,
                                                  t.device, first)
                          for k, t in enumerate(tensors)]
@@ -257,13 +263,22 @@ def _replayed(ctx):
         yield
 
 
+def _batched_rank(module) -> int | None:
+    """The rank of a convolution's batched input and output ``(N, C, *spatial)`` (its batch axis
+    is dim 0 whatever ``sample_dim`` says), None for other modules."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return len(module.kernel_size) + 2
+    return None
+
+
 def recompute(mb, layer, entry, orig, args, kwargs, material, rng: bool):
     """Run the module as a ``RecomputeFn``: the output, with the module's own structure."""
     record, gated = mb.gate(layer)
     leaves, spec = _compat.tree_flatten((args, kwargs))
     first = next((i for i, t in enumerate(leaves) if isinstance(t, Tensor)), None)
     if first is not None:
-        leaves[first] = mb.expand_shared(leaves[first], features=True)
+        conv = _batched_rank(entry.module) == leaves[first].dim()
+        leaves[first] = mb.expand_shared(leaves[first], features=True, axis=0 if conv else None)
     args, kwargs = _compat.tree_unflatten(leaves, spec)
     use = RecomputeUse(record, mb, entry, orig, args, kwargs, material, rng)
     outs = iter(RecomputeFn.apply(use, *use.inputs, *gated))
