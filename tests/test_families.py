@@ -979,6 +979,34 @@ def test_generic_module_switched_to_eval_before_the_backward(setting):
         check_family(model.train(), losses, 4, *setting)
 
 
+class MaskedHead(nn.Module):
+    """A generic module returning logits with illegal actions at -inf."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 5) * 0.3)
+
+    def forward(self, x, legal):
+        return F.linear(x, self.w).masked_fill(~legal, -math.inf)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+def test_generic_module_with_infinite_outputs(setting):
+    """Outputs at -inf (masked logits) recompute alike: the check of the recompute takes an
+    infinite sum for the same one."""
+    import warnings
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"body": nn.Linear(3, 5), "head": MaskedHead()}).to(D)
+    x, legal = torch.randn(4, 3, dtype=D), torch.rand(4, 4) > 0.3
+    legal[:, 0] = True
+
+    def losses(m):
+        return torch.log_softmax(m["head"](torch.tanh(m["body"](x)), legal), -1)[:, 0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check_family(model, losses, 4, *setting)
+
+
 @pytest.mark.parametrize("change", ["reset_noise", "counter"])
 def test_generic_module_reading_changed_state_is_refused(change):
     """A generic module whose forward reads state changed between the forward and the
