@@ -107,7 +107,7 @@ def _choose(module: nn.Module, name: str) -> Rule:
                 "torch.nn.utils.parametrizations.weight_norm / spectral_norm instead")
     own = module.__dict__.get("forward")
     if isinstance(own, PatchedForward):
-        raise ValueError(f"module '{name}' ({type(module).__name__}) already has an ISOPO "
+        raise ValueError(f"ISOPO: module '{name}' ({type(module).__name__}) already has an ISOPO "
                          "optimizer attached; call its detach() first")
     replaced = own is not None and getattr(own, "__func__", None) is not type(module).forward
     try:
