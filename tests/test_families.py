@@ -1034,6 +1034,57 @@ def test_generic_module_reading_changed_state_is_refused(change):
     assert all(p.grad is None for p in model.parameters())
 
 
+class Scripted(nn.Module):
+    """A policy with a TorchScript submodule: a scripted activation, or a scripted linear."""
+
+    def __init__(self, which):
+        super().__init__()
+        self.a, self.act, self.b = nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)
+        if which == "activation":
+            self.act = torch.jit.script(self.act)
+        else:
+            self.a = torch.jit.script(self.a)
+
+    def forward(self, x):
+        return _logp(self.b(self.act(self.a(x))))
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+def test_scripted_module_without_parameters(setting):
+    """A TorchScript module without trainable parameters is no layer (building ISOPO crashed
+    reading its children)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 4, dtype=D)
+    check_family(Scripted("activation").to(D), lambda m: m(x), 4, *setting)
+
+
+def test_scripted_layer_is_refused_and_the_model_left_as_it_was():
+    """A TorchScript module with trainable parameters: refused when building, naming it and the
+    fix; the layers attached before it are detached again (a failed build left them patched, so
+    that no later ISOPO could be built)."""
+    from torch_isopo.attach import PatchedForward
+    model = Scripted("linear")
+    with pytest.raises(ValueError, match=r"ISOPO: module 'a' is a TorchScript module.*eager "
+                                         r"mode.*torch.compile"):
+        ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert not any(isinstance(m.__dict__.get("forward"), PatchedForward)
+                   for m in model.modules() if not isinstance(m, torch.jit.ScriptModule))
+    model.a = nn.Linear(4, 6)
+    ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_layers_inside_a_functorch_transform_are_refused():
+    """``torch.func.vmap`` over the policy's layers inside its forward: refused at the layer,
+    naming it and the fix (it failed inside the gate with torch's own message)."""
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x = torch.randn(4, 4)
+    with pytest.raises(ValueError, match=r"ISOPO: module '0' runs inside a torch.func transform"):
+        with opt.microbatch(torch.randn(4)):
+            _logp(torch.func.vmap(model)(x)).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_hook_based_weight_norm_is_refused():
     import warnings
     with warnings.catch_warnings():
@@ -1451,17 +1502,24 @@ class StackedStd(nn.Module):
 
 
 class ContainerStd(nn.Module):
-    """``log_std`` and a temperature in a ``ParameterList`` or ``ParameterDict``, indexed."""
+    """``log_std`` and a temperature in a ``ParameterList`` or ``ParameterDict``, indexed, or
+    on a plain ``nn.Module`` used as a namespace (it took the generic rule, never ran, and its
+    parameters' gradients were refused as coming from outside their module)."""
 
     def __init__(self, kind):
         super().__init__()
         self.mu, self.kind = nn.Linear(3, 2), kind
         std, t = nn.Parameter(torch.randn(2) * 0.3), nn.Parameter(torch.tensor(0.5))
-        self.extra = nn.ParameterList([std, t]) if kind == "list" else nn.ParameterDict(
-            {"log_std": std, "t": t})
+        if kind == "module":                 # a plain module as a namespace, never called
+            self.extra = nn.Module()
+            self.extra.log_std, self.extra.t = std, t
+        else:
+            self.extra = nn.ParameterList([std, t]) if kind == "list" else nn.ParameterDict(
+                {"log_std": std, "t": t})
 
     def forward(self, x, a):
-        std, t = self.extra if self.kind == "list" else self.extra.values()
+        std, t = (self.extra if self.kind == "list" else self.extra.values() if self.kind == "dict"
+                  else (self.extra.log_std, self.extra.t))
         mean = self.mu(x)
         return Normal(mean, std.exp().expand_as(mean)).log_prob(a).sum(1) * t.exp()
 
@@ -1550,6 +1608,7 @@ FREE = {
     "leaky-cell": (LeakyCell, lambda m: m(XS)),
     "parameter-list": (lambda: ContainerStd("list"), lambda m: -m(X3, ACT)),
     "parameter-dict": (lambda: ContainerStd("dict"), lambda m: -m(X3, ACT)),
+    "parameter-namespace": (lambda: ContainerStd("module"), lambda m: -m(X3, ACT)),
     "stacked": (StackedStd, lambda m: -m(X3, ACT)),
     "cleanrl": (CleanRLAgent, lambda m: -m.get_action_and_value(X3, ACT)[1]),
     "sb3": (SB3Gaussian, lambda m: -m.evaluate_actions(X3, ACT)[0]),

@@ -59,6 +59,11 @@ def at_backward_end(fn) -> None:
     torch.autograd.Variable._execution_engine.queue_callback(fn)
 
 
+# whether a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``) is running (the C function
+# itself: it is asked at every call of a patched forward and of ISOPO's autograd ops)
+in_functorch_transform = torch._C._are_functorch_transforms_active
+
+
 def lean_function(fn: type[Function]) -> None:
     """Call a custom ``Function`` without ``Function.apply``'s Python preamble (functorch
     bookkeeping, ~2 µs a call on a small layer) and run its node without the backward class's
@@ -66,7 +71,7 @@ def lean_function(fn: type[Function]) -> None:
     that ``Function.apply`` ends in, unless a functorch transform is active (then
     ``Function.apply`` itself runs). For Functions without ``setup_context`` or ``vjp``."""
     full, direct = fn.apply, super(Function, fn).apply
-    active = torch._C._are_functorch_transforms_active
+    active = in_functorch_transform
     backward = fn.backward
 
     def apply(*args):

@@ -55,6 +55,13 @@ class PatchedForward:
             # (a call with every parameter of the layer swapped for a detached tensor, as
             # functional_call computes a target with: nothing of it reaches the parameters)
             return self.orig(*args, **kwargs)
+        if _compat.in_functorch_transform():
+            raise ValueError(
+                f"ISOPO: module '{self.entry.name}' runs inside a torch.func transform (vmap, "
+                "grad, jacrev) in a microbatch: ISOPO's per-layer autograd ops do not run under "
+                "such transforms. Call the module on the whole batch outside the transform (its "
+                "rows are the samples already), or compute a target with it under "
+                "torch.no_grad()")
         tracker = mb.tracker
         if tracker is None:
             return self.entry.rule.forward(mb, self.layer, self.entry, self.orig, args, kwargs)

@@ -11,6 +11,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
@@ -96,9 +97,16 @@ def _is_dtensor(t) -> bool:
 
 def _choose(module: nn.Module, name: str) -> Rule:
     """The module's rule: a registered one; for a module whose children have trainable
-    parameters, or a ``ParameterList``/``ParameterDict``, the free-parameter rule; else the
-    generic black box, announced with its reason."""
+    parameters, or a container that code reads and never calls (``ParameterList``,
+    ``ParameterDict``, a module without a forward), the free-parameter rule; else the generic
+    black box, announced with its reason."""
     from .attach import PatchedForward
+    if isinstance(module, torch.jit.ScriptModule):
+        raise ValueError(
+            f"ISOPO: module '{name}' is a TorchScript module (torch.jit.script or trace) with "
+            "trainable parameters: ISOPO runs each layer's forward through its rule, which a "
+            "compiled TorchScript forward does not allow. Keep the policy in eager mode while "
+            "training it (script it afterwards), or use torch.compile, which ISOPO supports")
     for hook in _compat.forward_pre_hooks(module):
         if type(hook).__module__ in ("torch.nn.utils.weight_norm", "torch.nn.utils.spectral_norm"):
             raise ValueError(
@@ -122,7 +130,8 @@ def _choose(module: nn.Module, name: str) -> Rule:
         return rule
     whole = rule is not None and rule.whole_subtree   # its forward uses its children's weights
     if not whole and any(p.requires_grad for c in _children(module) for p in c.parameters()) or \
-            isinstance(module, (nn.ParameterList, nn.ParameterDict)):   # containers code indexes
+            isinstance(module, (nn.ParameterList, nn.ParameterDict)) or \
+            not replaced and type(module).forward is nn.Module.forward:   # containers code reads
         return FREE
     if replaced:
         reason = "its forward was replaced on the instance"

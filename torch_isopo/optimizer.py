@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import operator
 
 import torch
 from torch import Tensor, nn
@@ -104,8 +105,15 @@ class ISOPO(torch.optim.Optimizer):
         self._last_figures: dict[str, list] = {}       # the last step's, for diagnostics
         self._diagnostics: dict[str, dict[str, float]] | None = None
         self._undo = attach(model, self.layers, self._attachment, self._ledger)
-        # the modules, and which of their parameters train, are fixed with the layers: checked
-        # at every microbatch
+        try:
+            self._fix_structure(model, optimizer)
+        except BaseException:
+            self.detach()                  # a refused build leaves the model as it was
+            raise
+
+    def _fix_structure(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """The modules, and which of their parameters train, are fixed with the layers: checked
+        at every microbatch."""
         self._named_modules = list(model.named_modules(remove_duplicate=False))
         self._children = [_compat.own_children(m)
                           for m in {id(m): m for _, m in self._named_modules}.values()]
@@ -114,8 +122,8 @@ class ISOPO(torch.optim.Optimizer):
                             p.requires_grad)
                            for mn, m in model.named_modules() for attr, p in
                            m.named_parameters(recurse=False)]
-        self._registered = [(mn, _compat.own_parameters(m), tuple(_compat.own_parameters(m)))
-                            for mn, m in model.named_modules()]
+        self._registered = [(mn, params, tuple(params.keys())) for mn, m in model.named_modules()
+                            for params in (_compat.own_parameters(m),)]
         self._ids = self._parameter_ids()
         self._guard_strays(optimizer.param_groups)
 
@@ -146,7 +154,7 @@ class ISOPO(torch.optim.Optimizer):
                     f"parameter '{name}' was {'trainable' if trainable else 'frozen'} when ISOPO "
                     f"was built and is {'trainable' if p.requires_grad else 'frozen'} now")
         for mn, params, names in self._registered:
-            if tuple(params) != names:
+            if tuple(params.keys()) != names:
                 added = next((a for a, q in params.items()
                               if a not in names and q is not None and q.requires_grad), None)
                 if added is not None:
@@ -482,9 +490,13 @@ def _module_change(was: list, now: list) -> str:
     return "the model's modules were rearranged" + (f" (module '{moved}')" if moved else "")
 
 
-def _snapshot(children: list[dict]) -> list[tuple]:
-    """Every module's children, by name, as they are now (one C-level pass)."""
-    return list(map(tuple, map(dict.items, children)))
+_ITEMS = operator.methodcaller("items")
+
+
+def _snapshot(children: list) -> list[tuple]:
+    """Every module's children, by name, as they are now (one C-level pass; a TorchScript
+    module's are an ordered dict of its own)."""
+    return list(map(tuple, map(_ITEMS, children)))
 
 
 @contextlib.contextmanager
