@@ -1501,6 +1501,33 @@ class StackedStd(nn.Module):
         return Normal(self.pi(x), torch.stack([std] * x.shape[0])).log_prob(a).sum(-1)
 
 
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("how", ["backward(inputs=)", "autograd.grad"])
+def test_backward_naming_its_inputs_reaches_free_parameters(how, setting):
+    """``loss.backward(inputs=params)`` or ``torch.autograd.grad(loss, params)`` inside a block:
+    the free ``log_std`` is named as itself (its stand-in got the gradient: ``log_std.grad`` was
+    left None, and autograd.grad returned None for it)."""
+    torch.manual_seed(0)
+    mode, damping = setting
+    model = SB3Gaussian().to(D)
+    x, a = torch.randn(5, 3, dtype=D), torch.randn(5, 2, dtype=D)
+    A = torch.randn(5, dtype=D)
+    ref = copy.deepcopy(model)
+    want, _ = reference_gradients(ref, lambda: -ref.evaluate_actions(x, a)[0], A, mode, damping)
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1), mode=mode, damping=damping,
+                ema=None, fisher_probes=None)
+    params = list(model.parameters())
+    with opt.microbatch(A):
+        loss = -model.evaluate_actions(x, a)[0].sum()
+        if how == "autograd.grad":
+            got = torch.autograd.grad(loss, params)
+        else:
+            loss.backward(inputs=params)
+            got = [p.grad for p in params]
+    for g, q in zip(got, ref.parameters()):
+        assert torch.allclose(g, want[q], rtol=1e-9, atol=1e-12)
+
+
 class ContainerStd(nn.Module):
     """``log_std`` and a temperature in a ``ParameterList`` or ``ParameterDict``, indexed, or
     on a plain ``nn.Module`` used as a namespace (it took the generic rule, never ran, and its

@@ -90,7 +90,7 @@ class Tracker(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.paused:
+        if self.paused or func in _AUTOGRAD_CALLS:   # a backward naming its inputs= is no op
             return func(*args, **kwargs)
         if func is Tensor.to or func is Tensor.type_as:
             func, args, kwargs = _cast_args(func, args, kwargs)
@@ -767,6 +767,10 @@ def _recorded(m: "_Meeting", outs, grads) -> list[tuple]:
             per_layer[key] = (record, G if old is None else old[1] + G)
     return list(per_layer.values())
 
+
+# calls of autograd itself: the parameters they name (``backward(inputs=[log_std])``) are the
+# parameters, never their stand-ins
+_AUTOGRAD_CALLS = frozenset({Tensor.backward, torch.autograd.backward, torch.autograd.grad})
 
 # tensor attributes that compute a view, followed like any op (``w.T``, ``w.mT``)
 _VIEWS = frozenset({"T", "mT", "H", "mH", "real", "imag"})
