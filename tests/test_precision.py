@@ -338,3 +338,78 @@ def test_16bit_models_are_as_precise_as_their_per_sample_gradients(family, dtype
         floor = float((own[r].double() - w).norm() / w.norm())
         # (the two run the layers' ops in different orders, so their 16-bit roundings differ)
         assert err <= 2 * floor + 2e-3, f"{name}: {err:.3f} against {floor:.3f}"
+
+
+@pytest.mark.parametrize("damping", [0.0, 1.0, 10.0])
+@pytest.mark.parametrize("certain", ["one", "all"])     # samples whose action is near certain
+@pytest.mark.parametrize("wide", ["inputs", "outputs"])   # the factor scaled: the narrower
+def test_fp16_fisher_with_near_certain_samples(wide, certain, damping):
+    """``fisher``'s ``c_i = A_i / sqrt(ν_i² + ρ)`` is huge for a sample whose gradient is tiny
+    (an action already near certain), and the factor it scales (formed in float32) passed
+    float16's range when split into its two float16 parts: NaN gradients, which a loss scaler
+    skips at every step. Exact to the float16 brute force now."""
+    lin = nn.Linear(2, 4) if wide == "inputs" else nn.Linear(4, 2)
+    with torch.no_grad():
+        w = torch.tensor([[1.0, 0], [-1, 0], [0, 1], [0, -1]])
+        lin.weight.copy_(w if wide == "inputs" else w.T)
+        lin.bias.zero_()
+    model = nn.Sequential(lin).half()
+    if certain == "one":
+        x = torch.tensor([[14.0, 0.0, 0.0, 0.0], [1.0, 0.5, 0.0, 0.0], [14.0, 0.2, 0.0, 1.0]])
+        x, a = x[:, :2] if wide == "inputs" else x, torch.tensor([0, 1, 0])
+    elif wide == "inputs":
+        x, a = torch.tensor([[14.0, 0.0], [0.0, 14.0], [-14.0, 0.0]]), torch.tensor([0, 2, 1])
+    else:
+        x = torch.tensor([[14.0, 0, 0, 0], [0, 0, 14.0, 0], [0, 14.0, 0, 0]])
+        a = torch.tensor([0, 1, 1])
+    A = torch.tensor([1.0, 1.0, -0.5], dtype=torch.float64)
+
+    def losses(m):
+        z = m(x.to(next(m.parameters()).dtype))
+        return -torch.log_softmax(z.double(), -1).gather(-1, a[:, None])[:, 0]
+
+    own, _ = reference_gradients(model, lambda: losses(model), A, "fisher", damping)
+    m = copy.deepcopy(model)
+    opt = ISOPO(m, torch.optim.SGD(m.parameters(), lr=0.1), mode="fisher", damping=damping,
+                ema=None, fisher_probes=None)
+    with opt.microbatch(A):
+        losses(m).sum().backward()
+    for (name, p), q in zip(m.named_parameters(), model.parameters()):
+        assert torch.isfinite(p.grad).all(), name
+        err = float((p.grad.double() - own[q].double()).norm() / own[q].double().norm())
+        assert err <= 1e-2, f"{name}: {err:.3f}"
+
+
+@pytest.mark.parametrize("small", [1e-4, 1e-2])
+@pytest.mark.parametrize("mode", ["ntk", "fisher"])
+def test_fp16_keeps_samples_of_small_advantage_beside_a_large_one(mode, small):
+    """Advantages 1e4 and ``small`` on a float16 policy whose first sample has no gradient left:
+    the advantages are divided by 2^14 for the 16-bit factors and the result multiplied back,
+    which happened after its cast to float16, where the second sample's part was below its
+    smallest number (errors of 0.2 up to the whole gradient lost). As close to the float64 brute
+    force as the float16 brute force now."""
+    lin = nn.Linear(2, 4)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 0], [-1, 0], [0, 1], [0, -1]]))
+        lin.bias.zero_()
+    model = nn.Sequential(lin).half()
+    x, a = torch.tensor([[28.0, 0.0], [2.0, 1.0]]), torch.tensor([0, 1])
+    A = torch.tensor([1e4, small], dtype=torch.float64)
+
+    def losses(m):
+        z = m(x.to(next(m.parameters()).dtype))
+        return -torch.log_softmax(z.double(), -1).gather(-1, a[:, None])[:, 0]
+
+    wide = copy.deepcopy(model).double()
+    want, _ = reference_gradients(wide, lambda: losses(wide), A, mode, 0.3)
+    own, _ = reference_gradients(model, lambda: losses(model), A, mode, 0.3)
+    m = copy.deepcopy(model)
+    opt = ISOPO(m, torch.optim.SGD(m.parameters(), lr=0.1), mode=mode, damping=0.3, ema=None,
+                fisher_probes=None)
+    with opt.microbatch(A):
+        losses(m).sum().backward()
+    for (name, p), q, r in zip(m.named_parameters(), wide.parameters(), model.parameters()):
+        w = want[q]
+        err = float((p.grad.double() - w).norm() / w.norm())
+        floor = float((own[r].double() - w).norm() / w.norm())
+        assert err <= 2 * floor + 1e-3, f"{name}: {err:.3f} against {floor:.3f}"

@@ -200,6 +200,11 @@ def eager_compiled():
 _MM_OUT_DTYPE: dict[str, bool] = {}
 
 
+def has_mm_to(X: torch.Tensor) -> bool:
+    """Whether ``mm_to`` returns float32 products of 16-bit matrices like ``X`` on its device."""
+    return mm_to(X[:1, :1], X[:1, :1].T, torch.float32) is not None
+
+
 def mm_to(X: torch.Tensor, Y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     """``X @ Y`` of 16-bit matrices accumulated and returned in float32 by the GPU's matrix
     units (``mm(..., out_dtype=)``, torch ≥ 2.8 on CUDA): the products are exact, no float32

@@ -67,11 +67,25 @@ def mm_scaled(X: Tensor, Y: Tensor) -> Tensor:
     16-bit products added in float32. No term loses more than 2^-17 of itself; the products'
     own float32 sums come back in float32 on a GPU (``mm(out_dtype=)``), rounded to 16 bits
     elsewhere (an error of the result's own 16-bit rounding), without a float32 copy of the
-    other factor. Equal dtypes: one product."""
+    other factor. Equal dtypes: one product.
+
+    float16 ends at 65504 and its smallest number is 2^-24: a scaled factor can pass either
+    where the product does not (``fisher``'s ``c_i`` of a sample of tiny gradient; a sample of
+    small advantage beside a large one). On a GPU the scaled factor is brought to a largest
+    entry of 2^14 by a power of two (exact) and the float32 result scaled back; elsewhere,
+    where the products would come back in float16, the product is taken in float32, the
+    float16 factor upcast in pieces."""
     if X.dtype == Y.dtype:
         return X @ Y
     wide_left = X.dtype not in _LOW
     wide, low = (X, Y.dtype) if wide_left else (Y, X.dtype)
+    scale = None
+    if low == torch.float16:
+        if not _compat.has_mm_to(Y if wide_left else X):
+            return _mm_float32(X, Y)
+        top = torch.frexp(wide.detach().abs().amax()).exponent
+        scale = torch.ldexp(torch.ones((), device=wide.device), top - 14)
+        wide = wide / scale
     hi = wide.to(low)
     out = None
     for part in (hi, (wide - hi.to(wide.dtype)).to(low)):
@@ -79,7 +93,18 @@ def mm_scaled(X: Tensor, Y: Tensor) -> Tensor:
         prod = _compat.mm_to(a, b, torch.float32)
         prod = (a @ b).float() if prod is None else prod
         out = prod if out is None else out.add_(prod)
-    return out
+    return out if scale is None else out.mul_(scale)
+
+
+def _mm_float32(X: Tensor, Y: Tensor) -> Tensor:
+    """``X @ Y`` in float32, a 16-bit factor upcast in pieces along the inner dimension."""
+    inner = X.shape[1]
+    step = max(1, _CAST_ELEMS // max(X.shape[0], Y.shape[1], 1))
+    out = None
+    for k in range(0, inner, step):
+        part = X[:, k:k + step].float() @ Y[k:k + step].float()
+        out = part if out is None else out.add_(part)
+    return out if out is not None else X.new_zeros(X.shape[0], Y.shape[1], dtype=torch.float32)
 
 
 def side_dots(X: Tensor, Y: Tensor, dtype: torch.dtype) -> Tensor:

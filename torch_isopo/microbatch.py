@@ -406,10 +406,10 @@ def _finished(grads: list, params: list[Tensor], back: float) -> tuple:
     out = []
     for g, p in zip(grads, params):
         if g is not None:
+            if back != 1.0:           # in the wider dtype: 16 bits overflow or lose small entries
+                g = g.to(torch.promote_types(g.dtype, p.dtype)) * back
             if g.dtype != p.dtype:
                 g = g.to(p.dtype)
-            if back != 1.0:
-                g = g * back
             if not g.is_contiguous():
                 g = g.contiguous()
         out.append(g)
