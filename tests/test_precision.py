@@ -413,3 +413,28 @@ def test_fp16_keeps_samples_of_small_advantage_beside_a_large_one(mode, small):
         err = float((p.grad.double() - w).norm() / w.norm())
         floor = float((own[r].double() - w).norm() / w.norm())
         assert err <= 2 * floor + 1e-3, f"{name}: {err:.3f} against {floor:.3f}"
+
+
+@pytest.mark.parametrize("family", ["rows", "conv"])
+def test_brute_force_under_autocast_in_fisher_mode(family):
+    """The brute force recomputes each module call for its Fisher pieces: under the autocast
+    state the call ran in (outside it, a bf16 input met a float32 weight and it failed)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    model = LOW_FAMILIES[family]()
+    x = torch.randn(6, 3, generator=g) if family == "rows" else torch.randn(6, 5, 3, generator=g)
+    A = torch.randn(6, dtype=torch.float64, generator=g)
+
+    def losses(m):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logp = torch.log_softmax(m(x).float(), -1)[..., 0]
+        return -(logp if family == "rows" else logp.sum(-1))
+
+    ref = copy.deepcopy(model)
+    want, _ = reference_gradients(ref, lambda: losses(ref), A, "fisher", 1.0)
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1), mode="fisher", damping=1.0,
+                ema=None, fisher_probes=None)
+    with opt.microbatch(A):
+        losses(model).sum().backward()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert float((p.grad - want[q]).norm() / want[q].norm()) < 3e-2

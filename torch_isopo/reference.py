@@ -43,7 +43,8 @@ def reference_gradients(model: nn.Module, sample_losses: Callable[[], Tensor], a
     before, after = [before[i] for i in moved], [after[i] for i in moved]
     grads, stats = {}, {}
     for layer in layers:
-        made = [t for e in layer.entries for _, _, out in calls.get(id(e), []) for t in _leaves(out)]
+        made = [t for e in layer.entries for _, _, out, _ in calls.get(id(e), [])
+                for t in _leaves(out)]
         if made and not any(t.requires_grad for t in made) and _reentrant(losses):
             # (a layer run only without grad, a critic weighting the actor's loss, has zero
             # per-sample gradients; under reentrant checkpointing autograd.grad cannot run)
@@ -80,7 +81,10 @@ def _record_calls(layers, sample_losses, n, segments, sample_dim):
                 if mod is not e.module:          # a copy of the module made in the forward
                     return None
                 args = _expand_shared(args, e.rule.name, n, segments, sample_dim)
-                calls.setdefault(id(e), []).append([args, kwargs, None])
+                dev = next((t.device.type for t in (*args, *kwargs.values())
+                            if isinstance(t, Tensor)), "cpu")
+                amp = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+                calls.setdefault(id(e), []).append([args, kwargs, None, amp])
                 return args, kwargs
 
             def post(mod, args, kwargs, out, e=e):
@@ -202,10 +206,10 @@ def _unbatched(module: nn.Module, out: Tensor, kind: str) -> bool:
 def _pieces(layer, entry, call, losses, before, after):
     """Fisher pieces of one module call: the gradient through each position of its output.
 
-    The call is recomputed from its detached inputs, with the module's hooks and the buffers as
-    the forward found them (a spectral norm's power iteration repeats exactly), then the buffers
+    The call is recomputed from its detached inputs, under the autocast state it ran in, with the
+    module's hooks and the buffers as the forward found them (a spectral norm's power iteration repeats exactly), then the buffers
     are put back."""
-    args, kwargs, out = call
+    args, kwargs, out, (dev, enabled, dtype) = call
     outs = [o for o in (out if isinstance(out, tuple) else [out])
             if isinstance(o, Tensor) and o.requires_grad]
     if not outs:                         # a call under no_grad (a target from the same body)
@@ -215,7 +219,8 @@ def _pieces(layer, entry, call, losses, before, after):
     with torch.no_grad():
         for b, v in before:
             b.data.copy_(v)     # (not counted as a change: the graph saved some)
-    fresh = entry.module(*[det(a) for a in args], **{k: det(v) for k, v in kwargs.items()})
+    with torch.autocast(dev, dtype=dtype, enabled=enabled):     # as the call ran
+        fresh = entry.module(*[det(a) for a in args], **{k: det(v) for k, v in kwargs.items()})
     with torch.no_grad():
         for b, v in after:
             b.data.copy_(v)     # (not counted as a change: the graph saved some)
