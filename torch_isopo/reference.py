@@ -206,9 +206,9 @@ def _unbatched(module: nn.Module, out: Tensor, kind: str) -> bool:
 def _pieces(layer, entry, call, losses, before, after):
     """Fisher pieces of one module call: the gradient through each position of its output.
 
-    The call is recomputed from its detached inputs, under the autocast state it ran in, with the
-    module's hooks and the buffers as the forward found them (a spectral norm's power iteration repeats exactly), then the buffers
-    are put back."""
+    The call is recomputed from its detached inputs, under the autocast state it ran in, with
+    the module's hooks and the buffers as the forward found them (a spectral norm's power
+    iteration repeats exactly), then the buffers are put back."""
     args, kwargs, out, (dev, enabled, dtype) = call
     outs = [o for o in (out if isinstance(out, tuple) else [out])
             if isinstance(o, Tensor) and o.requires_grad]

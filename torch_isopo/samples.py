@@ -91,10 +91,10 @@ def sample_map(token_shape: torch.Size, n: int, segments: Tensor | None, sample_
             return one_sample(math.prod(dims), math.prod(dims[2:]) if len(dims) > 2 else 1, device)
     if len(dims) == 0:
         raise ValueError(
-            f"ISOPO: {where}: has no rows to map to samples (a 0-d tensor, or one vector of features "
-            "that is not computed per sample). Give it a row per sample (v.expand(n, *v.shape)); a "
-            "module that returns its parameter as it is should leave the parameter on its "
-            "parent module, where ISOPO follows it to the samples")
+            f"ISOPO: {where}: has no rows to map to samples (a 0-d tensor, or one vector of "
+            "features that is not computed per sample). Give it a row per sample "
+            "(v.expand(n, *v.shape)); a module that returns its parameter as it is should leave "
+            "the parameter on its parent module, where ISOPO follows it to the samples")
     inner = math.prod(dims[2:]) if len(dims) > 2 else 1
     tokens = math.prod(dims[:2])
     if segments is not None:
@@ -118,9 +118,9 @@ def sample_map(token_shape: torch.Size, n: int, segments: Tensor | None, sample_
     if len(dims) == 1:
         if dims[0] != n:
             raise ValueError(
-                f"ISOPO: {where}: {it} has {dims[0]} rows (one sample each) but {n} advantages were "
-                "given. If its rows are parts of samples (episodes, flattened sequences), pass "
-                "segments= to say which sample each row belongs to; if it is shared by all "
+                f"ISOPO: {where}: {it} has {dims[0]} rows (one sample each) but {n} advantages "
+                "were given. If its rows are parts of samples (episodes, flattened sequences), "
+                "pass segments= to say which sample each row belongs to; if it is shared by all "
                 "samples (a table of positions from torch.arange(T), say), give it a sample axis "
                 + ("of size 1 (torch.arange(T)[None]): the module's output then holds one copy per "
                    "sample along that axis, to be broadcast against the batch (x + wpe(pos[None])), "

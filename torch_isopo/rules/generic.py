@@ -161,7 +161,8 @@ class RecomputeFn(Function):
 def _fingerprint(t: Tensor) -> Tensor:
     """Two numbers that change with any output: its sum and its norm, in float64."""
     t = t.detach()
-    return torch.stack([t.sum(dtype=torch.float64), torch.linalg.vector_norm(t, dtype=torch.float64)])
+    return torch.stack([t.sum(dtype=torch.float64),
+                        torch.linalg.vector_norm(t, dtype=torch.float64)])
 
 
 def _same(prints: list[Tensor], outs: list[Tensor]) -> bool:

@@ -218,10 +218,11 @@ def _maps(mb, entry, device):
             ids = smap.ids.view(L, N)
             if not bool((ids == ids[:1]).all()):
                 raise ValueError(
-                    f"ISOPO: {where}: segments give the steps of one sequence to different samples; "
-                    "the state carries every step into the later ones, so a step's gradient "
-                    "holds those of the later steps' samples and cannot be credited to one. "
-                    "Give all steps of a sequence the same sample id (one sample per sequence)")
+                    f"ISOPO: {where}: segments give the steps of one sequence to different "
+                    "samples; the state carries every step into the later ones, so a step's "
+                    "gradient holds those of the later steps' samples and cannot be credited to "
+                    "one. Give all steps of a sequence the same sample id (one sample per "
+                    "sequence)")
         return smap
     return smap_of
 
