@@ -165,7 +165,8 @@ def test_flattened_time_major_entries_with_segments_are_refused(ids):
     """The entries of a time-major rollout flattened for a convolution, in a microbatch with
     ``sample_dim=1`` and ``segments``: ids in either order were read in the entries' order while
     the head reads them sequence-major, so one of the two came out wrong (errors up to 1.7).
-    Refused, naming the layouts that are exact (below)."""
+    Refused, naming the layouts that are exact (below); ids per location do not fit the head's
+    rows, refused there."""
     T, B = 2, 3
     x = torch.randn(T, B, 2, 6, 6)
     seg = {"sequence-major": torch.arange(B).repeat_interleave(T),
@@ -173,11 +174,18 @@ def test_flattened_time_major_entries_with_segments_are_refused(ids):
            "per-location": torch.arange(B).repeat(T).repeat_interleave(4)}[ids]
     model = TimeMajorEncoder()
     opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
-    with pytest.raises(ValueError, match=r"ISOPO: module 'conv' input: a batch of 6 entries .*"
-                                         r"time-major microbatch.*each step's \(B, \.\.\.\) batch"):
+    match = (r"ISOPO: module 'conv' input: a batch of 6 entries .*time-major microbatch.*each "
+             r"step's \(B, \.\.\.\) batch" if ids != "per-location" else
+             r"ISOPO: module 'head' input: segments has 24 entries but the input has 6 tokens")
+    with pytest.raises(ValueError, match=match):
         with opt.microbatch(torch.randn(B), seg, sample_dim=1):
             model(x).sum(0).sum().backward()
     assert all(p.grad is None for p in model.parameters())
+    # without segments the refusal names the same fix (it suggested segments=, refused above)
+    with pytest.raises(ValueError, match=r"ISOPO: module 'conv' input: the input has a batch of "
+                                         r"6 .*time-major.*each step's \(B, \.\.\.\) batch"):
+        with opt.microbatch(torch.randn(B), sample_dim=1):
+            model(x).sum(0).sum().backward()
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
@@ -195,6 +203,33 @@ def test_time_major_rollout_through_a_convolution(layout, setting):
         xb, seg = x.transpose(0, 1).contiguous(), torch.arange(B).repeat_interleave(T)
         check_family(TimeMajorEncoder().to(D), lambda m: m(xb).sum(1), B, *setting,
                      segments=seg)
+
+
+class TimeMajorText(nn.Module):
+    """Token ids ``(T, B)`` through an embedding, a convolution over each sequence ``(B, C, T)``
+    and a time-major LSTM, a head per token."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.conv = nn.Embedding(7, 4), nn.Conv1d(4, 4, 3, padding=1)
+        self.rnn, self.head = nn.LSTM(4, 5), nn.Linear(5, 3)
+
+    def forward(self, ids):
+        h = self.conv(self.emb(ids).permute(1, 2, 0)).permute(2, 0, 1)
+        return _logp(self.head(self.rnn(torch.tanh(h))[0])).sum(0)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+def test_time_major_sequences_through_a_convolution_with_ids_per_row(setting):
+    """Two sequences per sample in a time-major microbatch, ids per row (sequence-major): a
+    convolution over each sequence reads them per location, in its entries' order, as every
+    layer does (one id per entry is refused there, above)."""
+    torch.manual_seed(0)
+    T, entry = 5, torch.tensor([0, 1, 1])
+    ids = torch.randint(0, 7, (T, 3))
+    check_family(TimeMajorText().to(D),
+                 lambda m: torch.zeros(2, dtype=D).index_add(0, entry, m(ids)), 2, *setting,
+                 segments=entry.repeat_interleave(T), sample_dim=1)
 
 
 class GoalConditioned(nn.Module):

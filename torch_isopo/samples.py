@@ -162,15 +162,22 @@ def batch_map(N: int, L: int, n: int, segments: Tensor | None, where: str,
     layers): ``N`` batch entries of ``L`` rows each, stored ``(N, L)`` (entry-major) or ``(L, N)``.
     Entry b is sample b, or ``segments[b]`` (one id per entry, or one per row). With
     ``locations`` the rows are an input's locations (a convolution's): ids per row that differ
-    within one of several entries are refused, as are ids that amount to one per entry in a
-    time-major microbatch (neither can be told from ids meant for other rows)."""
+    within one of several entries are refused (they cannot be told from ids meant for other
+    rows). In a time-major microbatch one id per entry of a batch-first input is refused: its
+    entries may have been flattened from ``(T, B)`` or from ``(B, T)``; ids per location follow
+    the entries' order, sequence-major like every layer's."""
     if n == 1 and (N != 1 or segments is not None):     # one sample: every row is its own
         return one_sample(N * L, 1, device)
     if segments is None:
         if N != n:
             raise ValueError(f"ISOPO: {where}: the input has a batch of {N} but {n} advantages "
-                             "were given; pass segments= to say which sample each batch entry "
-                             "belongs to" + _OTHER_ROWS)
+                             "were given; " + (
+                                 "in a time-major microbatch (sample_dim=1) a batch flattened "
+                                 "from (T, B) cannot be told from one flattened from (B, T): "
+                                 "call the module on each step's (B, ...) batch, one entry per "
+                                 "sample" if sample_dim == 1 and entry_major and N % n == 0 else
+                                 "pass segments= to say which sample each batch entry belongs "
+                                 "to") + _OTHER_ROWS)
         base = torch.arange(n, device=device)
         if entry_major:
             return SampleMap(base.repeat_interleave(L), n, 1, "first", L)
@@ -192,8 +199,6 @@ def batch_map(N: int, L: int, n: int, segments: Tensor | None, where: str,
                     "cannot tell them from ids meant for other rows (another layer's entries, as "
                     "many by coincidence). Give each sample batch entries of its own (one id per "
                     "entry), or pack the samples along one row (a batch of one entry)")
-            if flat:
-                raise _time_major_entries(where, N)
         return SampleMap(seg if entry_major else seg.view(N, L).T.reshape(-1), n, 1, None, 0)
     raise ValueError(f"ISOPO: {where}: segments has {segments.numel()} entries but the input has "
                      f"a batch of {N} with {L} positions each; give one sample id per batch "
