@@ -139,7 +139,8 @@ class Ledger:
                          "F.linear(x, emb.weight), a fused kernel, a method reading "
                          "self.table.weight outside the table module's forward, or "
                          "torch.func.functional_call with tensors computed from the parameters "
-                         "in their place), a graph built outside any "
+                         "in their place), a penalty on the parameters in the loss "
+                         "(λ·‖W‖², which no sample owns), a graph built outside any "
                          "microbatch was back-propagated inside one, or a free parameter (one "
                          "held beside children with rules) was used inside a region of reentrant "
                          "activation checkpointing; ISOPO cannot attribute it to samples. Route "
@@ -148,8 +149,9 @@ class Ledger:
                          "emb.weight), which ISOPO merges with its owner into one layer; read a "
                          "module's parameter through that module (give it a forward returning "
                          "what is read, and call it: self.table(s)); give functional_call the "
-                         "parameters themselves or detached tensors; apply a free parameter "
-                         "outside checkpointed regions")
+                         "parameters themselves or detached tensors; put a penalty in the inner "
+                         "optimizer's weight_decay or in a backward of its own outside the "
+                         "microbatch; apply a free parameter outside checkpointed regions")
             else:
                 return None
             self.made.clear()                  # this backward stops here: leave nothing behind
