@@ -201,8 +201,14 @@ _MM_OUT_DTYPE: dict[str, bool] = {}
 
 
 def has_mm_to(X: torch.Tensor) -> bool:
-    """Whether ``mm_to`` returns float32 products of 16-bit matrices like ``X`` on its device."""
-    return mm_to(X[:1, :1], X[:1, :1].T, torch.float32) is not None
+    """Whether ``mm_to`` returns float32 products of 16-bit matrices like ``X`` on its device
+    (probed once per device type)."""
+    dev = X.device.type
+    if dev != "cuda" or X.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if dev not in _MM_OUT_DTYPE:
+        mm_to(X[:1, :1], X[:1, :1].T, torch.float32)
+    return _MM_OUT_DTYPE[dev]
 
 
 def mm_to(X: torch.Tensor, Y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
