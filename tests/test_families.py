@@ -1563,6 +1563,32 @@ def test_backward_naming_its_inputs_reaches_free_parameters(how, setting):
         assert torch.allclose(g, want[q], rtol=1e-9, atol=1e-12)
 
 
+class FixedStd(nn.Module):
+    """A Gaussian policy trained at a fixed std: its ``log_std`` used detached (a constant)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.mu, self.log_std = nn.Linear(3, 2), nn.Parameter(torch.randn(2) * 0.3)
+
+    def forward(self, x, a):
+        mean = self.mu(x)
+        std = self.log_std.detach().exp()
+        if self.how == "beside a use":
+            mean = mean * self.log_std.exp()
+        return Normal(mean, std).log_prob(a).sum(-1)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("how", ["only", "beside a use"])
+def test_free_parameter_used_detached(how, setting):
+    """A free parameter used through ``.detach()`` is a constant there (it crashed inside the
+    backward asking autograd for its gradient through the detached tensor)."""
+    torch.manual_seed(0)
+    x, a = torch.randn(4, 3, dtype=D), torch.randn(4, 2, dtype=D)
+    check_family(FixedStd(how).to(D), lambda m: m(x, a), 4, *setting)
+
+
 class ContainerStd(nn.Module):
     """``log_std`` and a temperature in a ``ParameterList`` or ``ParameterDict``, indexed, or
     on a plain ``nn.Module`` used as a namespace (it took the generic rule, never ran, and its

@@ -90,7 +90,8 @@ class Tracker(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.paused or func in _AUTOGRAD_CALLS:   # a backward naming its inputs= is no op
+        if self.paused or func in _AUTOGRAD_CALLS or func is Tensor.detach:
+            # (a backward naming its inputs= is no op; a detached tensor is a constant)
             return func(*args, **kwargs)
         if func is Tensor.to or func is Tensor.type_as:
             func, args, kwargs = _cast_args(func, args, kwargs)
@@ -416,7 +417,7 @@ _POINTWISE = frozenset({
     "floor_divide", "pow", "float_power", "maximum", "minimum", "fmax", "fmin", "where", "lerp",
     "addcmul", "addcdiv", "atan2", "hypot", "remainder", "fmod", "xlogy", "nan_to_num",
     "masked_fill", "to", "type", "type_as", "float", "double", "half", "bfloat16", "contiguous",
-    "clone", "detach", "copysign", "sinc", "logaddexp", "logaddexp2", "threshold", "dropout",
+    "clone", "copysign", "sinc", "logaddexp", "logaddexp2", "threshold", "dropout",
     "alpha_dropout", "digamma", "lgamma", "polygamma", "mvlgamma", "i0",
     "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__isub__", "__mul__",
     "__rmul__", "__imul__", "__truediv__", "__rtruediv__", "__itruediv__", "__div__",
