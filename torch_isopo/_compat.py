@@ -158,6 +158,12 @@ def distributed_tensors() -> bool:
     return "torch.distributed.tensor" in sys.modules
 
 
+def is_convolution(module) -> bool:
+    """Whether ``module`` is a convolution of ``torch.nn`` (transposed or not, lazy or not): their
+    common base class is private."""
+    return isinstance(module, nn.modules.conv._ConvNd)
+
+
 def own_children(module) -> dict:
     """The module's direct submodules by attribute name (``Module._modules``)."""
     return module._modules

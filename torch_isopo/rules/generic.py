@@ -269,7 +269,7 @@ def _replayed(ctx):
 def _batched_rank(module) -> int | None:
     """The rank of a convolution's batched input and output ``(N, C, *spatial)`` (its batch axis
     is dim 0 whatever ``sample_dim`` says), None for other modules."""
-    if isinstance(module, nn.modules.conv._ConvNd):
+    if _compat.is_convolution(module):
         return len(module.kernel_size) + 2
     return None
 
