@@ -1014,6 +1014,39 @@ def test_generic_module_switched_to_eval_before_the_backward(setting):
         check_family(model.train(), losses, 4, *setting)
 
 
+class PromptTuned(nn.Module):
+    """A trainable prompt before a frozen ``nn.TransformerEncoder`` (generic rule), in eval mode:
+    without grad the encoder takes its inference fast path (padded positions come out as
+    zeros), which the recompute with grad does not."""
+
+    def __init__(self):
+        super().__init__()
+        self.prompt = nn.Parameter(torch.randn(2, 8))
+        self.enc = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 1)
+        self.enc.requires_grad_(False)
+
+    def forward(self, x, mask):
+        return self.enc(torch.cat([self.prompt.expand(x.shape[0], -1, -1), x], 1),
+                        src_key_padding_mask=mask)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+def test_generic_module_with_an_inference_fast_path(setting):
+    """Its forward runs with grad, as its recompute does and as a plain training forward would
+    (run without grad it took the fast path and the recompute check refused it)."""
+    import warnings
+    torch.manual_seed(0)
+    x, mask = torch.randn(4, 5, 8), torch.zeros(4, 7, dtype=torch.bool)
+    mask[0, 5:] = True
+    model = PromptTuned().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check_family(model, lambda m: (m(x.to(next(m.parameters()).dtype), mask)
+                                       * (~mask)[..., None]).pow(2).sum((1, 2)), 4, *setting,
+                     tol=1e-5)
+
+
 class MaskedHead(nn.Module):
     """A generic module returning logits with illegal actions at -inf."""
 

@@ -113,13 +113,16 @@ class RecomputeFn(Function):
                         else None)
         ctx.device = dev
         before = [(b, b.clone()) for b in use.entry.module.buffers()]
-        with torch.no_grad():
+        # with grad, as the recompute runs and as a plain training forward would: modules with a
+        # fast path for inference (nn.TransformerEncoder in eval mode) compute otherwise without
+        with torch.enable_grad():
             out = use.call(inputs, params)
         # buffers the forward moved (running statistics, power iterations): the recompute
         # starts from where this forward started
         ctx.buffers = [(b, v) for b, v in before if not torch.equal(b, v)]
         ctx.modes = [(m, m.training) for m in use.entry.module.modules()]
         leaves, spec = _compat.tree_flatten(out)
+        leaves = [t.detach() if isinstance(t, Tensor) else t for t in leaves]   # (graph dropped)
         use.set_outputs(leaves, spec, lambda: _from_samples(use, ctx, inputs, params))
         tensors = tuple(t for t in leaves if isinstance(t, Tensor))
         ctx.prints = [_fingerprint(t) for t in tensors if t.is_floating_point()]
