@@ -1047,6 +1047,32 @@ def test_generic_module_with_an_inference_fast_path(setting):
                      tol=1e-5)
 
 
+class ComplexOut(nn.Module):
+    """A generic module returning a complex tensor beside a real one."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x):
+        y = F.linear(x, self.w)
+        return y, torch.complex(y, y)
+
+
+def test_generic_module_with_a_complex_output_is_refused():
+    """Refused at the forward, naming the module and the fix (it crashed in the backward)."""
+    import warnings
+    model = nn.Sequential(nn.Linear(4, 4), ComplexOut())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(TypeError, match=r"ISOPO: module '1' output is complex.*view_as_real"):
+        with opt.microbatch(torch.randn(3)):
+            y, z = model(torch.randn(3, 4))
+            (y.sum(1) + z.abs().sum(1)).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+
+
 class MaskedHead(nn.Module):
     """A generic module returning logits with illegal actions at -inf."""
 

@@ -56,6 +56,11 @@ class RecomputeUse:
                 "in tuples, lists or dicts. Return the tensors it is built from (logits, mean "
                 "and scale) and build it outside the module, or keep the parameters in child "
                 "modules (nn.Linear), whose parent may return any object")
+        if any(isinstance(t, Tensor) and t.is_complex() for t in leaves):
+            raise TypeError(
+                f"ISOPO: {where} is complex: the generic rule maps real outputs to samples. "
+                "Return its real and imaginary parts (torch.view_as_real(z)) and combine them "
+                "outside the module")
         flat = [t for t in leaves if isinstance(t, Tensor) and t.is_floating_point() and t.dim() == 1]
         rows = self.mb.n > 1 and bool(flat)
         if rows and not (self.mb.segments is None and all(t.numel() == self.mb.n for t in flat)
