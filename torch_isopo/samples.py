@@ -148,6 +148,13 @@ def sample_map(token_shape: torch.Size, n: int, segments: Tensor | None, sample_
     return SampleMap(ids, n, inner, "second", T)
 
 
+def entry_ids(ids: Tensor, N: int, L: int, entry_major: bool = True) -> Tensor | None:
+    """One id per batch entry of ``N`` entries of ``L`` rows each (stored ``(N, L)``, or
+    ``(L, N)``), or None where the ids differ within an entry."""
+    rows = ids.view(N, L) if entry_major else ids.view(L, N).T
+    return rows[:, 0].contiguous() if bool((rows == rows[:, :1]).all()) else None
+
+
 def one_sample(rows: int, inner: int, device) -> SampleMap:
     """A microbatch of one sample: every row is that sample's, whatever the input's layout (an
     episode's ``(T, d)`` observations without a batch axis)."""
@@ -182,23 +189,20 @@ def batch_map(N: int, L: int, n: int, segments: Tensor | None, where: str,
         if entry_major:
             return SampleMap(base.repeat_interleave(L), n, 1, "first", L)
         return SampleMap(base.repeat(L), n, 1, "second", L)
-    flat = entry_major and N > 1 and sample_dim == 1     # entries maybe flattened from (T, B)
     if segments.numel() == N:
-        if flat:
+        if entry_major and N > 1 and sample_dim == 1:     # entries maybe flattened from (T, B)
             raise _time_major_entries(where, N)
         seg = segments.to(device)
         return SampleMap(seg.repeat_interleave(L) if entry_major else seg.repeat(L), n, 1, None, 0)
     if segments.numel() == N * L:
         seg = segments.to(device)
-        if locations and N > 1:
-            rows = seg.view(N, L)
-            if not bool((rows == rows[:, :1]).all()):
-                raise ValueError(
-                    f"ISOPO: {where}: segments has {N * L} entries, one per location of its "
-                    f"{N} batch entries of {L} locations, and they differ within an entry: ISOPO "
-                    "cannot tell them from ids meant for other rows (another layer's entries, as "
-                    "many by coincidence). Give each sample batch entries of its own (one id per "
-                    "entry), or pack the samples along one row (a batch of one entry)")
+        if locations and N > 1 and entry_ids(seg, N, L) is None:
+            raise ValueError(
+                f"ISOPO: {where}: segments has {N * L} entries, one per location of its "
+                f"{N} batch entries of {L} locations, and they differ within an entry: ISOPO "
+                "cannot tell them from ids meant for other rows (another layer's entries, as "
+                "many by coincidence). Give each sample batch entries of its own (one id per "
+                "entry), or pack the samples along one row (a batch of one entry)")
         return SampleMap(seg if entry_major else seg.view(N, L).T.reshape(-1), n, 1, None, 0)
     raise ValueError(f"ISOPO: {where}: segments has {segments.numel()} entries but the input has "
                      f"a batch of {N} with {L} positions each; give one sample id per batch "

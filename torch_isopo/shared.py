@@ -90,8 +90,7 @@ class Tracker(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.paused or func in _AUTOGRAD_CALLS or func is Tensor.detach:
-            # (a backward naming its inputs= is no op; a detached tensor is a constant)
+        if self.paused or func in _PASSED:
             return func(*args, **kwargs)
         if func is Tensor.to or func is Tensor.type_as:
             func, args, kwargs = _cast_args(func, args, kwargs)
@@ -769,9 +768,10 @@ def _recorded(m: "_Meeting", outs, grads) -> list[tuple]:
     return list(per_layer.values())
 
 
-# calls of autograd itself: the parameters they name (``backward(inputs=[log_std])``) are the
-# parameters, never their stand-ins
-_AUTOGRAD_CALLS = frozenset({Tensor.backward, torch.autograd.backward, torch.autograd.grad})
+# calls run as they are: autograd's own, whose parameters named (``backward(inputs=[log_std])``)
+# are the parameters, never their stand-ins; ``detach``, whose result is a constant
+_PASSED = frozenset({Tensor.backward, torch.autograd.backward, torch.autograd.grad,
+                     Tensor.detach})
 
 # tensor attributes that compute a view, followed like any op (``w.T``, ``w.mT``)
 _VIEWS = frozenset({"T", "mT", "H", "mH", "real", "imag"})

@@ -20,7 +20,7 @@ from torch.autograd import Function
 
 from ..finish import ExplicitUse
 from ..gate import own_op
-from ..samples import SampleMap
+from ..samples import SampleMap, entry_ids
 from . import Rule, register
 from .linear import LinearFn, LinearUse
 
@@ -147,16 +147,15 @@ class _Context:
         seg = self.mb.segments
         if seg is None or seg.numel() == self.N or self.mb.n == 1:
             return self.smap(1, device)
-        ids = self.smap(L, device).ids
-        ids = ids.view(self.N, L) if not self.seq_first else ids.view(L, self.N).T
-        if not bool((ids == ids[:, :1]).all()):
+        ids = entry_ids(self.smap(L, device).ids, self.N, L, not self.seq_first)
+        if ids is None:
             raise ValueError(
                 f"ISOPO: module '{self.entry.name}' (add_bias_kv=True) has samples packed in one "
                 "batch entry (segments= ids that differ within an entry): its learned key and "
                 "value are one key per entry that all of them attend to, whose gradient cannot be "
                 "split by sample. Give each sample a batch entry of its own (padded, segments= "
                 "with one id per entry), or set add_bias_kv=False")
-        return SampleMap(ids[:, 0].contiguous(), self.mb.n, 1, None, 0)
+        return SampleMap(ids, self.mb.n, 1, None, 0)
 
     def heads(self, t: Tensor, H: int) -> Tensor:
         """``(N, H, L, hd)``: a projection split into heads."""

@@ -22,6 +22,7 @@ from torch.autograd import Function
 from ..factors import FactorUse, work_dtype
 from ..finish import ExplicitUse
 from ..gate import own_op
+from ..samples import entry_ids
 from . import Rule, parametrized, register
 from .parametrized import chained_use
 from .linear import as_autocast, only_input
@@ -126,8 +127,7 @@ def _mixes_samples(spatial, flat_pads: list[int], mode: str, use: ConvUse, N: in
     unless the input has other positions (padded or shifted by the caller), which counts as
     mixing too."""
     ids = use.smap.ids
-    rows = ids.view(N, -1)
-    if bool((rows == rows[:, :1]).all()):
+    if entry_ids(ids, N, ids.numel() // N) is not None:
         return False
     size = math.prod(spatial)
     if ids.numel() != N * size:

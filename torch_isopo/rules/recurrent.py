@@ -25,7 +25,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from ..factors import FactorUse
 from ..gate import own_op
-from ..samples import SampleMap
+from ..samples import SampleMap, entry_ids
 from . import Rule, register
 from .linear import LinearFn, LinearUse, autocast_dtype
 
@@ -172,7 +172,7 @@ def _direction(p: _Params, record, smap_of, kind, x, h, c, sfx, reverse, lengths
     w_hr, s4 = p.get("weight_hr" + sfx)
     if w_hr is not None:         # the projection's rows at each step: the entries' samples
         step_map = smap_of(N, 1) if smap.layout is not None else \
-            SampleMap(smap.ids.view(T, N)[0], smap.n, 1, None, 0)
+            SampleMap(entry_ids(smap.ids, N, T, False), smap.n, 1, None, 0)
     outs, hs, rs = [None] * T, [None] * T, [None] * T
     step = _stepper(kind, gi, w_hh.detach(), detached(b_hh))
     for t in (reversed(range(T)) if reverse else range(T)):
@@ -214,15 +214,13 @@ def _maps(mb, entry, device):
     def smap_of(N, L):
         where = f"module '{entry.name}' input"
         smap = mb.batch_map(N, L, where, device, entry_major=False)
-        if L > 1 and smap.layout is None:
-            ids = smap.ids.view(L, N)
-            if not bool((ids == ids[:1]).all()):
-                raise ValueError(
-                    f"ISOPO: {where}: segments give the steps of one sequence to different "
-                    "samples; the state carries every step into the later ones, so a step's "
-                    "gradient holds those of the later steps' samples and cannot be credited to "
-                    "one. Give all steps of a sequence the same sample id (one sample per "
-                    "sequence)")
+        if L > 1 and smap.layout is None and entry_ids(smap.ids, N, L, False) is None:
+            raise ValueError(
+                f"ISOPO: {where}: segments give the steps of one sequence to different "
+                "samples; the state carries every step into the later ones, so a step's "
+                "gradient holds those of the later steps' samples and cannot be credited to "
+                "one. Give all steps of a sequence the same sample id (one sample per "
+                "sequence)")
         return smap
     return smap_of
 
