@@ -58,6 +58,22 @@ def test_bad_advantages(mlp, adv, match):
     _assert_untouched(model, opt, snap)
 
 
+def test_advantages_and_segments_as_numpy_views():
+    """Numpy views with negative strides (``np.flip``) are read like their copies."""
+    np = pytest.importorskip("numpy")
+    torch.manual_seed(0)
+    X, A, seg = torch.randn(4, 5), np.array([0.5, -1.0, 2.0]), np.array([2, 1, 1, 0])
+    grads = []
+    for adv, ids in ((np.flip(A), np.flip(seg)), (A[::-1].copy(), seg[::-1].copy())):
+        torch.manual_seed(1)
+        model = MLPPolicy()
+        opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        with opt.microbatch(adv, segments=ids):
+            model(X).sum().backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert all(torch.equal(g, h) for g, h in zip(*grads))
+
+
 def test_advantage_count_must_match_samples(mlp):
     model, opt, X = mlp
     snap = _snapshot(model, opt)

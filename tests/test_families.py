@@ -1310,6 +1310,150 @@ def test_nanogpt_positions_without_a_sample_axis_are_refused(t, mode):
     assert all(p.grad is None for p in model.parameters())
 
 
+# -- a forward per sample, and size-1 sample axes that are not shared ----------------------------
+def _per_sample_models():
+    """(model, one sample's input of a batch of one, its loss from the output) per first layer."""
+    from models import gpt2, qwen3
+    torch.manual_seed(0)
+    ids = torch.randint(0, 32, (3, 5))
+    x, img = torch.randn(3, 4, 5, dtype=D), torch.randn(3, 2, 5, 5, dtype=D)
+
+    def lm(i):          # the next-token terms of sequence i
+        return lambda out: -torch.log_softmax(getattr(out, "logits", out)[0, :-1].double(),
+                                              -1).gather(-1, ids[i, 1:, None]).sum()
+    seq = lambda i: lambda out: _logp(out[0]).sum()           # noqa: E731
+    return {
+        "linear": (nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3)), x, seq),
+        "layernorm": (nn.Sequential(nn.LayerNorm(5), nn.Linear(5, 3)), x, seq),
+        "conv": (nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(27, 3)), img, seq),
+        "generic": (nn.Sequential(nn.ConvTranspose2d(2, 3, 2), nn.Flatten(), nn.Linear(108, 3)),
+                    img, seq),
+        "gpt2": (gpt2(), ids, lm),
+        "qwen3": (qwen3(), ids, lm),
+    }
+
+
+@pytest.mark.parametrize("gates", ["auto", "layer"])
+@pytest.mark.parametrize("first", ["linear", "layernorm", "conv", "generic", "gpt2", "qwen3"])
+def test_a_forward_per_sample_is_refused(first, gates):
+    """A loop over the samples with a batch of one each (variable-length sequences without
+    padding): each call's input has size 1 on the sample axis, like a table shared by all
+    samples, whose copies would credit every call to the first sample. Refused at the backward,
+    nothing written, naming the fix (one batch, padded or packed)."""
+    model, inputs, loss = _per_sample_models()[first]
+    model = model.to(D)
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1), gates=gates)
+    with pytest.raises(ValueError, match="forward per sample.*one batch.*segments="):
+        with opt.microbatch(torch.randn(3)):
+            torch.stack([loss(i)(model(inputs[i:i + 1])) for i in range(3)]).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_forward_per_sample_on_rows_names_the_loop_fix():
+    """An MLP called per sample on ``x[i:i+1]`` is refused at the forward (1 row for 3
+    samples), and the message says how a loop's samples go in (its other fix, a size-1 sample
+    axis, is then refused at the backward)."""
+    model = nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3)).to(D)
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x = torch.randn(3, 5, dtype=D)
+    with pytest.raises(ValueError, match="a forward per sample.*one batch"):
+        with opt.microbatch(torch.randn(3)):
+            torch.stack([_logp(model(x[i:i + 1]))[0] for i in range(3)]).sum().backward()
+    with pytest.raises(ValueError, match="forward per sample"):
+        with opt.microbatch(torch.randn(3)):
+            torch.stack([_logp(model(x[i:i + 1][None]))[0, 0] for i in range(3)]).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+
+
+class TwoTables(nn.Module):
+    """A table of positions through a small MLP, used twice before the observations enter
+    (shared by all samples both times)."""
+
+    def __init__(self, T):
+        super().__init__()
+        self.pos, self.enc, self.head = nn.Linear(2, 4), nn.Linear(3, 4), nn.Linear(4, 3)
+        self.table = torch.linspace(0, 1, 2 * T).view(1, T, 2)
+
+    def forward(self, x):
+        p = self.pos(self.table.to(x.dtype))
+        q = self.pos(self.table.to(x.dtype).flip(1))
+        return self.head(torch.tanh(self.enc(x) + p * q))
+
+
+@pytest.mark.parametrize("T", [3, 4])           # T == n and T != n
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+def test_a_shared_table_before_the_samples_is_exact(setting, T):
+    """A table shared by all samples (size 1 on the sample axis) may reach a layer several
+    times, and have as many rows as samples, before the data with the samples does: exact."""
+    torch.manual_seed(0)
+    x, a = torch.randn(3, T, 3, dtype=D), torch.randint(0, 3, (3, T))
+    check_family(TwoTables(T).to(D), lambda m: -torch.log_softmax(m(x), -1).gather(
+        -1, a[..., None]).squeeze(-1).sum(1), 3, *setting)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+def test_a_policy_without_observations_on_a_shared_input_is_exact(setting):
+    """A bandit policy: an MLP on one constant input shared by all samples, its output (one copy
+    per sample inside a microbatch) broadcast against each sample's action: exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(D)
+    ctx, act = torch.randn(1, 1, 4, dtype=D), F.one_hot(torch.tensor([0, 2, 1, 2]), 3).to(D)
+    check_family(model, lambda m: -(torch.log_softmax(m(ctx)[:, 0], -1) * act).sum(-1), 4,
+                 *setting)
+
+
+@pytest.mark.parametrize("sample_dim", [0, 1])
+def test_samples_along_the_other_axis_are_refused(sample_dim):
+    """Data ``(1, n, d)`` read with ``sample_dim=0`` (or ``(n, 1, d)`` with 1): as many entries
+    as samples along the other axis, no input carrying them on the sample axis. Refused at the
+    backward naming ``sample_dim``; with it given, exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3)).to(D)
+    x, a = torch.randn(1, 3, 5, dtype=D), torch.randint(0, 3, (3,))
+    x = x if sample_dim == 0 else x.transpose(0, 1)
+
+    def losses(m):
+        out = m(x)
+        out = out[0] if sample_dim == 0 else out[:, 0]
+        return -torch.log_softmax(out, -1).gather(-1, a[:, None])[:, 0]
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match=f"say so with sample_dim={1 - sample_dim}"):
+        with opt.microbatch(torch.randn(3), sample_dim=sample_dim):
+            losses(model).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    opt.detach()
+    for setting in SETTINGS:
+        check_family(model, losses, 3, *setting, sample_dim=1 - sample_dim)
+
+
+class StepHead(nn.Module):
+    """A time-major LSTM run on one step of the batch, ``(1, B, d)``, then a head on it."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.head = nn.LSTM(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(self.rnn(x[None])[0])
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+def test_a_time_major_step_into_a_head(setting):
+    """The head's input ``(1, B, d)`` comes from the LSTM's per-sample output with its samples
+    on dim 1: with ``sample_dim=0`` refused at the forward (its copies would credit each row to
+    the first sample), naming the fix; with ``sample_dim=1`` exact."""
+    torch.manual_seed(0)
+    x, a = torch.randn(3, 4, dtype=D), torch.randint(0, 3, (3,))
+    losses = lambda m: -torch.log_softmax(m(x)[0], -1).gather(-1, a[:, None])[:, 0]  # noqa: E731
+    model = StepHead().to(D)
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="'head'.*per-sample output.*sample_dim="):
+        with opt.microbatch(torch.randn(3)):
+            losses(model).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    check_family(StepHead().to(D), losses, 3, *setting, sample_dim=1)
+
+
 # -- one sample: an episode without a batch axis ---------------------------------------------
 T1 = 5
 _EPISODE_ACTIONS = torch.randn(T1, 2, dtype=D, generator=torch.Generator().manual_seed(3))

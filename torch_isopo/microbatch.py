@@ -83,9 +83,11 @@ def finish_records(records: list[LayerRecord], arrived: list[tuple]) -> list[tup
         _check_arrived(r, uses, got)
         if uses:
             live.append((k, r, uses))
+    mb = records[0].mb
+    mb.check_shared()
     if not live:
         return outs
-    mb, cfg = records[0].mb, records[0].mb.settings
+    cfg = mb.settings
     A, back, S = mb.advantages(live[0][1].params[0].device)
     if cfg.mode == "fisher":
         back *= S                     # the fisher gradient ignores the loss scale: restore it
@@ -139,6 +141,9 @@ class Microbatch:
         if len(self._maps) > 64:
             self._maps.clear()
         self._used: set[int] = set()             # layers whose forward ran with grad here
+        self._shared: set[str] = set()           # modules given an input shared by all samples
+        self._data = False           # whether data with the samples has reached a layer
+        self._doubt: str | None = None   # why a shared input may be something else (its refusal)
         self._regions: dict[int, tuple] = {}     # layer -> (reentrant region node, its gate)
         self._explicit = None        # the first input with a sample axis (its description)
         self._pending: list = []     # inputs without one, their history not yet needed
@@ -287,11 +292,67 @@ class Microbatch:
             found = self._advantages[device] = (A.to(device), back, self._loss_scale())
         return found
 
-    def expand_shared(self, t: Tensor, features: bool, axis: int | None = None) -> Tensor:
+    def expand_shared(self, t: Tensor, features: bool, axis: int | None = None,
+                      name: str | None = None) -> Tensor:
         """``t`` expanded to ``n`` along the sample axis where it has size 1 there (``axis``: a
-        layer's own batch axis, as a convolution's, whatever ``sample_dim`` says)."""
-        return expand_shared(t, self.n, self.segments, self.sample_dim if axis is None else axis,
-                             t.dim() - int(features))
+        layer's own batch axis, as a convolution's, whatever ``sample_dim`` says); ``name``, the
+        module's, has the expansion checked (``_check_shared``)."""
+        dim = self.sample_dim if axis is None else axis
+        out = expand_shared(t, self.n, self.segments, dim, t.dim() - int(features))
+        if name is not None and isinstance(t, Tensor):
+            if out is t:
+                self.note_rows(t, dim)
+            elif _compat.autograd_node() is None:        # not a checkpoint's recompute
+                self._check_shared(t, dim, axis is None, name)
+        return out
+
+    def note_rows(self, t: Tensor, dim: int) -> None:
+        """A layer input computed without grad (data) with the ``n`` samples along ``dim``: the
+        samples have entered the forward."""
+        if not self._data and t.grad_fn is None and t.dim() > dim and t.shape[dim] == self.n:
+            self._data = True
+
+    def _check_shared(self, t: Tensor, dim: int, by_layout: bool, name: str) -> None:
+        """An input of size 1 on the sample axis is a table shared by all samples, each using its
+        own copy. Where it is more likely something else, which its copies would credit to the
+        first sample, it is refused: rows of a layer's per-sample output at once; a call per
+        sample (a second such input of the module) and samples along the other leading axis
+        (data ``(1, n, d)``, ``sample_dim`` forgotten) at the backward, if no data with the
+        samples reached a layer in the whole forward (``check_shared``)."""
+        shape, n, other = tuple(t.shape), self.n, 1 - dim
+        if t.grad_fn is not None and descends_from_use(t):
+            raise ValueError(
+                f"ISOPO: module '{name}' got an input of shape {shape}, size 1 on the sample axis "
+                f"(dim {dim}), computed from a layer's per-sample output: its samples lie along "
+                "another axis (a recurrent or attention layer run time-major on one step returns "
+                "(1, B, d)) or were reduced away. Give it the samples on dim "
+                f"{dim} (h[0], h.transpose(0, 1)), or say where they are with sample_dim=")
+        if self._doubt is None and name in self._shared:
+            self._doubt = (
+                f"ISOPO: module '{name}' got inputs of shape {shape}, size 1 on the sample axis "
+                f"(dim {dim}), in several calls of a microbatch of {n} samples where no input "
+                "carried the samples: a forward per sample (a loop with a batch of one) cannot "
+                "be told from a table shared by all samples, which every sample uses through a "
+                f"copy of its own (the output has {n} copies, and out[0] would credit each call "
+                "to the first sample). Run the samples as one batch (padded, with a mask), or "
+                "packed along one row with segments= (one id per token); for a table shared by "
+                f"all samples, expand it along the sample axis (t.expand({n}, ...))")
+        elif self._doubt is None and by_layout and t.grad_fn is None and t.shape[other] == n:
+            self._doubt = (
+                f"ISOPO: module '{name}' got data of shape {shape}: size 1 on the sample axis "
+                f"(dim {dim}) and {n} entries along dim {other}, as many as the samples, in a "
+                f"microbatch where no input carried them on dim {dim}. If the samples lie along "
+                f"dim {other}, say so with sample_dim={other} (or segments=, one id per row); if "
+                f"it is a table shared by all samples, expand it along the sample axis "
+                f"(t.expand({n}, ...))")
+        self._shared.add(name)
+
+    def check_shared(self) -> None:
+        """The backward of a forward where no data with the samples reached a layer: refused if
+        an input shared by all samples was more likely a forward per sample, or samples along
+        the other axis (``_check_shared``)."""
+        if self._doubt is not None and not self._data:
+            raise ValueError(self._doubt)
 
     def unbatched(self, x: Tensor, name: str) -> Tensor:
         """An unbatched input ``(C, *spatial)`` as a batch of one: the one sample's (with
@@ -430,6 +491,8 @@ def unit_advantages(A: Tensor, amax: float) -> tuple[Tensor, float]:
 def check_advantages(advantages) -> tuple[Tensor, float]:
     """The advantages as float64 on the host, a copy of their own, with ``max |A|`` (read
     once)."""
+    if isinstance(advantages, np.ndarray):      # a view with negative strides (np.flip)
+        advantages = np.ascontiguousarray(advantages)
     try:
         A = torch.as_tensor(advantages)
         if A.is_floating_point() and not isinstance(advantages, (Tensor, np.ndarray)):
@@ -455,6 +518,8 @@ def check_advantages(advantages) -> tuple[Tensor, float]:
 def check_segments(segments, n: int) -> Tensor | None:
     if segments is None:
         return None
+    if isinstance(segments, np.ndarray):
+        segments = np.ascontiguousarray(segments)
     try:
         seg = torch.as_tensor(segments)
     except (TypeError, ValueError, RuntimeError):

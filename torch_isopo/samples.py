@@ -223,7 +223,8 @@ _OTHER_ROWS = (". A call whose output is never back-propagated (a target) can ru
                "torch.no_grad(); several inputs of each sample stacked along the batch (obs and "
                "next_obs) can each have their own call; a module run on some rows only (an "
                "expert or head on h[idx]) can run on all rows, its outputs picked after "
-               "(torch.where, gather)")
+               "(torch.where, gather); a forward per sample (a loop, a batch of one each) is run "
+               "as one batch: padded, with a mask, or packed along one row with segments=")
 
 _STEPPED = (" (a module stepped once per time step on the batch, as in CleanRL's recurrent PPO, "
             "cannot tell which step runs from ids given per row: keep every tensor in its "

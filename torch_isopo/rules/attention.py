@@ -78,6 +78,7 @@ class AttentionRule(Rule):
         elif not batched:
             q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
         seq_first = not (m.batch_first and batched) or turn
+        mb.note_rows(q, int(seq_first))
         record, gated = mb.gate(layer)
         ctx = _Context(mb, record, gated, entry, q.shape[1 if seq_first else 0], seq_first)
         out, weights = _attend(m, ctx, q, k, v, a.arguments)

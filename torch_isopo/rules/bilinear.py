@@ -51,8 +51,8 @@ class BilinearRule(Rule):
 
     def forward(self, mb, layer, entry, orig, args, kwargs):
         x1, x2 = [*args, *(kwargs[k] for k in ("input1", "input2") if k in kwargs)][:2]
-        x1 = mb.expand_shared(x1, features=True)
-        x2 = mb.expand_shared(x2, features=True)
+        x1 = mb.expand_shared(x1, features=True, name=entry.name)
+        x2 = mb.expand_shared(x2, features=True, name=entry.name)
         record, gated = mb.gate(layer)
         ws, bs = entry.slot("weight"), entry.slot("bias")
         w, b = entry.tensor("weight", gated), entry.tensor("bias", gated)

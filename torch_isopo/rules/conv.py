@@ -173,7 +173,8 @@ class ConvRule(Rule):
         d = len(m.kernel_size)
         x = only_input(entry, args, kwargs)
         unbatched = x.dim() == d + 1
-        x = mb.unbatched(x, entry.name) if unbatched else mb.expand_shared(x, features=True, axis=0)
+        x = mb.unbatched(x, entry.name) if unbatched else mb.expand_shared(
+            x, features=True, axis=0, name=entry.name)
         spatial = x.shape[2:]
         pads = _pads(m, d, m.kernel_size)
         flat = [p for pair in reversed(pads) for p in pair]

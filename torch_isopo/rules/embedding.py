@@ -71,7 +71,8 @@ class EmbeddingRule(Rule):
     factor = True
 
     def forward(self, mb, layer, entry, orig, args, kwargs):
-        ids = mb.expand_shared(only_input(entry, args, kwargs), features=False)
+        ids = mb.expand_shared(only_input(entry, args, kwargs), features=False,
+                                name=entry.name)
         record, gated = mb.gate(layer)
         smap = mb.sample_map(ids.shape, f"module '{entry.name}' input", ids.device, ids)
         w = entry.slot("weight")

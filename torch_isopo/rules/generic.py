@@ -289,7 +289,8 @@ def recompute(mb, layer, entry, orig, args, kwargs, material, rng: bool):
     first = next((i for i, t in enumerate(leaves) if isinstance(t, Tensor)), None)
     if first is not None:
         conv = _batched_rank(entry.module) == leaves[first].dim()
-        leaves[first] = mb.expand_shared(leaves[first], features=True, axis=0 if conv else None)
+        leaves[first] = mb.expand_shared(leaves[first], features=True,
+                                         axis=0 if conv else None, name=entry.name)
     args, kwargs = _compat.tree_unflatten(leaves, spec)
     use = RecomputeUse(record, mb, entry, orig, args, kwargs, material, rng)
     outs = iter(RecomputeFn.apply(use, *use.inputs, *gated))

@@ -132,7 +132,7 @@ class LinearRule(Rule):
         return list(module.parametrizations) == ["weight"]
 
     def forward(self, mb, layer, entry, orig, args, kwargs):
-        x = mb.expand_shared(only_input(entry, args, kwargs), features=True)
+        x = mb.expand_shared(only_input(entry, args, kwargs), features=True, name=entry.name)
         record, gated = mb.gate(layer)
         w, ws, chain = parametrized.weight(entry, gated)
         bs, b = entry.slot("bias"), entry.tensor("bias", gated)

@@ -96,7 +96,7 @@ class NormRule(Rule):
             return out
         record, gated = mb.gate(layer)
         if args:
-            args = (mb.expand_shared(args[0], features=True), *args[1:])
+            args = (mb.expand_shared(args[0], features=True, name=entry.name), *args[1:])
         own = dict(entry.module.named_parameters(recurse=False))
         normalise = entry.cache.get("normalise")
         if normalise is not None and len(args) == 1 and not kwargs:
@@ -159,7 +159,8 @@ class ChannelNormRule(Rule):
             refuse_batch_statistics(entry.name, m)
         x = only_input(entry, args, kwargs)
         unbatched = any(isinstance(m, t) and x.dim() == r for t, r in _UNBATCHED.items())
-        x = mb.unbatched(x, entry.name) if unbatched else mb.expand_shared(x, features=True, axis=0)
+        x = mb.unbatched(x, entry.name) if unbatched else mb.expand_shared(
+            x, features=True, axis=0, name=entry.name)
         record, gated = mb.gate(layer)
         own = dict(m.named_parameters(recurse=False))
         with _set(m, {a: None if own.get(a) is None else _unit(a, own[a])

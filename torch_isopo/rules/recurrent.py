@@ -242,6 +242,8 @@ class RecurrentRule(_Recurrent):
             x, hx = x.unsqueeze(1), _batch_axis(hx, kind, 1)
         elif m.batch_first:
             x = x.transpose(0, 1)
+        if not packed:
+            mb.note_rows(x, 1)
         packed_as = None if source is None else (lengths, source)
         out, h_n, c_n = _in_autocast_dtype(x, lambda dtype: _run(
             mb, layer, entry, m, kind, _cast(x, dtype), _cast(hx, dtype), packed_as, dtype))
