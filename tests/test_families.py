@@ -1350,15 +1350,18 @@ def test_a_forward_per_sample_is_refused(first, gates):
 
 
 def test_a_forward_per_sample_on_rows_names_the_loop_fix():
-    """An MLP called per sample on ``x[i:i+1]`` is refused at the forward (1 row for 3
-    samples), and the message says how a loop's samples go in (its other fix, a size-1 sample
-    axis, is then refused at the backward)."""
+    """An MLP called per sample on ``x[i:i+1]`` or ``x[i]`` is refused at the forward (1 row, or
+    none, for 3 samples), and the message says how a loop's samples go in (the other fix it
+    names, a size-1 sample axis, is then refused at the backward)."""
     model = nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3)).to(D)
     opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
     x = torch.randn(3, 5, dtype=D)
     with pytest.raises(ValueError, match="a forward per sample.*one batch"):
         with opt.microbatch(torch.randn(3)):
             torch.stack([_logp(model(x[i:i + 1]))[0] for i in range(3)]).sum().backward()
+    with pytest.raises(ValueError, match="a forward per sample.*one batch"):
+        with opt.microbatch(torch.randn(3)):
+            torch.stack([_logp(model(x[i])) for i in range(3)]).sum().backward()
     with pytest.raises(ValueError, match="forward per sample"):
         with opt.microbatch(torch.randn(3)):
             torch.stack([_logp(model(x[i:i + 1][None]))[0, 0] for i in range(3)]).sum().backward()

@@ -94,7 +94,9 @@ def sample_map(token_shape: torch.Size, n: int, segments: Tensor | None, sample_
             f"ISOPO: {where}: has no rows to map to samples (a 0-d tensor, or one vector of "
             "features that is not computed per sample). Give it a row per sample "
             "(v.expand(n, *v.shape)); a module that returns its parameter as it is should leave "
-            "the parameter on its parent module, where ISOPO follows it to the samples")
+            "the parameter on its parent module, where ISOPO follows it to the samples; the "
+            "samples of a forward per sample (a loop, one vector each) go in one batch, a row "
+            "each")
     inner = math.prod(dims[2:]) if len(dims) > 2 else 1
     tokens = math.prod(dims[:2])
     if segments is not None:
