@@ -318,6 +318,14 @@ def test_sample_losses_must_be_per_sample():
         check(model, lambda m: -logp0(m(X)), torch.randn(4))
 
 
+def test_sample_losses_of_another_model_are_refused():
+    """``sample_losses`` that runs the user's own model rather than the copy it is given would
+    compare two zero gradients: refused, naming the fix."""
+    model, own = mlp(), mlp().double()
+    with pytest.raises(ValueError, match="run the forward of the module m it is given"):
+        check(model, lambda m: -logp0(own(X.double())))
+
+
 class ScaledInPlace(nn.Module):
     """A tied embedding and output layer, the embedding's output scaled in place (CTRL's
     ``inputs_embeds *= sqrt(d)``)."""

@@ -1349,6 +1349,74 @@ def test_a_forward_per_sample_is_refused(first, gates):
     assert all(p.grad is None for p in model.parameters())
 
 
+class LoopBesideBatch(nn.Module):
+    """A model run per sample (a batch of one each) beside a value branch on the whole batch."""
+
+    def __init__(self, enc, batch_first):
+        super().__init__()
+        self.enc, self.val, self.batch_first = enc, nn.Linear(4, 1), batch_first
+
+    def forward(self, loop_inputs, loss, obs):
+        def looped():
+            return torch.stack([loss(i)(self.enc(loop_inputs[i:i + 1])) for i in range(3)])
+        if self.batch_first:
+            v = self.val(obs).sum((1, 2))
+            return looped() + v
+        p = looped()
+        return p + self.val(obs).sum((1, 2))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("gates", ["auto", "layer"])
+@pytest.mark.parametrize("first", ["linear", "layernorm", "conv", "generic", "gpt2"])
+def test_a_forward_per_sample_beside_batched_data_is_refused(first, gates, batch_first):
+    """The loop next to a branch on the batch (data with the samples reaches a layer): each
+    call's output has a copy per sample of which the loop's loss reads the first alone.
+    Refused at the backward, naming the fix."""
+    enc, inputs, loss = _per_sample_models()[first]
+    model = LoopBesideBatch(enc, batch_first).to(D)
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1), gates=gates)
+    obs = torch.randn(3, 2, 4, dtype=D)
+    with pytest.raises(ValueError, match="one copy alone of the 3 reached the loss.*one batch"):
+        with opt.microbatch(torch.randn(3)):
+            model(inputs, loss, obs).sum().backward()
+    if gates == "auto":
+        assert all(p.grad is None for p in model.parameters())
+
+
+class Packed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.norm, self.head = nn.Embedding(7, 6), nn.LayerNorm(6), nn.Linear(6, 7)
+
+    def forward(self, ids):
+        return self.head(self.norm(self.emb(ids)))
+
+
+def _packed_losses(m, ids, seg):
+    """Per-sample sums of the next-token terms of samples packed along one row ``(1, N)``."""
+    logp = torch.log_softmax(m(ids)[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
+    same = (seg[1:] == seg[:-1]).to(logp.dtype)
+    return -torch.zeros(3, dtype=logp.dtype).index_add(0, seg[:-1], logp * same)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+def test_samples_packed_along_one_row_need_segments(setting):
+    """Samples packed along one row ``(1, N)`` without ``segments=`` look like a table shared by
+    all samples: refused at the backward (one copy alone reaches the loss); with them, exact."""
+    torch.manual_seed(0)
+    ids, seg = torch.randint(0, 7, (1, 9)), torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    model = Packed().to(D)
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1), mode=setting[0],
+                damping=setting[1])
+    with pytest.raises(ValueError, match="'emb'.*one copy alone.*segments="):
+        with opt.microbatch(torch.randn(3)):
+            _packed_losses(model, ids, seg).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    opt.detach()
+    check_family(model, lambda m: _packed_losses(m, ids, seg), 3, *setting, segments=seg)
+
+
 def test_a_forward_per_sample_on_rows_names_the_loop_fix():
     """An MLP called per sample on ``x[i:i+1]`` or ``x[i]`` is refused at the forward (1 row, or
     none, for 3 samples), and the message says how a loop's samples go in (the other fix it

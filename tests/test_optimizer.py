@@ -2,6 +2,7 @@
 import contextlib
 import copy
 import io
+import math
 
 import pytest
 import torch
@@ -164,6 +165,25 @@ def test_diagnostics_after_step():
     for figs in opt.diagnostics.values():
         assert {"rho", "c_ratio", "cond", "m"} <= set(figs)
         assert figs["rho"] > 0 and figs["cond"] >= 1
+
+
+@pytest.mark.parametrize("route", ["gram", "materialise"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cond_of_duplicated_samples_is_infinite(dtype, route):
+    """Two identical samples make every layer's K singular: ``cond`` is inf, not the ratio of
+    the rounding left in its smallest eigenvalue; a layer without gradient has ``cond`` 1."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), nn.Linear(1, 1)).to(dtype)
+    model[3].requires_grad_(True)
+    x = torch.randn(4, 3, dtype=dtype)
+    x[1] = x[0]
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.0), route=route)
+    with opt.microbatch(torch.randn(4)):
+        (-torch.log_softmax(model[:3](x), -1)[:, 0] + 0 * model[3](x[:, :1])[:, 0]).sum().backward()
+    opt.step()
+    figs = opt.diagnostics
+    assert figs["0"]["cond"] == math.inf and figs["2"]["cond"] == math.inf
+    assert figs["3"]["cond"] == 1.0
 
 
 def test_bf16_autocast_close_to_fp32():

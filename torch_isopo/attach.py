@@ -64,7 +64,14 @@ class PatchedForward:
                 "torch.no_grad()")
         tracker = mb.tracker
         if tracker is None:
-            return self.entry.rule.forward(mb, self.layer, self.entry, self.orig, args, kwargs)
+            out = self.entry.rule.forward(mb, self.layer, self.entry, self.orig, args, kwargs)
+        else:
+            out = self._tracked(mb, tracker, args, kwargs)
+        if mb.watching is not None:        # an input taken as shared, checked (microbatch.py)
+            mb.watch_copies(out)
+        return out
+
+    def _tracked(self, mb, tracker, args, kwargs):
         where = f"the input of module '{self.entry.name}'"
         if not kwargs and all(isinstance(t, Tensor) for t in args):
             args = tuple(tracker.layer_input(mb, t, where) for t in args)

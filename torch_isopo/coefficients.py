@@ -125,8 +125,10 @@ def fisher_nu2(dots: Tensor, sq_norms: Tensor) -> Tensor:
 
 
 def condition_number(spectrum: Tensor, mode: str) -> float:
-    """For logging: ``λmax/λmin`` of K (inf when singular), or ``max ν / min ν`` over samples
-    with ``ν > 0`` (fisher). NaN when the statistics overflowed."""
+    """For logging: ``λmax/λmin`` of K (inf when singular, also to its rounding: ``λmin`` within
+    ``n·eps`` of ``λmax``, as duplicated samples give; 1 for a layer without gradient), or
+    ``max ν / min ν`` over samples with ``ν > 0`` (fisher). NaN when the statistics overflowed."""
+    eps = torch.finfo(spectrum.dtype).eps if spectrum.is_floating_point() else 0.0
     s = spectrum.detach().to("cpu", torch.float64)
     if not torch.isfinite(s).all():
         return math.nan
@@ -135,6 +137,8 @@ def condition_number(spectrum: Tensor, mode: str) -> float:
     if mode == "ntk":
         ev = torch.linalg.eigvalsh(s).clamp_min(0.0)
         top, low = float(ev[-1]), float(ev[0])
-        return top / low if low > 0 else (math.inf if top > 0 else 1.0)
+        if top == 0:
+            return 1.0
+        return top / low if low > top * eps * s.shape[0] else math.inf
     nz = s[s > 0]
     return float(nz.max() / nz.min()) ** 0.5 if nz.numel() else 1.0

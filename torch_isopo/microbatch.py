@@ -5,6 +5,7 @@ statistics to damp with, where to leave its figures): nothing below calls back i
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import operator
@@ -144,6 +145,8 @@ class Microbatch:
         self._shared: set[str] = set()           # modules given an input shared by all samples
         self._data = False           # whether data with the samples has reached a layer
         self._doubt: str | None = None   # why a shared input may be something else (its refusal)
+        self.watching: tuple | None = None   # (module, axis) of the running call whose output's
+        self._copies: list = []              # copies are checked; per call, the copies used
         self._regions: dict[int, tuple] = {}     # layer -> (reentrant region node, its gate)
         self._explicit = None        # the first input with a sample axis (its description)
         self._pending: list = []     # inputs without one, their history not yet needed
@@ -317,8 +320,10 @@ class Microbatch:
         own copy. Where it is more likely something else, which its copies would credit to the
         first sample, it is refused: rows of a layer's per-sample output at once; a call per
         sample (a second such input of the module) and samples along the other leading axis
-        (data ``(1, n, d)``, ``sample_dim`` forgotten) at the backward, if no data with the
-        samples reached a layer in the whole forward (``check_shared``)."""
+        (data ``(1, n, d)``, ``sample_dim`` forgotten) at the backward if no data with the
+        samples reached a layer in the whole forward. A suspect call (the module's second, or
+        data before any data with the samples: a loop, a packed row without ``segments``) has
+        its output watched: one copy alone reaching the loss is refused (``check_shared``)."""
         shape, n, other = tuple(t.shape), self.n, 1 - dim
         if t.grad_fn is not None and descends_from_use(t):
             raise ValueError(
@@ -327,16 +332,14 @@ class Microbatch:
                 "another axis (a recurrent or attention layer run time-major on one step returns "
                 "(1, B, d)) or were reduced away. Give it the samples on dim "
                 f"{dim} (h[0], h.transpose(0, 1)), or say where they are with sample_dim=")
-        if self._doubt is None and name in self._shared:
+        again = name in self._shared
+        if again or (not self._data and t.grad_fn is None):
+            self.watching = (name, dim)
+        if self._doubt is None and again:
             self._doubt = (
                 f"ISOPO: module '{name}' got inputs of shape {shape}, size 1 on the sample axis "
                 f"(dim {dim}), in several calls of a microbatch of {n} samples where no input "
-                "carried the samples: a forward per sample (a loop with a batch of one) cannot "
-                "be told from a table shared by all samples, which every sample uses through a "
-                f"copy of its own (the output has {n} copies, and out[0] would credit each call "
-                "to the first sample). Run the samples as one batch (padded, with a mask), or "
-                "packed along one row with segments= (one id per token); for a table shared by "
-                f"all samples, expand it along the sample axis (t.expand({n}, ...))")
+                "carried the samples: " + _PER_SAMPLE)
         elif self._doubt is None and by_layout and t.grad_fn is None and t.shape[other] == n:
             self._doubt = (
                 f"ISOPO: module '{name}' got data of shape {shape}: size 1 on the sample axis "
@@ -347,12 +350,39 @@ class Microbatch:
                 f"(t.expand({n}, ...))")
         self._shared.add(name)
 
+    def watch_copies(self, out) -> None:
+        """Hooks on the outputs of the call ``watching`` names: which copies reach the loss."""
+        name, dim = self.watching
+        self.watching = None
+        outs = [out] if isinstance(out, Tensor) else _compat.tree_flatten(out)[0]
+        tracked = self.tracker is not None and self.tracker.on_top()
+        with _compat.without_function_mode() if tracked else contextlib.nullcontext():
+            for o in outs:
+                if isinstance(o, Tensor) and o.requires_grad and o.dim() > dim \
+                        and o.shape[dim] == self.n:
+                    o.register_hook(lambda g, name=name, dim=dim: self._copies.append(
+                        (name, dim, g.detach().movedim(dim, 0).reshape(self.n, -1).ne(0).any(1))))
+
     def check_shared(self) -> None:
-        """The backward of a forward where no data with the samples reached a layer: refused if
-        an input shared by all samples was more likely a forward per sample, or samples along
-        the other axis (``_check_shared``)."""
+        """The backward of a forward that gave a layer an input taken as shared by all samples
+        where it was more likely something else (``_check_shared``): refused when no data with
+        the samples reached a layer in the whole forward, or when one copy of a watched call's
+        output alone reached the loss (its rows were one sample's, or several samples')."""
         if self._doubt is not None and not self._data:
             raise ValueError(self._doubt)
+        if not self._copies:
+            return
+        found, self._copies = self._copies, []
+        counts = torch.stack([used.sum() for _, _, used in found]).tolist()
+        for (name, dim, _), k in zip(found, counts):
+            if k == 1:
+                raise ValueError(
+                    f"ISOPO: module '{name}' got an input of size 1 on the sample axis (dim "
+                    f"{dim}), taken as shared by all samples (its output has a copy per sample), "
+                    f"but one copy alone of the {self.n} reached the loss, so its rows were "
+                    "meant as one sample's or as several samples': " + _PER_SAMPLE + "; for "
+                    "samples along another axis, sample_dim=. If the other samples have no loss "
+                    "terms at all (masked out), leave them out of the microbatch")
 
     def unbatched(self, x: Tensor, name: str) -> Tensor:
         """An unbatched input ``(C, *spatial)`` as a batch of one: the one sample's (with
@@ -420,6 +450,14 @@ class Microbatch:
             self._maps[key] = sample_map(shape, self.n, self.segments, self.sample_dim, where,
                                          device)
         return self._maps[key]
+
+
+_PER_SAMPLE = (
+    "a forward per sample (a loop with a batch of one) cannot be told from a table shared by all "
+    "samples, which every sample uses through a copy of its own (out[0] would credit each call "
+    "to the first sample). Run the samples as one batch (padded, with a mask), or packed along "
+    "one row with segments= (one id per token); for a table shared by all samples, expand it "
+    "along the sample axis (t.expand(n, ...))")
 
 
 def _check_arrived(record: LayerRecord, uses, arrived) -> None:
