@@ -1384,6 +1384,61 @@ def test_a_forward_per_sample_beside_batched_data_is_refused(first, gates, batch
         assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("reduce", ["mean", "sum", "distribution", "logsumexp"])
+@pytest.mark.parametrize("beside", [False, True])
+def test_a_forward_per_sample_reducing_the_copies_is_refused(reduce, beside):
+    """The loop's loss reading every copy alike (a mean over the batch axis, a distribution
+    broadcast over it): in each later call every copy gets the same gradient, which samples
+    differing in any way never give. Refused, with or without a branch on the whole batch."""
+    torch.manual_seed(0)
+    enc, head = nn.Linear(5, 5).to(D), nn.Linear(4, 1).to(D)
+    x, a, obs = torch.randn(3, 4, 5, dtype=D), torch.randint(0, 5, (3, 4)), torch.randn(3, 2, 4,
+                                                                                          dtype=D)
+
+    def one(i):
+        out = enc(x[i:i + 1])
+        if reduce == "mean":
+            return -torch.log_softmax(out.mean(0), -1).gather(-1, a[i, :, None]).sum()
+        if reduce == "sum":
+            return -torch.log_softmax(out, -1).sum(0).gather(-1, a[i, :, None]).sum() / out.shape[0]
+        if reduce == "distribution":
+            return -torch.distributions.Categorical(logits=out).log_prob(a[i]).sum()
+        return -(torch.logsumexp(torch.log_softmax(out, -1), 0) - math.log(out.shape[0])).gather(
+            -1, a[i, :, None]).sum()
+    model = nn.ModuleList([enc, head])
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="every copy the same gradient.*one batch"):
+        with opt.microbatch(torch.randn(3)):
+            v = head(obs).sum((1, 2)) if beside else 0
+            (torch.stack([one(i) for i in range(3)]) + v).sum().backward()
+
+
+class StartToken(nn.Module):
+    """An autoregressive policy fed one start token shared by all samples at every step, beside
+    its previous action: the shared embedding is called once per step."""
+
+    def __init__(self):
+        super().__init__()
+        self.start, self.act, self.head = nn.Embedding(1, 4), nn.Embedding(3, 4), nn.Linear(4, 3)
+
+    def forward(self, acts):
+        out, prev = [], torch.zeros(acts.shape[0], 1, 4, dtype=self.head.weight.dtype)
+        for t in range(acts.shape[1]):
+            h = torch.tanh(self.start(torch.zeros(1, 1, dtype=torch.long)) + prev)
+            out.append(-torch.log_softmax(self.head(h[:, 0]), -1).gather(-1, acts[:, t, None]))
+            prev = self.act(acts[:, t:t + 1])
+        return torch.cat(out, 1).sum(1)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+def test_a_shared_input_at_every_step_is_exact(setting):
+    """A shared input given to a module in several calls, each sample using its own copy: exact
+    (the copies' gradients differ by sample)."""
+    torch.manual_seed(0)
+    acts = torch.tensor([[0, 2, 1], [1, 1, 0], [2, 0, 2]])
+    check_family(StartToken().to(D), lambda m: m(acts), 3, *setting)
+
+
 class Packed(nn.Module):
     def __init__(self):
         super().__init__()
@@ -1462,22 +1517,25 @@ def test_a_shared_table_before_the_samples_is_exact(setting, T):
         -1, a[..., None]).squeeze(-1).sum(1), 3, *setting)
 
 
+@pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
-def test_a_policy_without_observations_on_a_shared_input_is_exact(setting):
+def test_a_policy_without_observations_on_a_shared_input_is_exact(setting, steps):
     """A bandit policy: an MLP on one constant input shared by all samples, its output (one copy
-    per sample inside a microbatch) broadcast against each sample's action: exact."""
+    per sample inside a microbatch) broadcast against each sample's action, at one step or at
+    each of several: exact."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(D)
-    ctx, act = torch.randn(1, 1, 4, dtype=D), F.one_hot(torch.tensor([0, 2, 1, 2]), 3).to(D)
-    check_family(model, lambda m: -(torch.log_softmax(m(ctx)[:, 0], -1) * act).sum(-1), 4,
-                 *setting)
+    ctx = torch.randn(1, 1, 4, dtype=D)
+    acts = F.one_hot(torch.tensor([[0, 2, 1, 2], [1, 1, 0, 2], [2, 0, 0, 1]])[:steps], 3).to(D)
+    check_family(model, lambda m: -sum((torch.log_softmax(m(ctx)[:, 0], -1) * act).sum(-1)
+                                       for act in acts), 4, *setting)
 
 
 @pytest.mark.parametrize("sample_dim", [0, 1])
 def test_samples_along_the_other_axis_are_refused(sample_dim):
-    """Data ``(1, n, d)`` read with ``sample_dim=0`` (or ``(n, 1, d)`` with 1): as many entries
-    as samples along the other axis, no input carrying them on the sample axis. Refused at the
-    backward naming ``sample_dim``; with it given, exact."""
+    """Data ``(1, n, d)`` read with ``sample_dim=0`` (or ``(n, 1, d)`` with 1), its output's one
+    entry read: one copy alone reaches the loss. Refused at the backward naming ``sample_dim``;
+    with it given, exact."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3)).to(D)
     x, a = torch.randn(1, 3, 5, dtype=D), torch.randint(0, 3, (3,))
@@ -1488,7 +1546,7 @@ def test_samples_along_the_other_axis_are_refused(sample_dim):
         out = out[0] if sample_dim == 0 else out[:, 0]
         return -torch.log_softmax(out, -1).gather(-1, a[:, None])[:, 0]
     opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
-    with pytest.raises(ValueError, match=f"say so with sample_dim={1 - sample_dim}"):
+    with pytest.raises(ValueError, match="one copy alone.*sample_dim="):
         with opt.microbatch(torch.randn(3), sample_dim=sample_dim):
             losses(model).sum().backward()
     assert all(p.grad is None for p in model.parameters())

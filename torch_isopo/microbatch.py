@@ -144,9 +144,8 @@ class Microbatch:
         self._used: set[int] = set()             # layers whose forward ran with grad here
         self._shared: set[str] = set()           # modules given an input shared by all samples
         self._data = False           # whether data with the samples has reached a layer
-        self._doubt: str | None = None   # why a shared input may be something else (its refusal)
-        self.watching: tuple | None = None   # (module, axis) of the running call whose output's
-        self._copies: list = []              # copies are checked; per call, the copies used
+        self.watching: tuple | None = None   # (module, axis, again) of the running call whose
+        self._copies: list = []              # output's copies are checked; per call, their use
         self._regions: dict[int, tuple] = {}     # layer -> (reentrant region node, its gate)
         self._explicit = None        # the first input with a sample axis (its description)
         self._pending: list = []     # inputs without one, their history not yet needed
@@ -306,7 +305,7 @@ class Microbatch:
             if out is t:
                 self.note_rows(t, dim)
             elif _compat.autograd_node() is None:        # not a checkpoint's recompute
-                self._check_shared(t, dim, axis is None, name)
+                self._check_shared(t, dim, name)
         return out
 
     def note_rows(self, t: Tensor, dim: int) -> None:
@@ -315,44 +314,28 @@ class Microbatch:
         if not self._data and t.grad_fn is None and t.dim() > dim and t.shape[dim] == self.n:
             self._data = True
 
-    def _check_shared(self, t: Tensor, dim: int, by_layout: bool, name: str) -> None:
+    def _check_shared(self, t: Tensor, dim: int, name: str) -> None:
         """An input of size 1 on the sample axis is a table shared by all samples, each using its
-        own copy. Where it is more likely something else, which its copies would credit to the
-        first sample, it is refused: rows of a layer's per-sample output at once; a call per
-        sample (a second such input of the module) and samples along the other leading axis
-        (data ``(1, n, d)``, ``sample_dim`` forgotten) at the backward if no data with the
-        samples reached a layer in the whole forward. A suspect call (the module's second, or
-        data before any data with the samples: a loop, a packed row without ``segments``) has
-        its output watched: one copy alone reaching the loss is refused (``check_shared``)."""
-        shape, n, other = tuple(t.shape), self.n, 1 - dim
+        own copy. Rows of a layer's per-sample output are not: refused. A call per sample (a
+        loop with a batch of one), a packed row without ``segments`` and data ``(1, n, d)`` with
+        ``sample_dim`` forgotten look like one: a suspect call (the module's second such input,
+        or data before any data with the samples) has its output watched (``check_shared``)."""
         if t.grad_fn is not None and descends_from_use(t):
             raise ValueError(
-                f"ISOPO: module '{name}' got an input of shape {shape}, size 1 on the sample axis "
-                f"(dim {dim}), computed from a layer's per-sample output: its samples lie along "
-                "another axis (a recurrent or attention layer run time-major on one step returns "
-                "(1, B, d)) or were reduced away. Give it the samples on dim "
-                f"{dim} (h[0], h.transpose(0, 1)), or say where they are with sample_dim=")
+                f"ISOPO: module '{name}' got an input of shape {tuple(t.shape)}, size 1 on the "
+                f"sample axis (dim {dim}), computed from a layer's per-sample output: its samples "
+                "lie along another axis (a recurrent or attention layer run time-major on one step "
+                f"returns (1, B, d)) or were reduced away. Give it the samples on dim {dim} (h[0], "
+                "h.transpose(0, 1)), or say where they are with sample_dim=")
         again = name in self._shared
         if again or (not self._data and t.grad_fn is None):
-            self.watching = (name, dim)
-        if self._doubt is None and again:
-            self._doubt = (
-                f"ISOPO: module '{name}' got inputs of shape {shape}, size 1 on the sample axis "
-                f"(dim {dim}), in several calls of a microbatch of {n} samples where no input "
-                "carried the samples: " + _PER_SAMPLE)
-        elif self._doubt is None and by_layout and t.grad_fn is None and t.shape[other] == n:
-            self._doubt = (
-                f"ISOPO: module '{name}' got data of shape {shape}: size 1 on the sample axis "
-                f"(dim {dim}) and {n} entries along dim {other}, as many as the samples, in a "
-                f"microbatch where no input carried them on dim {dim}. If the samples lie along "
-                f"dim {other}, say so with sample_dim={other} (or segments=, one id per row); if "
-                f"it is a table shared by all samples, expand it along the sample axis "
-                f"(t.expand({n}, ...))")
+            self.watching = (name, dim, again)
         self._shared.add(name)
 
     def watch_copies(self, out) -> None:
-        """Hooks on the outputs of the call ``watching`` names: which copies reach the loss."""
-        name, dim = self.watching
+        """Hooks on the outputs of the call ``watching`` names: which copies reach the loss, and
+        (for a module's later call) whether they all get the same gradient."""
+        name, dim, again = self.watching
         self.watching = None
         outs = [out] if isinstance(out, Tensor) else _compat.tree_flatten(out)[0]
         tracked = self.tracker is not None and self.tracker.on_top()
@@ -360,29 +343,29 @@ class Microbatch:
             for o in outs:
                 if isinstance(o, Tensor) and o.requires_grad and o.dim() > dim \
                         and o.shape[dim] == self.n:
-                    o.register_hook(lambda g, name=name, dim=dim: self._copies.append(
-                        (name, dim, g.detach().movedim(dim, 0).reshape(self.n, -1).ne(0).any(1))))
+                    o.register_hook(lambda g, name=name, dim=dim, again=again: self._copies.append(
+                        (name, dim, _copies_used(g.detach().movedim(dim, 0).reshape(self.n, -1),
+                                                 again))))
 
     def check_shared(self) -> None:
-        """The backward of a forward that gave a layer an input taken as shared by all samples
-        where it was more likely something else (``_check_shared``): refused when no data with
-        the samples reached a layer in the whole forward, or when one copy of a watched call's
-        output alone reached the loss (its rows were one sample's, or several samples')."""
-        if self._doubt is not None and not self._data:
-            raise ValueError(self._doubt)
+        """Refuse a watched call (``_check_shared``) whose copies were used as the rows of one
+        sample or of several: one copy alone reached the loss (``out[0]``), or, in a module's
+        later call, every copy the same gradient (the copies reduced: ``out.mean(0)``, a
+        distribution broadcast over them), which samples differing in any way never give."""
         if not self._copies:
             return
         found, self._copies = self._copies, []
-        counts = torch.stack([used.sum() for _, _, used in found]).tolist()
-        for (name, dim, _), k in zip(found, counts):
-            if k == 1:
+        figures = torch.stack([f for *_, f in found]).tolist()
+        for (name, dim, _), (used, same) in zip(found, figures):
+            if used == 1 or (same and used == self.n):
                 raise ValueError(
                     f"ISOPO: module '{name}' got an input of size 1 on the sample axis (dim "
                     f"{dim}), taken as shared by all samples (its output has a copy per sample), "
-                    f"but one copy alone of the {self.n} reached the loss, so its rows were "
-                    "meant as one sample's or as several samples': " + _PER_SAMPLE + "; for "
-                    "samples along another axis, sample_dim=. If the other samples have no loss "
-                    "terms at all (masked out), leave them out of the microbatch")
+                    f"but {'one copy alone' if used == 1 else 'every copy the same gradient'} of "
+                    f"the {self.n} reached the loss, so its rows were meant as one sample's or as "
+                    "several samples': " + _PER_SAMPLE + "; for samples along another axis, "
+                    "sample_dim=. If the other samples have no loss terms at all (masked out), "
+                    "leave them out of the microbatch")
 
     def unbatched(self, x: Tensor, name: str) -> Tensor:
         """An unbatched input ``(C, *spatial)`` as a batch of one: the one sample's (with
@@ -450,6 +433,18 @@ class Microbatch:
             self._maps[key] = sample_map(shape, self.n, self.segments, self.sample_dim, where,
                                          device)
         return self._maps[key]
+
+
+def _copies_used(G: Tensor, again: bool) -> Tensor:
+    """``[how many of the copies G (a row each) have a gradient, whether all rows are the same
+    to rounding (for a module's later call; else 0)]``, kept on the device until the gate reads
+    it. (Identical rows of a batch may round differently in a blocked product.)"""
+    used = G.ne(0).any(1).sum()
+    if not again:
+        return torch.stack([used, torch.zeros_like(used)])
+    tol = min(64 * torch.finfo(G.dtype).eps, 1e-2) if G.is_floating_point() else 0.0
+    same = (G - G[:1]).abs().amax() <= tol * G.abs().amax()
+    return torch.stack([used, same.to(used.dtype)])
 
 
 _PER_SAMPLE = (
