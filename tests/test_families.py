@@ -1338,15 +1338,17 @@ def _per_sample_models():
 def test_a_forward_per_sample_is_refused(first, gates):
     """A loop over the samples with a batch of one each (variable-length sequences without
     padding): each call's input has size 1 on the sample axis, like a table shared by all
-    samples, whose copies would credit every call to the first sample. Refused at the backward,
-    nothing written, naming the fix (one batch, padded or packed)."""
+    samples, whose copies would credit every call to the first sample. Refused at the backward
+    (nothing written under one gate for the model), naming the fix (one batch, padded or
+    packed)."""
     model, inputs, loss = _per_sample_models()[first]
     model = model.to(D)
     opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1), gates=gates)
-    with pytest.raises(ValueError, match="forward per sample.*one batch.*segments="):
+    with pytest.raises(ValueError, match="one copy alone.*forward per sample.*one batch.*segm"):
         with opt.microbatch(torch.randn(3)):
             torch.stack([loss(i)(model(inputs[i:i + 1])) for i in range(3)]).sum().backward()
-    assert all(p.grad is None for p in model.parameters())
+    if gates == "auto":
+        assert all(p.grad is None for p in model.parameters())
 
 
 class LoopBesideBatch(nn.Module):
@@ -1377,7 +1379,7 @@ def test_a_forward_per_sample_beside_batched_data_is_refused(first, gates, batch
     model = LoopBesideBatch(enc, batch_first).to(D)
     opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1), gates=gates)
     obs = torch.randn(3, 2, 4, dtype=D)
-    with pytest.raises(ValueError, match="one copy alone of the 3 reached the loss.*one batch"):
+    with pytest.raises(ValueError, match="one copy alone reached the loss.*one batch"):
         with opt.microbatch(torch.randn(3)):
             model(inputs, loss, obs).sum().backward()
     if gates == "auto":
@@ -1437,6 +1439,62 @@ def test_a_shared_input_at_every_step_is_exact(setting):
     torch.manual_seed(0)
     acts = torch.tensor([[0, 2, 1], [1, 1, 0], [2, 0, 2]])
     check_family(StartToken().to(D), lambda m: m(acts), 3, *setting)
+
+
+class GoalEachStep(nn.Module):
+    """A loop over time with a goal map shared by all samples through a small MLP at every step,
+    on padded episodes (a mask): at the last steps only the longest episode has loss terms."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.goal, self.head = nn.Linear(3, 6), nn.Linear(2, 6), nn.Linear(6, 4)
+        self.register_buffer("grid", torch.tensor([[[0.5, -1.0]]]))
+
+    def forward(self, obs, act, mask):
+        out = 0
+        for t in range(obs.shape[1]):
+            h = torch.tanh(self.enc(obs[:, t:t + 1]) + self.goal(self.grid.to(obs.dtype)))
+            lp = torch.log_softmax(self.head(h)[:, 0], -1).gather(-1, act[:, t:t + 1])[:, 0]
+            out = out - mask[:, t] * lp
+        return out
+
+
+@pytest.mark.parametrize("gates", ["auto", "layer"])
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+def test_a_shared_input_at_every_step_of_padded_episodes_is_exact(setting, gates):
+    """Calls of a shared module where one sample alone, or all alike, reach the loss (the last
+    steps of padded episodes; one action taken by every sample at a step) are exact: the
+    copies are judged over all the module's calls."""
+    torch.manual_seed(0)
+    obs, act = torch.randn(3, 4, 3, dtype=D), torch.tensor([[1, 3, 2, 0], [1, 0, 2, 1],
+                                                            [1, 2, 2, 3]])
+    mask = torch.tensor([[1., 1., 1., 1.], [1., 1., 0., 0.], [1., 1., 1., 0.]], dtype=D)
+    check_family(GoalEachStep().to(D), lambda m: m(obs, act, mask), 3, *setting, gates=gates)
+
+
+class CheckpointedLoop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc, self.blk, self.head = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 5)
+
+    def region(self, x):              # a loop over the samples, a batch of one each
+        return torch.stack([torch.tanh(self.blk(x[i:i + 1]))[0] for i in range(x.shape[0])])
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+        return self.head(checkpoint(self.region, self.enc(x), use_reentrant=True))
+
+
+def test_a_forward_per_sample_in_reentrant_checkpointing_is_refused():
+    """Reentrant checkpointing runs the region's forward without grad and recomputes it in the
+    backward: the loop's calls are checked there."""
+    torch.manual_seed(0)
+    model = CheckpointedLoop().to(D)
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x, a = torch.randn(3, 4, 4, dtype=D), torch.randint(0, 5, (3, 4))
+    with pytest.raises(ValueError, match="'blk'.*one copy alone"):
+        with opt.microbatch(torch.randn(3)):
+            (-torch.log_softmax(model(x), -1).gather(-1, a[..., None])).sum().backward()
 
 
 class Packed(nn.Module):

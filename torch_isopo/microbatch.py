@@ -85,7 +85,7 @@ def finish_records(records: list[LayerRecord], arrived: list[tuple]) -> list[tup
         if uses:
             live.append((k, r, uses))
     mb = records[0].mb
-    mb.check_shared()
+    mb.check_shared([r.layer for r in records])
     if not live:
         return outs
     cfg = mb.settings
@@ -144,8 +144,9 @@ class Microbatch:
         self._used: set[int] = set()             # layers whose forward ran with grad here
         self._shared: set[str] = set()           # modules given an input shared by all samples
         self._data = False           # whether data with the samples has reached a layer
-        self.watching: tuple | None = None   # (module, axis, again) of the running call whose
-        self._copies: list = []              # output's copies are checked; per call, their use
+        self._suspect: set[str] = set()          # modules with a suspect shared input
+        self.watching: tuple | None = None   # (module, axis) of the running call whose output's
+        self._copies: dict = {}              # copies are watched; per module, (axis, their use)
         self._regions: dict[int, tuple] = {}     # layer -> (reentrant region node, its gate)
         self._explicit = None        # the first input with a sample axis (its description)
         self._pending: list = []     # inputs without one, their history not yet needed
@@ -304,8 +305,10 @@ class Microbatch:
         if name is not None and isinstance(t, Tensor):
             if out is t:
                 self.note_rows(t, dim)
-            elif _compat.autograd_node() is None:        # not a checkpoint's recompute
-                self._check_shared(t, dim, name)
+            else:                # not in a non-reentrant checkpoint's recompute (seen before)
+                node = _compat.autograd_node()
+                if node is None or _compat.reentrant_recompute(node):
+                    self._check_shared(t, dim, name)
         return out
 
     def note_rows(self, t: Tensor, dim: int) -> None:
@@ -318,8 +321,9 @@ class Microbatch:
         """An input of size 1 on the sample axis is a table shared by all samples, each using its
         own copy. Rows of a layer's per-sample output are not: refused. A call per sample (a
         loop with a batch of one), a packed row without ``segments`` and data ``(1, n, d)`` with
-        ``sample_dim`` forgotten look like one: a suspect call (the module's second such input,
-        or data before any data with the samples) has its output watched (``check_shared``)."""
+        ``sample_dim`` forgotten look like one; a module with a suspect call (its second such
+        input, or data before any data with the samples) is checked at its gate by how the
+        copies of all its calls' outputs reached the loss (``check_shared``)."""
         if t.grad_fn is not None and descends_from_use(t):
             raise ValueError(
                 f"ISOPO: module '{name}' got an input of shape {tuple(t.shape)}, size 1 on the "
@@ -327,45 +331,54 @@ class Microbatch:
                 "lie along another axis (a recurrent or attention layer run time-major on one step "
                 f"returns (1, B, d)) or were reduced away. Give it the samples on dim {dim} (h[0], "
                 "h.transpose(0, 1)), or say where they are with sample_dim=")
-        again = name in self._shared
-        if again or (not self._data and t.grad_fn is None):
-            self.watching = (name, dim, again)
+        if name in self._shared or (not self._data and t.grad_fn is None):
+            self._suspect.add(name)
         self._shared.add(name)
+        self.watching = (name, dim)
 
     def watch_copies(self, out) -> None:
-        """Hooks on the outputs of the call ``watching`` names: which copies reach the loss, and
-        (for a module's later call) whether they all get the same gradient."""
-        name, dim, again = self.watching
+        """Hooks on the outputs of the call ``watching`` names: which of their copies reach the
+        loss, and whether all with the same gradient (device tensors, read at the gate)."""
+        name, dim = self.watching
         self.watching = None
         outs = [out] if isinstance(out, Tensor) else _compat.tree_flatten(out)[0]
+        calls = self._copies.setdefault(name, (dim, []))[1]
         tracked = self.tracker is not None and self.tracker.on_top()
         with _compat.without_function_mode() if tracked else contextlib.nullcontext():
             for o in outs:
                 if isinstance(o, Tensor) and o.requires_grad and o.dim() > dim \
                         and o.shape[dim] == self.n:
-                    o.register_hook(lambda g, name=name, dim=dim, again=again: self._copies.append(
-                        (name, dim, _copies_used(g.detach().movedim(dim, 0).reshape(self.n, -1),
-                                                 again))))
+                    o.register_hook(lambda g, dim=dim: calls.append(
+                        _copies_used(g.detach().movedim(dim, 0).reshape(self.n, -1))))
 
-    def check_shared(self) -> None:
-        """Refuse a watched call (``_check_shared``) whose copies were used as the rows of one
-        sample or of several: one copy alone reached the loss (``out[0]``), or, in a module's
-        later call, every copy the same gradient (the copies reduced: ``out.mean(0)``, a
-        distribution broadcast over them), which samples differing in any way never give."""
-        if not self._copies:
+    def check_shared(self, layers) -> None:
+        """At the gate of ``layers``: refuse a module with a suspect call (``_check_shared``)
+        whose copies were used as the rows of one sample or of several: over all its calls one
+        copy alone reached the loss (a loop's ``out[0]``, a packed row read as one), or in every
+        one of its several calls each copy got the same gradient (the copies reduced:
+        ``out.mean(0)``, a distribution broadcast over them), which samples that differ in any
+        way never give."""
+        found = [(e.name, self._copies.pop(e.name)) for layer in layers for e in layer.entries
+                 if e.name in self._copies]
+        found = [(name, dim, calls) for name, (dim, calls) in found
+                 if calls and name in self._suspect]
+        if not found:
             return
-        found, self._copies = self._copies, []
-        figures = torch.stack([f for *_, f in found]).tolist()
-        for (name, dim, _), (used, same) in zip(found, figures):
-            if used == 1 or (same and used == self.n):
+        figures = iter(torch.stack([c for *_, calls in found for c in calls]).tolist())
+        for name, dim, calls in found:
+            stats = [next(figures) for _ in calls]
+            used = sum(any(s[i] for s in stats) for i in range(self.n))
+            alike = len(stats) > 1 and used == self.n and all(s[-1] for s in stats)
+            if used == 1 or alike:
                 raise ValueError(
-                    f"ISOPO: module '{name}' got an input of size 1 on the sample axis (dim "
-                    f"{dim}), taken as shared by all samples (its output has a copy per sample), "
-                    f"but {'one copy alone' if used == 1 else 'every copy the same gradient'} of "
-                    f"the {self.n} reached the loss, so its rows were meant as one sample's or as "
-                    "several samples': " + _PER_SAMPLE + "; for samples along another axis, "
-                    "sample_dim=. If the other samples have no loss terms at all (masked out), "
-                    "leave them out of the microbatch")
+                    f"ISOPO: module '{name}' got inputs of size 1 on the sample axis (dim {dim}), "
+                    "taken as shared by all samples (each output has a copy per sample), but "
+                    + ("one copy alone reached the loss" if used == 1 else
+                       f"each of its {len(stats)} calls gave every copy the same gradient")
+                    + ", so their rows were meant as one sample's or as several samples': "
+                    + _PER_SAMPLE + "; for samples along another axis, sample_dim=. If the other "
+                    "samples have no loss terms at all (masked out), leave them out of the "
+                    "microbatch")
 
     def unbatched(self, x: Tensor, name: str) -> Tensor:
         """An unbatched input ``(C, *spatial)`` as a batch of one: the one sample's (with
@@ -435,16 +448,13 @@ class Microbatch:
         return self._maps[key]
 
 
-def _copies_used(G: Tensor, again: bool) -> Tensor:
-    """``[how many of the copies G (a row each) have a gradient, whether all rows are the same
-    to rounding (for a module's later call; else 0)]``, kept on the device until the gate reads
-    it. (Identical rows of a batch may round differently in a blocked product.)"""
-    used = G.ne(0).any(1).sum()
-    if not again:
-        return torch.stack([used, torch.zeros_like(used)])
+def _copies_used(G: Tensor) -> Tensor:
+    """``[whether each copy (a row of G) has a gradient..., whether all rows are the same to
+    rounding]``, kept on the device until the gate reads it. (Identical rows of a batch may
+    round differently in a blocked product.)"""
     tol = min(64 * torch.finfo(G.dtype).eps, 1e-2) if G.is_floating_point() else 0.0
     same = (G - G[:1]).abs().amax() <= tol * G.abs().amax()
-    return torch.stack([used, same.to(used.dtype)])
+    return torch.cat([G.ne(0).any(1), same[None]])
 
 
 _PER_SAMPLE = (
