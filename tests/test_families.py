@@ -2822,6 +2822,25 @@ def test_table_used_as_a_layer_input_is_refused():
             model(torch.randn(6, 2)).sum().backward()
 
 
+def test_data_held_by_the_module_names_the_fix():
+    """Data kept on the module (``self.x``) is a constant to the free-parameter tracker, like a
+    buffer: the refusal of ``inp(self.x * self.scale)`` says to pass it as an argument."""
+
+    class Held(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale, self.inp = nn.Parameter(torch.ones(3)), nn.Linear(3, 2)
+            self.x = torch.randn(4, 3)
+
+        def forward(self):
+            return self.inp(self.x * self.scale).sum(-1)
+    model = Held()
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="pass the data to the forward as an argument"):
+        with opt.microbatch(torch.randn(4)):
+            model().sum().backward()
+
+
 # -- outputs written in place --------------------------------------------------------------------
 class InPlaceMLP(nn.Module):
     """Layers over sequences ``(n, T, d)`` whose outputs are written in place: ReLU(inplace=True),

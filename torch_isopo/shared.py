@@ -330,7 +330,9 @@ class Tracker(TorchFunctionMode):
                 "along that axis first (table.expand(n, *table.shape), or add it to the batch's "
                 "activations); for a learned initial state with the batch on dim 1, as an RNN "
                 "takes it: h0.transpose(0, 1).expand(n, -1, -1).transpose(0, 1), or "
-                "h0.expand(-1, n, -1) in a microbatch with sample_dim=1")
+                "h0.expand(-1, n, -1) in a microbatch with sample_dim=1. (Tensors held by "
+                "modules, as attributes or buffers, count as constants: pass the data to the "
+                "forward as an argument)")
 
 
 def constants(modules: list[nn.Module]) -> list:
