@@ -74,6 +74,20 @@ def test_advantages_and_segments_as_numpy_views():
     assert all(torch.equal(g, h) for g, h in zip(*grads))
 
 
+def test_stacked_inputs_with_segments_name_a_call_each():
+    """obs and next_obs stacked for an encoder with segments (ids for 2n rows), then a head on n
+    rows: the refusal names the exact fix, a call per input without segments."""
+    torch.manual_seed(0)
+    enc, pi = nn.Linear(3, 4), nn.Linear(4, 2)
+    model = nn.ModuleList([enc, pi])
+    opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    obs, nxt = torch.randn(3, 3), torch.randn(3, 3)
+    with pytest.raises(ValueError, match="obs and next_obs.*a call of its own, without segments"):
+        with opt.microbatch(torch.randn(3), segments=torch.arange(3).repeat(2)):
+            pi(enc(torch.cat([obs, nxt]))[:3]).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_advantage_count_must_match_samples(mlp):
     model, opt, X = mlp
     snap = _snapshot(model, opt)

@@ -231,7 +231,8 @@ _OTHER_ROWS = (". A call whose output is never back-propagated (a target) can ru
 _STEPPED = (" (a module stepped once per time step on the batch, as in CleanRL's recurrent PPO, "
             "cannot tell which step runs from ids given per row: keep every tensor in its "
             "(T, B, ...) layout and pass sample_dim=1 without segments, one sample per batch "
-            "entry)")
+            "entry; for several inputs of each sample stacked along the batch for another "
+            "module (obs and next_obs), give each input a call of its own, without segments)")
 
 
 def expand_shared(t, n: int, segments: Tensor | None, sample_dim: int, token_dims: int):
