@@ -1415,6 +1415,53 @@ def test_a_forward_per_sample_reducing_the_copies_is_refused(reduce, beside):
             (torch.stack([one(i) for i in range(3)]) + v).sum().backward()
 
 
+@pytest.mark.parametrize("read", ["first", "mean"])
+def test_a_forward_per_sample_with_a_backward_each_is_refused(read):
+    """The loop's samples back-propagated one by one in the block: the copies are judged over
+    the module's calls of every backward so far."""
+    torch.manual_seed(0)
+    enc = nn.Linear(5, 5).to(D)
+    x, a = torch.randn(3, 4, 5, dtype=D), torch.randint(0, 5, (3, 4))
+    opt = ISOPO(enc, torch.optim.SGD(enc.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="forward per sample"):
+        with opt.microbatch(torch.randn(3)):
+            for i in range(3):
+                out = enc(x[i:i + 1])
+                out = out[0] if read == "first" else out.mean(0)
+                (-torch.log_softmax(out, -1).gather(-1, a[i, :, None])).sum().backward()
+
+
+class TwoOutputs(nn.Module):
+    """A Gaussian head without observations, as a module of its own (generic rule): one call on a
+    constant input shared by all samples, two outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, c):
+        h = torch.tanh(c @ self.w)
+        return h[..., :2], h[..., 2:]
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+def test_one_call_with_two_outputs_on_a_shared_input_is_exact(setting):
+    """One call's outputs count as one call, however many (every sample taking the same action
+    leaves each output's copies alike: exact, not a loop)."""
+    torch.manual_seed(0)
+    c, act = torch.randn(1, 1, 3, dtype=D), torch.full((4, 2), 0.5, dtype=D)
+
+    class Policy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = TwoOutputs()
+
+        def forward(self):
+            mu, log_std = self.head(c)
+            return -Normal(mu[:, 0], log_std[:, 0].exp()).log_prob(act).sum(-1)
+    check_family(Policy().to(D), lambda m: m(), 4, *setting, rules=["generic"])
+
+
 class StartToken(nn.Module):
     """An autoregressive policy fed one start token shared by all samples at every step, beside
     its previous action: the shared embedding is called once per step."""

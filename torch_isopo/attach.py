@@ -63,10 +63,14 @@ class PatchedForward:
                 "rows are the samples already), or compute a target with it under "
                 "torch.no_grad()")
         tracker = mb.tracker
-        if tracker is None:
-            out = self.entry.rule.forward(mb, self.layer, self.entry, self.orig, args, kwargs)
-        else:
-            out = self._tracked(mb, tracker, args, kwargs)
+        try:
+            if tracker is None:
+                out = self.entry.rule.forward(mb, self.layer, self.entry, self.orig, args, kwargs)
+            else:
+                out = self._tracked(mb, tracker, args, kwargs)
+        except BaseException:
+            mb.watching = None             # a refused call leaves nothing for the next one
+            raise
         if mb.watching is not None:        # an input taken as shared, checked (microbatch.py)
             mb.watch_copies(out)
         return out

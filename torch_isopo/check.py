@@ -173,10 +173,10 @@ def check(model: nn.Module, sample_losses: Callable[[nn.Module], Tensor], advant
         scale = max((float(g.norm()) for g in want.values() if g is not None), default=0.0)
         if scale == 0:
             raise ValueError(
-                "torch_isopo.check: the sample terms give no gradient to any trainable "
-                "parameter of the model, so there is nothing to compare: sample_losses(m) must "
-                "run the forward of the module m it is given (a copy of the model), not of the "
-                "model itself")
+                "torch_isopo.check: no gradient reached any trainable parameter of the model, so "
+                "there is nothing to compare. Most likely sample_losses(m) does not run the "
+                "forward of the module m it is given (a copy of the model) but of the model "
+                "itself; else its terms are constant (detached outputs, every term masked)")
         for layer in opt.layers:
             names = [n.split("=")[0] for n in layer.param_names]
             rows[layer.name].errors[mode] = _error([got[k] for k in names],

@@ -125,8 +125,8 @@ def fisher_nu2(dots: Tensor, sq_norms: Tensor) -> Tensor:
 
 
 def condition_number(spectrum: Tensor, mode: str) -> float:
-    """For logging: ``λmax/λmin`` of K (inf when singular, also to its rounding: ``λmin`` within
-    ``n·eps`` of ``λmax``, as duplicated samples give; 1 for a layer without gradient), or
+    """For logging: ``λmax/λmin`` of K (inf when singular, also to its rounding: ``λmin`` at most
+    ``n·eps·λmax``, as duplicated samples give; 1 for a layer without gradient), or
     ``max ν / min ν`` over samples with ``ν > 0`` (fisher). NaN when the statistics overflowed."""
     eps = torch.finfo(spectrum.dtype).eps if spectrum.is_floating_point() else 0.0
     s = spectrum.detach().to("cpu", torch.float64)

@@ -304,7 +304,7 @@ class Microbatch:
         out = expand_shared(t, self.n, self.segments, dim, t.dim() - int(features))
         if name is not None and isinstance(t, Tensor):
             if out is t:
-                self.note_rows(t, dim)
+                self.note_rows(t, dim if t.dim() - int(features) >= 2 else 0)
             else:                # not in a non-reentrant checkpoint's recompute (seen before)
                 node = _compat.autograd_node()
                 if node is None or _compat.reentrant_recompute(node):
@@ -314,7 +314,7 @@ class Microbatch:
     def note_rows(self, t: Tensor, dim: int) -> None:
         """A layer input computed without grad (data) with the ``n`` samples along ``dim``: the
         samples have entered the forward."""
-        if not self._data and t.grad_fn is None and t.dim() > dim and t.shape[dim] == self.n:
+        if not self._data and not t.requires_grad and t.dim() > dim and t.shape[dim] == self.n:
             self._data = True
 
     def _check_shared(self, t: Tensor, dim: int, name: str) -> None:
@@ -331,7 +331,7 @@ class Microbatch:
                 "lie along another axis (a recurrent or attention layer run time-major on one step "
                 f"returns (1, B, d)) or were reduced away. Give it the samples on dim {dim} (h[0], "
                 "h.transpose(0, 1)), or say where they are with sample_dim=")
-        if name in self._shared or (not self._data and t.grad_fn is None):
+        if name in self._shared or (not self._data and not t.requires_grad):
             self._suspect.add(name)
         self._shared.add(name)
         self.watching = (name, dim)
@@ -342,13 +342,14 @@ class Microbatch:
         name, dim = self.watching
         self.watching = None
         outs = [out] if isinstance(out, Tensor) else _compat.tree_flatten(out)[0]
-        calls = self._copies.setdefault(name, (dim, []))[1]
+        call: list = []                  # this call's outputs' figures, as their hooks run
+        self._copies.setdefault(name, (dim, []))[1].append(call)
         tracked = self.tracker is not None and self.tracker.on_top()
         with _compat.without_function_mode() if tracked else contextlib.nullcontext():
             for o in outs:
                 if isinstance(o, Tensor) and o.requires_grad and o.dim() > dim \
                         and o.shape[dim] == self.n:
-                    o.register_hook(lambda g, dim=dim: calls.append(
+                    o.register_hook(lambda g, dim=dim: call.append(
                         _copies_used(g.detach().movedim(dim, 0).reshape(self.n, -1))))
 
     def check_shared(self, layers) -> None:
@@ -358,15 +359,20 @@ class Microbatch:
         one of its several calls each copy got the same gradient (the copies reduced:
         ``out.mean(0)``, a distribution broadcast over them), which samples that differ in any
         way never give."""
-        found = [(e.name, self._copies.pop(e.name)) for layer in layers for e in layer.entries
-                 if e.name in self._copies]
-        found = [(name, dim, calls) for name, (dim, calls) in found
-                 if calls and name in self._suspect]
+        found = [(name, *self._copies[name]) for name in dict.fromkeys(
+            e.name for layer in layers for e in layer.entries) if name in self._suspect
+            and name in self._copies]
+        found = [(name, dim, [c for c in calls if c]) for name, dim, calls in found]
+        found = [f for f in found if f[2]]
         if not found:
             return
-        figures = iter(torch.stack([c for *_, calls in found for c in calls]).tolist())
+        first = found[0][2][0][0]        # the module's calls so far (of every backward), each
+        figures = iter(torch.stack([f.to(first.device) for *_, calls in found  # merged over
+                                    for c in calls for f in c]).tolist())      # its outputs
         for name, dim, calls in found:
-            stats = [next(figures) for _ in calls]
+            stats = [[next(figures) for _ in c] for c in calls]
+            stats = [[any(f[i] for f in c) for i in range(self.n)] + [all(f[-1] for f in c)]
+                     for c in stats]
             used = sum(any(s[i] for s in stats) for i in range(self.n))
             alike = len(stats) > 1 and used == self.n and all(s[-1] for s in stats)
             if used == 1 or alike:
