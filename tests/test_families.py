@@ -1344,7 +1344,7 @@ def test_a_forward_per_sample_is_refused(first, gates):
     model, inputs, loss = _per_sample_models()[first]
     model = model.to(D)
     opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1), gates=gates)
-    with pytest.raises(ValueError, match="one copy alone.*forward per sample.*one batch.*segm"):
+    with pytest.raises(ValueError, match="the first copy alone.*forward per sample.*one batch.*segm"):
         with opt.microbatch(torch.randn(3)):
             torch.stack([loss(i)(model(inputs[i:i + 1])) for i in range(3)]).sum().backward()
     if gates == "auto":
@@ -1379,7 +1379,7 @@ def test_a_forward_per_sample_beside_batched_data_is_refused(first, gates, batch
     model = LoopBesideBatch(enc, batch_first).to(D)
     opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1), gates=gates)
     obs = torch.randn(3, 2, 4, dtype=D)
-    with pytest.raises(ValueError, match="one copy alone reached the loss.*one batch"):
+    with pytest.raises(ValueError, match="the first copy alone reached the loss.*one batch"):
         with opt.microbatch(torch.randn(3)):
             model(inputs, loss, obs).sum().backward()
     if gates == "auto":
@@ -1479,13 +1479,16 @@ class StartToken(nn.Module):
         return torch.cat(out, 1).sum(1)
 
 
+@pytest.mark.parametrize("alone", [None, 2])
 @pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
-def test_a_shared_input_at_every_step_is_exact(setting):
+def test_a_shared_input_at_every_step_is_exact(setting, alone):
     """A shared input given to a module in several calls, each sample using its own copy: exact
-    (the copies' gradients differ by sample)."""
+    (the copies' gradients differ by sample), also with one sample other than the first alone
+    left with loss terms (the others masked out)."""
     torch.manual_seed(0)
     acts = torch.tensor([[0, 2, 1], [1, 1, 0], [2, 0, 2]])
-    check_family(StartToken().to(D), lambda m: m(acts), 3, *setting)
+    w = torch.ones(3, dtype=D) if alone is None else F.one_hot(torch.tensor(alone), 3).to(D)
+    check_family(StartToken().to(D), lambda m: m(acts) * w, 3, *setting)
 
 
 class GoalEachStep(nn.Module):
@@ -1539,7 +1542,7 @@ def test_a_forward_per_sample_in_reentrant_checkpointing_is_refused():
     model = CheckpointedLoop().to(D)
     opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
     x, a = torch.randn(3, 4, 4, dtype=D), torch.randint(0, 5, (3, 4))
-    with pytest.raises(ValueError, match="'blk'.*one copy alone"):
+    with pytest.raises(ValueError, match="'blk'.*the first copy alone"):
         with opt.microbatch(torch.randn(3)):
             (-torch.log_softmax(model(x), -1).gather(-1, a[..., None])).sum().backward()
 
@@ -1563,13 +1566,13 @@ def _packed_losses(m, ids, seg):
 @pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
 def test_samples_packed_along_one_row_need_segments(setting):
     """Samples packed along one row ``(1, N)`` without ``segments=`` look like a table shared by
-    all samples: refused at the backward (one copy alone reaches the loss); with them, exact."""
+    all samples: refused at the backward (the first copy alone reaches the loss); with them, exact."""
     torch.manual_seed(0)
     ids, seg = torch.randint(0, 7, (1, 9)), torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
     model = Packed().to(D)
     opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1), mode=setting[0],
                 damping=setting[1])
-    with pytest.raises(ValueError, match="'emb'.*one copy alone.*segments="):
+    with pytest.raises(ValueError, match="'emb'.*the first copy alone.*segments="):
         with opt.microbatch(torch.randn(3)):
             _packed_losses(model, ids, seg).sum().backward()
     assert all(p.grad is None for p in model.parameters())
@@ -1639,7 +1642,7 @@ def test_a_policy_without_observations_on_a_shared_input_is_exact(setting, steps
 @pytest.mark.parametrize("sample_dim", [0, 1])
 def test_samples_along_the_other_axis_are_refused(sample_dim):
     """Data ``(1, n, d)`` read with ``sample_dim=0`` (or ``(n, 1, d)`` with 1), its output's one
-    entry read: one copy alone reaches the loss. Refused at the backward naming ``sample_dim``;
+    entry read: the first copy alone reaches the loss. Refused at the backward naming ``sample_dim``;
     with it given, exact."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3)).to(D)
@@ -1651,7 +1654,7 @@ def test_samples_along_the_other_axis_are_refused(sample_dim):
         out = out[0] if sample_dim == 0 else out[:, 0]
         return -torch.log_softmax(out, -1).gather(-1, a[:, None])[:, 0]
     opt = ISOPO(model, torch.optim.SGD(model.parameters(), lr=0.1))
-    with pytest.raises(ValueError, match="one copy alone.*sample_dim="):
+    with pytest.raises(ValueError, match="the first copy alone.*sample_dim="):
         with opt.microbatch(torch.randn(3), sample_dim=sample_dim):
             losses(model).sum().backward()
     assert all(p.grad is None for p in model.parameters())

@@ -354,8 +354,8 @@ class Microbatch:
 
     def check_shared(self, layers) -> None:
         """At the gate of ``layers``: refuse a module with a suspect call (``_check_shared``)
-        whose copies were used as the rows of one sample or of several: over all its calls one
-        copy alone reached the loss (a loop's ``out[0]``, a packed row read as one), or in every
+        whose copies were used as the rows of one sample or of several: over all its calls the
+        first copy alone reached the loss (a loop's ``out[0]``, a packed row read as one), or in every
         one of its several calls each copy got the same gradient (the copies reduced:
         ``out.mean(0)``, a distribution broadcast over them), which samples that differ in any
         way never give."""
@@ -373,13 +373,14 @@ class Microbatch:
             stats = [[next(figures) for _ in c] for c in calls]
             stats = [[any(f[i] for f in c) for i in range(self.n)] + [all(f[-1] for f in c)]
                      for c in stats]
-            used = sum(any(s[i] for s in stats) for i in range(self.n))
-            alike = len(stats) > 1 and used == self.n and all(s[-1] for s in stats)
-            if used == 1 or alike:
+            used = [any(s[i] for s in stats) for i in range(self.n)]
+            first = used[0] and sum(used) == 1    # what out[0] reads (a sample alone left by
+            alike = len(stats) > 1 and all(used) and all(s[-1] for s in stats)   # masking: 1/n)
+            if first or alike:
                 raise ValueError(
                     f"ISOPO: module '{name}' got inputs of size 1 on the sample axis (dim {dim}), "
                     "taken as shared by all samples (each output has a copy per sample), but "
-                    + ("one copy alone reached the loss" if used == 1 else
+                    + ("the first copy alone reached the loss" if first else
                        f"each of its {len(stats)} calls gave every copy the same gradient")
                     + ", so their rows were meant as one sample's or as several samples': "
                     + _PER_SAMPLE + "; for samples along another axis, sample_dim=. If the other "
