@@ -354,33 +354,31 @@ class Microbatch:
 
     def check_shared(self, layers) -> None:
         """At the gate of ``layers``: refuse a module with a suspect call (``_check_shared``)
-        whose copies were used as the rows of one sample or of several: over all its calls the
-        first copy alone reached the loss (a loop's ``out[0]``, a packed row read as one), or in every
-        one of its several calls each copy got the same gradient (the copies reduced:
-        ``out.mean(0)``, a distribution broadcast over them), which samples that differ in any
-        way never give."""
-        found = [(name, *self._copies[name]) for name in dict.fromkeys(
-            e.name for layer in layers for e in layer.entries) if name in self._suspect
-            and name in self._copies]
+        whose copies were used as the rows of one sample or of several: over all its calls so
+        far (of every backward) the first copy alone reached the loss (what a loop's ``out[0]``
+        reads, a packed row read as one), or each of its several calls gave every copy the same
+        gradient (the copies reduced: ``out.mean(0)``, a distribution broadcast over them),
+        which samples that differ in any way never give."""
+        names = dict.fromkeys(e.name for layer in layers for e in layer.entries)
+        found = [(name, *self._copies[name]) for name in names
+                 if name in self._suspect and name in self._copies]
         found = [(name, dim, [c for c in calls if c]) for name, dim, calls in found]
         found = [f for f in found if f[2]]
         if not found:
             return
-        first = found[0][2][0][0]        # the module's calls so far (of every backward), each
-        figures = iter(torch.stack([f.to(first.device) for *_, calls in found  # merged over
-                                    for c in calls for f in c]).tolist())      # its outputs
+        device = found[0][2][0][0].device
+        figures = iter(torch.stack([f.to(device) for *_, calls in found for c in calls
+                                    for f in c]).tolist())
         for name, dim, calls in found:
-            stats = [[next(figures) for _ in c] for c in calls]
-            stats = [[any(f[i] for f in c) for i in range(self.n)] + [all(f[-1] for f in c)]
-                     for c in stats]
-            used = [any(s[i] for s in stats) for i in range(self.n)]
-            first = used[0] and sum(used) == 1    # what out[0] reads (a sample alone left by
-            alike = len(stats) > 1 and all(used) and all(s[-1] for s in stats)   # masking: 1/n)
-            if first or alike:
+            stats = [[next(figures) for _ in c] for c in calls]     # per call, per output
+            used = [any(f[i] for c in stats for f in c) for i in range(self.n)]
+            first_alone = used[0] and sum(used) == 1    # (another sample alone: masking)
+            alike = len(stats) > 1 and all(used) and all(f[-1] for c in stats for f in c)
+            if first_alone or alike:
                 raise ValueError(
                     f"ISOPO: module '{name}' got inputs of size 1 on the sample axis (dim {dim}), "
                     "taken as shared by all samples (each output has a copy per sample), but "
-                    + ("the first copy alone reached the loss" if first else
+                    + ("the first copy alone reached the loss" if first_alone else
                        f"each of its {len(stats)} calls gave every copy the same gradient")
                     + ", so their rows were meant as one sample's or as several samples': "
                     + _PER_SAMPLE + "; for samples along another axis, sample_dim=. If the other "
