@@ -1462,6 +1462,28 @@ def test_one_call_with_two_outputs_on_a_shared_input_is_exact(setting):
     check_family(Policy().to(D), lambda m: m(), 4, *setting, rules=["generic"])
 
 
+class PositionsFirst(nn.Module):
+    """Learned positions looked up before the tokens (``wpe(pos) + wte(idx)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.wpe, self.wte, self.head = nn.Embedding(4, 6), nn.Embedding(7, 6), nn.Linear(6, 7)
+
+    def forward(self, ids):
+        pos = self.wpe(torch.arange(ids.shape[1])[None])
+        return self.head(torch.tanh(pos + self.wte(ids)))
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+def test_positions_before_the_tokens_with_one_sample_left_are_exact(setting):
+    """A table looked up before the data with the samples (suspect until the data comes) in a
+    batch where the first sample alone has loss terms (the others' completions empty): exact."""
+    torch.manual_seed(0)
+    ids, w = torch.randint(0, 7, (3, 4)), torch.tensor([1.0, 0.0, 0.0], dtype=D)
+    check_family(PositionsFirst().to(D), lambda m: -torch.log_softmax(m(ids)[:, :-1], -1).gather(
+        -1, ids[:, 1:, None])[..., 0].sum(1) * w, 3, *setting)
+
+
 class StartToken(nn.Module):
     """An autoregressive policy fed one start token shared by all samples at every step, beside
     its previous action: the shared embedding is called once per step."""

@@ -144,7 +144,8 @@ class Microbatch:
         self._used: set[int] = set()             # layers whose forward ran with grad here
         self._shared: set[str] = set()           # modules given an input shared by all samples
         self._data = False           # whether data with the samples has reached a layer
-        self._suspect: set[str] = set()          # modules with a suspect shared input
+        self._suspect: dict[str, bool] = {}      # modules with a suspect shared input: True
+                                                 # for a second call, False for data first
         self.watching: tuple | None = None   # (module, axis) of the running call whose output's
         self._copies: dict = {}              # copies are watched; per module, (axis, their use)
         self._regions: dict[int, tuple] = {}     # layer -> (reentrant region node, its gate)
@@ -322,8 +323,9 @@ class Microbatch:
         own copy. Rows of a layer's per-sample output are not: refused. A call per sample (a
         loop with a batch of one), a packed row without ``segments`` and data ``(1, n, d)`` with
         ``sample_dim`` forgotten look like one; a module with a suspect call (its second such
-        input, or data before any data with the samples) is checked at its gate by how the
-        copies of all its calls' outputs reached the loss (``check_shared``)."""
+        input, or data while no data with the samples reached a layer in the whole forward) is
+        checked at its gate by how the copies of all its calls' outputs reached the loss
+        (``check_shared``)."""
         if t.grad_fn is not None and descends_from_use(t):
             raise ValueError(
                 f"ISOPO: module '{name}' got an input of shape {tuple(t.shape)}, size 1 on the "
@@ -331,8 +333,10 @@ class Microbatch:
                 "lie along another axis (a recurrent or attention layer run time-major on one step "
                 f"returns (1, B, d)) or were reduced away. Give it the samples on dim {dim} (h[0], "
                 "h.transpose(0, 1)), or say where they are with sample_dim=")
-        if name in self._shared or (not self._data and not t.requires_grad):
-            self._suspect.add(name)
+        if name in self._shared:
+            self._suspect[name] = True
+        elif not self._data and not t.requires_grad:
+            self._suspect.setdefault(name, False)     # unless data with the samples follows
         self._shared.add(name)
         self.watching = (name, dim)
 
@@ -360,8 +364,8 @@ class Microbatch:
         gradient (the copies reduced: ``out.mean(0)``, a distribution broadcast over them),
         which samples that differ in any way never give."""
         names = dict.fromkeys(e.name for layer in layers for e in layer.entries)
-        found = [(name, *self._copies[name]) for name in names
-                 if name in self._suspect and name in self._copies]
+        found = [(name, *self._copies[name]) for name in names if name in self._copies
+                 and (self._suspect.get(name) or (name in self._suspect and not self._data))]
         found = [(name, dim, [c for c in calls if c]) for name, dim, calls in found]
         found = [f for f in found if f[2]]
         if not found:
