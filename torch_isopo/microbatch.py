@@ -363,11 +363,16 @@ class Microbatch:
         reads, a packed row read as one), or each of its several calls gave every copy the same
         gradient (the copies reduced: ``out.mean(0)``, a distribution broadcast over them),
         which samples that differ in any way never give."""
-        names = dict.fromkeys(e.name for layer in layers for e in layer.entries)
-        found = [(name, *self._copies[name]) for name in names if name in self._copies
-                 and (self._suspect.get(name) or (name in self._suspect and not self._data))]
-        found = [(name, dim, [c for c in calls if c]) for name, dim, calls in found]
-        found = [f for f in found if f[2]]
+        if not self._copies:               # (most models: no input taken as shared)
+            return
+        found = []
+        for name in dict.fromkeys(e.name for layer in layers for e in layer.entries):
+            suspect = self._suspect.get(name)      # True, False (data first) or None
+            if name in self._copies and (suspect or (suspect is False and not self._data)):
+                dim, calls = self._copies[name]
+                calls = [c for c in calls if c]     # the calls whose outputs got a gradient
+                if calls:
+                    found.append((name, dim, calls))
         if not found:
             return
         device = found[0][2][0][0].device
